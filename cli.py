@@ -1,0 +1,82 @@
+"""What every OASISVQ script shares on the command line: the common flags, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_CACHE = PROJECT_ROOT / "data"
+DEFAULT_PRETRAINED = PROJECT_ROOT / "pretrained"
+OFFICIAL_OASIS_URL = "https://download.nrg.wustl.edu/data/"
+
+
+class UserError(Exception):
+    """Bad input or usage: reported as one line on stderr with exit code 2, never as a traceback."""
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_data: str | None, default_split: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=default_data, required=default_data is None,
+                       help="where slices come from: 'oasis' (official OASIS-1 discs, downloaded and cached), "
+                            "'oasis2' (OASIS-2 RAW archives), or a folder of volumes (.nii, .nii.gz, .hdr/.img) "
+                            "or 2D images (.png, .jpg, .tif), including the course keras_png_slices_data layout"
+                            + (f" (default: {default_data})" if default_data else ""))
+    group.add_argument("--split", default=default_split, choices=["train", "validate", "test", "all"],
+                       help=f"which subject-level split of the source (default: {default_split})")
+    group.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                       help="where downloads and preprocessed slices are kept (default: data/ in the project)")
+    group.add_argument("--oasis-url", default=OFFICIAL_OASIS_URL,
+                       help="base URL of the OASIS archives (default: the official one)")
+    group.add_argument("--discs", default="1-12",
+                       help="which OASIS-1 discs to download, e.g. '1' or '1-3,7' (default: 1-12)")
+    group.add_argument("--delete-archives", action="store_true",
+                       help="delete each downloaded archive once the volumes it holds are extracted")
+    group.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable file instead of skipping it with a warning")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hyperparameters")
+    group.add_argument("--preset", default="default", help="named hyperparameter preset: default or seed")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one hyperparameter (repeatable), e.g. --set epochs=10 --set batch_size=64")
+    group.add_argument("--seed", type=int, default=None, help="seed for everything random (default: the preset's)")
+
+
+def parse_discs(text: str) -> list[int]:
+    """'1-3,7' -> [1, 2, 3, 7]; raises UserError for anything outside 1..12."""
+    discs: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = (int(value) for value in part.split("-", 1))
+                discs.update(range(low, high + 1))
+            elif part:
+                discs.add(int(part))
+    except ValueError:
+        raise UserError(f"--discs {text!r}: expected disc numbers like '1' or '1-3,7'") from None
+    if not discs or min(discs) < 1 or max(discs) > 12:
+        raise UserError(f"--discs {text!r}: OASIS-1 has discs 1 to 12")
+    return sorted(discs)
+
+
+def run_main(main) -> None:
+    """Runs `main()`, turning UserError into one line on stderr and exit 2, Ctrl-C into exit 130."""
+    try:
+        code = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def quiet_tensorflow() -> None:
+    """Keeps TensorFlow's C++ start-up chatter out of the scripts' output; call before importing TensorFlow."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,610 @@
+"""OASIS brain MRI -> clean 128x128 axial slices in [0, 1], split by subject.
+
+Sources (`--data`):
+- `oasis`: the official OASIS-1 discs. Each `oasis_cross-sectional_discN.tar.gz` is streamed to a `.part` file
+  (resumed with an HTTP Range request after a cut), checked against its size (and md5 where known) and renamed
+  into place; only the atlas-registered, skull-stripped volume of each session
+  (`PROCESSED/MPRAGE/T88_111/*_t88_masked_gfc.{hdr,img}`) is extracted.
+- `oasis2`: the OASIS-2 RAW archives; one MPRAGE (`mpr-1`) per visit, RAW (no registration, skull kept).
+- a folder of volumes (`.nii`, `.nii.gz`, Analyze `.hdr/.img`), read with nibabel;
+- a folder of 2D images (`.png`, `.jpg`, `.jpeg`, `.tif`, `.tiff`), including the course layout
+  `keras_png_slices_data/keras_png_slices_{train,validate,test}` whose folders are its split.
+
+Preprocessing (parameters in hyperparameters.py): volumes are reoriented to RAS and cut into axial slices shown
+with anterior at the top; each volume (or 2D image) is scaled to [0, 1] by robust percentiles; slices with too
+little tissue are dropped; each slice is padded to a square and resized to 128x128 with antialiasing.
+Subjects are assigned to train/validate/test with a seeded shuffle, so no subject is ever in two splits.
+Preprocessed slices are cached under `--cache` keyed by the source fingerprint and preprocessing parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cli import (OFFICIAL_OASIS_URL, UserError, add_config_args, add_data_args, parse_discs, quiet_tensorflow,
+                 run_main)
+from hyperparameters import Config, make_config
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SPLITS = ("train", "validate", "test")
+COURSE_SPLIT = re.compile(r"keras_png_slices_(train|validate|test)$")
+CACHE_FORMAT = 1
+
+OASIS1_ARCHIVE = "oasis_cross-sectional_disc{}.tar.gz"
+OASIS1_MEMBER = re.compile(r"(OAS1_\d{4}_MR\d)/PROCESSED/MPRAGE/T88_111/\1_mpr_n\d+_anon_111_t88_masked_gfc\.(hdr|img)$")
+OASIS2_ARCHIVES = ("OAS2_RAW_PART1.tar.gz", "OAS2_RAW_PART2.tar.gz")
+OASIS2_MEMBER = re.compile(r"(OAS2_\d{4}_MR\d+)/RAW/mpr-1\.nifti\.(hdr|img)$")
+# md5 of the official archives, where published; other servers may publish `<archive>.md5` beside each archive
+KNOWN_MD5 = {OASIS1_ARCHIVE.format(1): "c83e216ef8654a7cc9e2a30a4cdbe0cc"}
+
+
+class DataError(UserError):
+    """A data source, file or download that cannot be used; the message names it and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic writes: a kill at any moment leaves the old file or the new one, never a truncated file that loads.
+# ---------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """Calls `write(file_object)` on a temporary file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"cannot write to {path.parent}: {error.strerror}; choose a writable folder") from None
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda out: out.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------------------------------------------
+
+def download(url: str, dest: Path, expected_md5: str | None = None, timeout: float = 30.0, retries: int = 4,
+             backoff: float = 2.0, progress: bool = True) -> Path:
+    """Streams `url` to `dest` through `dest.part`, resuming after cuts with HTTP Range requests.
+
+    The file is renamed into place only once its size matches Content-Length and its md5 matches
+    `expected_md5` (when given); a bad file is deleted, never trusted. Raises DataError with the URL.
+    """
+    import requests
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part.touch()
+    except OSError as error:
+        raise DataError(f"cannot write {part}: {error.strerror}; choose a writable --cache") from None
+
+    total = None
+    attempt = 0
+    while True:
+        have = part.stat().st_size
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+                if response.status_code == 416 and total is not None and have == total:
+                    break
+                if response.status_code in (404, 403, 410):
+                    part.unlink(missing_ok=True)
+                    raise DataError(f"{url}: HTTP {response.status_code}; check --oasis-url and --discs")
+                if response.status_code >= 500:
+                    raise requests.HTTPError(f"HTTP {response.status_code}")
+                if response.status_code >= 400:
+                    part.unlink(missing_ok=True)
+                    raise DataError(f"{url}: HTTP {response.status_code}")
+                if response.status_code == 200 and have:
+                    have = 0  # the server ignored the range: start over
+                length = response.headers.get("Content-Length")
+                if length is not None:
+                    total = have + int(length)
+                with open(part, "ab" if have else "wb") as out, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
+                        disable=not progress, file=sys.stderr) as bar:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            size = part.stat().st_size
+            if total is not None and size < total:
+                raise requests.ConnectionError(f"connection closed at {size} of {total} bytes")
+            break
+        except DataError:
+            raise
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
+                requests.exceptions.ChunkedEncodingError) as error:
+            attempt += 1
+            if attempt > retries:
+                raise DataError(f"{url}: {error} after {retries} retries; the partial file {part} is kept, "
+                                f"run again to resume") from None
+            time.sleep(backoff * 2 ** (attempt - 1))
+        except OSError as error:
+            raise DataError(f"cannot write {part}: {error.strerror}; choose a writable --cache") from None
+
+    size = part.stat().st_size
+    if total is not None and size != total:
+        part.unlink()
+        raise DataError(f"{url}: got {size} bytes where the server announced {total}; the file was deleted, "
+                        f"run again")
+    if expected_md5:
+        digest = file_md5(part)
+        if digest != expected_md5.lower():
+            part.unlink()
+            raise DataError(f"{url}: md5 {digest} does not match the expected {expected_md5}; the file was "
+                            f"deleted, run again (or check --oasis-url)")
+    os.replace(part, dest)
+    return dest
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def published_md5(base_url: str, name: str, timeout: float = 30.0) -> str | None:
+    """The md5 for archive `name`: the known one for the official server, else a `<name>.md5` the server serves."""
+    import requests
+
+    if base_url.rstrip("/") == OFFICIAL_OASIS_URL.rstrip("/"):
+        return KNOWN_MD5.get(name)
+    try:
+        response = requests.get(base_url.rstrip("/") + "/" + name + ".md5", timeout=timeout)
+    except requests.RequestException:
+        return None
+    if response.status_code != 200:
+        return None
+    words = response.text.split()
+    return words[0].lower() if words and re.fullmatch(r"[0-9a-fA-F]{32}", words[0]) else None
+
+
+def extract_members(archive: Path, pattern: re.Pattern, dest: Path) -> list[Path]:
+    """Extracts the members of `archive` whose path matches `pattern` into `dest`, flat, named by their session.
+
+    Members are read in one streaming pass; nothing else of the archive touches the disk, and a member can never
+    be written outside `dest` (names are flattened, links and special files are ignored).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        with tarfile.open(archive, "r|gz") as tar:
+            for member in tar:
+                found = pattern.search(member.name)
+                if not member.isfile() or not found:
+                    continue
+                source = tar.extractfile(member)
+                name = Path(member.name).name
+                target = dest / (name if name.startswith(found.group(1)) else f"{found.group(1)}_{name}")
+                atomic_write(target, lambda out: _copy(source, out))
+                written.append(target)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        if isinstance(error, PermissionError):
+            raise DataError(f"cannot write into {dest}: permission denied; choose a writable --cache") from None
+        raise DataError(f"{archive}: not a readable .tar.gz ({error}); delete it and run again") from None
+    return written
+
+
+def _copy(source, out) -> None:
+    for block in iter(lambda: source.read(1 << 22), b""):
+        out.write(block)
+
+
+def fetch_archives(base_url: str, names: list[str], pattern: re.Pattern, cache: Path, volume_dir: Path,
+                   delete_archives: bool, progress: bool = True) -> Path:
+    """Downloads and extracts each archive once; a `.extracted` marker records a finished archive."""
+    for name in names:
+        marker = volume_dir / f".{name}.extracted"
+        if marker.exists():
+            continue
+        archive = cache / "downloads" / name
+        url = base_url.rstrip("/") + "/" + name
+        download(url, archive, published_md5(base_url, name), progress=progress)
+        members = extract_members(archive, pattern, volume_dir)
+        if not members:
+            raise DataError(f"{archive}: no member matches {pattern.pattern}; is this an OASIS archive?")
+        atomic_write_text(marker, "\n".join(path.name for path in members) + "\n")
+        if delete_archives:
+            archive.unlink()
+    return volume_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and preprocessing
+# ---------------------------------------------------------------------------------------------------------------
+
+def subject_id(path: Path) -> str:
+    """OAS1_0061 from '.../OAS1_0061_MR1_...', 'sub-0061_...' (the same subject); case_012; OAS2_0001; else stem."""
+    name = path.name
+    for regex, template in ((r"(OAS[12]_\d{4})", "{}"), (r"sub-(\d{4})", "OAS1_{}"), (r"(case_\d+)", "{}")):
+        found = re.search(regex, name)
+        if found:
+            return template.format(found.group(1))
+    return name.split(".")[0]
+
+
+def robust_scale(values: np.ndarray, config: Config) -> np.ndarray:
+    low, high = np.percentile(values, [config.intensity_low_percentile, config.intensity_high_percentile])
+    if high <= low:
+        return np.zeros(values.shape, np.float32)
+    return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def square_and_resize(slices: np.ndarray, size: int) -> np.ndarray:
+    """(n, h, w) -> (n, size, size): zero-pad to a centred square, then an antialiased resize."""
+    from skimage.transform import resize
+
+    n, height, width = slices.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = np.zeros((n, side, side), np.float32)
+    square[:, top:top + height, left:left + width] = slices
+    if side == size:
+        return square
+    resized = resize(square, (n, size, size), order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(resized, 0.0, 1.0).astype(np.float32)
+
+
+def tissue_mask(slices: np.ndarray, config: Config) -> np.ndarray:
+    return (slices > config.tissue_intensity).mean(axis=(1, 2)) >= config.min_tissue_fraction
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """A 3D volume as float32, reoriented to RAS; DataError for anything that is not a readable 3D scalar volume."""
+    import nibabel as nib
+
+    if path.suffix == ".hdr" and not path.with_suffix(".img").exists():
+        raise DataError(f"{path}: the matching {path.with_suffix('.img').name} is missing beside it")
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+        if image.get_data_dtype().names:
+            raise DataError(f"{path}: an RGB volume; OASISVQ reads grayscale (scalar) volumes")
+        data = np.asanyarray(image.dataobj)
+    except DataError:
+        raise
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: not a readable volume ({type(error).__name__}: {error}); remove or replace "
+                        f"it") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: a {data.ndim}D volume of shape {data.shape}; OASISVQ reads 3D volumes")
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data)
+    return data.astype(np.float32)
+
+
+def volume_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue-bearing axial slices of one volume, (n, S, S) float32 in [0, 1], and their indices in the volume."""
+    volume = robust_scale(read_volume(path), config)
+    # RAS: axis 2 runs inferior->superior; rot90 puts anterior at the top and the subject's left on the left
+    slices = np.rot90(volume.transpose(2, 0, 1), k=1, axes=(1, 2))
+    keep = np.flatnonzero(tissue_mask(slices, config))
+    return square_and_resize(np.ascontiguousarray(slices[keep]), config.image_size), keep
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2D image as float32 (8 or 16 bit, grayscale or RGB converted to luminance); DataError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGB", "RGBA", "P", "LA"):
+                image = image.convert("L")
+            data = np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: not a readable image ({error}); remove or replace it") from None
+    if data.ndim != 2:
+        raise DataError(f"{path}: image of shape {data.shape}; expected a 2D grayscale image")
+    return data.astype(np.float32)
+
+
+def image_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    data = robust_scale(read_image(path), config)[None]
+    keep = np.flatnonzero(tissue_mask(data, config))
+    return square_and_resize(data[keep], config.image_size), keep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources -> a list of files, each with a subject and (for the course layout) a split
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SourceFile:
+    path: Path
+    kind: str  # "volume" or "image"
+    subject: str
+    split: str | None = None  # fixed by the source (course layout), else assigned by subject
+
+
+def list_source_files(root: Path) -> list[SourceFile]:
+    if not root.exists():
+        raise DataError(f"--data {root}: no such file or folder; give a folder of volumes or images, 'oasis' "
+                        f"or 'oasis2'")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: is a file; give the folder that holds it")
+    files = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if any("keras_png_slices_seg" in part for part in path.parts):
+            continue
+        name = path.name.lower()
+        if name.endswith(VOLUME_SUFFIXES):
+            files.append(SourceFile(path, "volume", subject_id(path)))
+        elif name.endswith(IMAGE_SUFFIXES):
+            split = next((COURSE_SPLIT.search(part).group(1) for part in path.parts if COURSE_SPLIT.search(part)),
+                         None)
+            files.append(SourceFile(path, "image", subject_id(path), split))
+    if not files:
+        raise DataError(f"--data {root}: no volumes (.nii, .nii.gz, .hdr/.img) or images (.png, .jpg, .tif) "
+                        f"found in it")
+    return files
+
+
+def resolve_source(data: str, cache: Path, oasis_url: str, discs: str, delete_archives: bool,
+                   progress: bool = True) -> tuple[Path, str | None]:
+    """The local folder that holds the source `data`, downloading it first for 'oasis' and 'oasis2'.
+
+    Returns the folder and a note for the summary (OASIS-2 is RAW data).
+    """
+    if data == "oasis":
+        names = [OASIS1_ARCHIVE.format(disc) for disc in parse_discs(discs)]
+        return fetch_archives(oasis_url, names, OASIS1_MEMBER, cache, cache / "oasis1" / "volumes",
+                              delete_archives, progress), None
+    if data == "oasis2":
+        folder = fetch_archives(oasis_url, list(OASIS2_ARCHIVES), OASIS2_MEMBER, cache, cache / "oasis2" / "volumes",
+                                delete_archives, progress)
+        return folder, "OASIS-2 ships RAW scans: not atlas-registered and not skull-stripped"
+    return Path(data).expanduser(), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The slice set, its cache and its splits
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices with, per slice, its subject, source file, index in that file, and split."""
+    images: np.ndarray  # (n, size, size) float32 in [0, 1]
+    subjects: np.ndarray
+    sources: np.ndarray
+    indices: np.ndarray
+    splits: np.ndarray
+    source: str
+    skipped: list[str]
+    note: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def select(self, split: str) -> "SliceSet":
+        keep = np.ones(len(self), bool) if split == "all" else self.splits == split
+        return SliceSet(self.images[keep], self.subjects[keep], self.sources[keep], self.indices[keep],
+                        self.splits[keep], self.source, self.skipped, self.note)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha1()
+        for array in (self.subjects, self.sources, self.indices):
+            digest.update("\n".join(map(str, array)).encode())
+        return digest.hexdigest()[:16]
+
+
+def assign_splits(subjects: list[str], config: Config) -> dict[str, str]:
+    """Seeded subject-level split: each subject goes to exactly one of train, validate, test."""
+    unique = sorted(set(subjects))
+    order = np.random.default_rng(config.split_seed).permutation(len(unique))
+    n = len(unique)
+    n_test = int(round(n * config.test_fraction))
+    n_validate = int(round(n * config.validate_fraction))
+    if n >= 3:  # every split gets a subject when there are enough of them
+        n_test = max(n_test, 1 if config.test_fraction > 0 else 0)
+        n_validate = max(n_validate, 1 if config.validate_fraction > 0 else 0)
+    assignment = {}
+    for rank, index in enumerate(order):
+        split = "test" if rank < n_test else "validate" if rank < n_test + n_validate else "train"
+        assignment[unique[index]] = split
+    return assignment
+
+
+def _preprocess_one(item: tuple[SourceFile, Config]):
+    source_file, config = item
+    reader = volume_slices if source_file.kind == "volume" else image_slices
+    try:
+        return reader(source_file.path, config)
+    except DataError as error:
+        return str(error)
+
+
+def cache_key(files: list[SourceFile], root: Path, config: Config) -> str:
+    digest = hashlib.sha1(f"format {CACHE_FORMAT}\n".encode())
+    params = {key: getattr(config, key) for key in ("image_size", "tissue_intensity", "min_tissue_fraction",
+                                                    "intensity_low_percentile", "intensity_high_percentile")}
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    for item in files:
+        stat = item.path.stat()
+        digest.update(f"{item.path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIAL_OASIS_URL,
+                discs: str = "1-12", delete_archives: bool = False, strict: bool = False,
+                progress: bool = True, workers: int | None = None) -> SliceSet:
+    """All preprocessed slices of a source, with their subjects and splits, built once and then read from cache.
+
+    A file that cannot be read is skipped with a warning (its path goes into `skipped`), unless `strict`;
+    a source with no usable slice at all raises DataError.
+    """
+    from tqdm import tqdm
+
+    cache = Path(cache)
+    root, note = resolve_source(data, cache, oasis_url, discs, delete_archives, progress)
+    files = list_source_files(root)
+    key = cache_key(files, root, config)
+    cache_file = cache / "slices" / f"{root.name}-{key}.npz"
+    if cache_file.exists():
+        try:
+            with np.load(cache_file, allow_pickle=False) as stored:
+                images = stored["images"].astype(np.float32) / 65535.0
+                columns = {name: stored[name] for name in ("subjects", "sources", "indices", "fixed_splits")}
+                skipped = list(stored["skipped"])
+        except Exception:  # a cache entry that does not load is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+        else:
+            return _with_splits(images, columns, config, str(data), skipped, note)
+
+    items = [(item, config) for item in files]
+    workers = workers or min(os.cpu_count() or 1, 4, len(items))
+    if workers > 1 and len(items) > 4 and any(item.kind == "volume" for item in files):
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_preprocess_one, items, chunksize=1), total=len(items),
+                                desc="preprocessing", unit="file", disable=not progress, file=sys.stderr))
+    else:
+        results = [_preprocess_one(item) for item in tqdm(items, desc="preprocessing", unit="file",
+                                                          disable=not progress, file=sys.stderr)]
+    images, subjects, sources, indices, fixed_splits, skipped = [], [], [], [], [], []
+    for item, result in zip(files, results):
+        if isinstance(result, str):
+            if strict:
+                raise DataError(result)
+            warnings.warn(f"skipped {result}", stacklevel=1)
+            skipped.append(str(item.path))
+            continue
+        slices, keep = result
+        images.append(slices)
+        subjects += [item.subject] * len(keep)
+        sources += [str(item.path.relative_to(root))] * len(keep)
+        indices += list(keep)
+        fixed_splits += [item.split or ""] * len(keep)
+    if not images or not sum(len(block) for block in images):
+        raise DataError(f"--data {data}: no slice with enough tissue in {len(files)} file(s) "
+                        f"({len(skipped)} unreadable); check the folder holds brain scans")
+    stacked = np.concatenate(images)
+    columns = {"subjects": np.array(subjects), "sources": np.array(sources),
+               "indices": np.array(indices, np.int32), "fixed_splits": np.array(fixed_splits)}
+    quantized = np.round(stacked * 65535.0).astype(np.uint16)
+    atomic_write(cache_file, lambda out: np.savez(out, images=quantized, skipped=np.array(skipped, dtype=str),
+                                                  **columns))
+    return _with_splits(quantized.astype(np.float32) / 65535.0, columns, config, str(data), skipped, note)
+
+
+def _with_splits(images, columns, config, source, skipped, note) -> SliceSet:
+    fixed = columns["fixed_splits"]
+    if (fixed != "").all():
+        splits = fixed
+    else:
+        assignment = assign_splits(list(columns["subjects"]), config)
+        splits = np.array([assignment[subject] for subject in columns["subjects"]])
+    return SliceSet(images, columns["subjects"], columns["sources"], columns["indices"], splits, source,
+                    skipped, note)
+
+
+def make_tf_dataset(images: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, repeat: bool = False):
+    """A tf.data pipeline of (batch, size, size, 1) float32 images: cached, shuffled (seeded), batched, prefetched."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(images[..., None].astype(np.float32)).cache()
+    if shuffle:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_preview(slice_set: SliceSet, path: Path, count: int = 8) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = np.linspace(0, len(slice_set) - 1, min(count, len(slice_set))).astype(int)
+    figure, axes = plt.subplots(1, len(picks), figsize=(2 * len(picks), 2.3), squeeze=False)
+    for axis, index in zip(axes[0], picks):
+        axis.imshow(slice_set.images[index], cmap="gray", vmin=0, vmax=1)
+        axis.set_title(f"{slice_set.subjects[index]}\nslice {slice_set.indices[index]}", fontsize=7)
+        axis.axis("off")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Prepare (download, extract, preprocess, cache) OASIS slices and "
+                                                 "print a per-split summary.")
+    add_data_args(parser, default_data=None, default_split="all")
+    add_config_args(parser)
+    parser.add_argument("--preview", type=Path, help="write a PNG of 8 preprocessed slices of the split")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = make_config(args.preset, args.overrides)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    start = time.perf_counter()
+    slice_set = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
+                            args.strict, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    print(f"source: {args.data}" + (f"  ({slice_set.note})" if slice_set.note else ""))
+    print(f"{'split':<10}{'subjects':>9}{'slices':>8}")
+    for split in (*SPLITS, "all"):
+        part = slice_set.select(split)
+        print(f"{split:<10}{len(set(part.subjects)):>9}{len(part):>8}")
+    chosen = slice_set.select(args.split)
+    if len(chosen):
+        print(f"slice shape {chosen.images.shape[1:]}, float32, values {chosen.images.min():.3f} to "
+              f"{chosen.images.max():.3f}")
+    if slice_set.skipped:
+        print(f"skipped {len(slice_set.skipped)} unreadable file(s): {', '.join(slice_set.skipped[:3])}")
+    print(f"time {elapsed:.1f} s")
+    if args.preview:
+        if not len(chosen):
+            raise UserError(f"--preview: split {args.split!r} has no slices")
+        save_preview(chosen, args.preview)
+        print(f"wrote {args.preview}")
+    return 0
+
+
+if __name__ == "__main__":
+    quiet_tensorflow()
+    run_main(main)

@@ -1,0 +1,175 @@
+"""Every tunable of OASISVQ in one place, with named presets.
+
+A `Config` is a flat, typed dataclass. Scripts pick a preset with `--preset NAME` and override single fields with
+`--set KEY=VALUE`; the resolved config is written to each run as `config.json`, and predict.py / similarity.py
+rebuild the models from that file, so a run always reloads with the hyperparameters it was trained with.
+
+Presets
+- `seed`: the founding report's architecture, layer for layer (8x8 code grid, 16 codes of dimension 16), trained
+  with an EMA codebook and dead-code restarts so that 16 codes reach the SSIM the report needed 128 for.
+- `default`: what `python train.py` uses. Still 16 codes, on a 32x32 code grid with a residual encoder/decoder,
+  trained on MSE + SSIM with a cosine learning-rate schedule; reaches the 0.95 SSIM goal on held-out subjects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class Config:
+    # --- data -------------------------------------------------------------------------------------------------
+    image_size: int = 128
+    # a slice is kept when at least `min_tissue_fraction` of its pixels exceed `tissue_intensity` (after scaling)
+    tissue_intensity: float = 0.1
+    min_tissue_fraction: float = 0.08
+    # per-volume robust intensity scaling: these percentiles map to 0 and 1, values outside are clipped
+    intensity_low_percentile: float = 0.5
+    intensity_high_percentile: float = 99.5
+    # subject-level split ratios (train gets the rest); split_seed is kept apart from `seed` so that changing the
+    # training seed never moves a subject between splits
+    validate_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 42
+
+    # --- VQ-VAE -----------------------------------------------------------------------------------------------
+    encoder_filters: list[int] = field(default_factory=lambda: [64, 128])
+    encoder_strides: list[int] = field(default_factory=lambda: [2, 2])
+    residual_blocks: int = 2  # residual 3x3 blocks after the encoder convs and before the decoder convs
+    residual_filters: int = 128
+    latent_dim: int = 16
+    num_codes: int = 16
+    beta: float = 0.25  # commitment cost
+    codebook: str = "ema"  # "ema" (exponential moving averages) or "loss" (codebook loss, learned by the optimizer)
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 0.01  # a code whose EMA usage falls below this many vectors per batch is restarted
+    decoder_filters: list[int] = field(default_factory=lambda: [128, 64])
+    decoder_strides: list[int] = field(default_factory=lambda: [2, 2])
+    ssim_loss_weight: float = 0.2  # loss = (1 - w) * MSE-term + w * (1 - SSIM); 0 gives plain MSE
+
+    # --- VQ-VAE training --------------------------------------------------------------------------------------
+    batch_size: int = 32
+    epochs: int = 40
+    learning_rate: float = 2e-3
+    lr_schedule: str = "cosine"  # "cosine" (decay to lr_floor * lr over all epochs) or "constant"
+    lr_floor: float = 0.02
+    seed: int = 0
+
+    # --- PixelCNN prior ---------------------------------------------------------------------------------------
+    prior_filters: int = 64
+    prior_first_kernel: int = 7
+    prior_residual_blocks: int = 4
+    prior_layout: str = "blocks"  # "blocks" (n residual blocks) or "seed" (the report's interleaving of 1x1 B convs)
+    prior_batch_size: int = 64
+    prior_epochs: int = 30
+    prior_learning_rate: float = 3e-3
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+    temperature: float = 1.0
+
+    @property
+    def code_grid(self) -> int:
+        size = self.image_size
+        for stride in self.encoder_strides:
+            size //= stride
+        return size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        values = dict(values)
+        version = values.pop("config_version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"config version {version} is not {CONFIG_VERSION}, the version this code reads")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "seed": dict(
+        encoder_filters=[32, 32, 64, 64],
+        encoder_strides=[2, 2, 2, 2],
+        residual_blocks=0,
+        decoder_filters=[64, 64, 32, 32],
+        decoder_strides=[2, 2, 2, 2],
+        latent_dim=16,
+        ssim_loss_weight=0.0,
+        epochs=30,
+        learning_rate=1e-3,
+        prior_filters=128,
+        prior_layout="seed",
+        prior_epochs=30,
+        prior_learning_rate=1e-3,
+    ),
+}
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, list):
+        return [int(part) for part in text.split(",") if part.strip()]
+    return type(current)(text)
+
+
+def make_config(preset: str = "default", overrides: list[str] | None = None) -> Config:
+    """Builds the config of `preset` with `KEY=VALUE` overrides; raises ValueError with a one-line reason."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = Config(**PRESETS[preset])
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not hasattr(config, key) or key.startswith("_"):
+            names = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {names}")
+        try:
+            setattr(config, key, _parse_value(text.strip(), getattr(config, key)))
+        except ValueError as error:
+            raise ValueError(f"--set {item!r}: {error}") from None
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if len(config.encoder_filters) != len(config.encoder_strides):
+        raise ValueError("encoder_filters and encoder_strides must have the same length")
+    if len(config.decoder_filters) != len(config.decoder_strides):
+        raise ValueError("decoder_filters and decoder_strides must have the same length")
+    down = 1
+    for stride in config.encoder_strides:
+        down *= stride
+    up = 1
+    for stride in config.decoder_strides:
+        up *= stride
+    if down != up or config.image_size % down:
+        raise ValueError(f"encoder downsamples by {down} and decoder upsamples by {up}: they must match and divide "
+                         f"image_size {config.image_size}")
+    if config.codebook not in ("ema", "loss"):
+        raise ValueError(f"codebook must be 'ema' or 'loss', not {config.codebook!r}")
+    if config.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {config.lr_schedule!r}")
+    if config.prior_layout not in ("blocks", "seed"):
+        raise ValueError(f"prior_layout must be 'blocks' or 'seed', not {config.prior_layout!r}")
+    if not 0 <= config.validate_fraction + config.test_fraction < 1:
+        raise ValueError("validate_fraction + test_fraction must be in [0, 1)")
+    if config.temperature <= 0:
+        raise ValueError("temperature must be positive")

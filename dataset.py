@@ -70,6 +70,9 @@ def atomic_write(path: Path, write) -> None:
     except OSError as error:
         raise UserError(f"cannot write to {path.parent}: {error.strerror}; choose a writable folder") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as out:
             write(out)
             out.flush()

@@ -38,23 +38,23 @@ class Config:
     split_seed: int = 42
 
     # --- VQ-VAE -----------------------------------------------------------------------------------------------
-    encoder_filters: list[int] = field(default_factory=lambda: [64, 128])
+    encoder_filters: list[int] = field(default_factory=lambda: [32, 64])
     encoder_strides: list[int] = field(default_factory=lambda: [2, 2])
-    residual_blocks: int = 2  # residual 3x3 blocks after the encoder convs and before the decoder convs
-    residual_filters: int = 128
+    residual_blocks: int = 1  # residual 3x3 blocks after the encoder convs and before the decoder convs
+    residual_filters: int = 64
     latent_dim: int = 16
     num_codes: int = 16
     beta: float = 0.25  # commitment cost
     codebook: str = "ema"  # "ema" (exponential moving averages) or "loss" (codebook loss, learned by the optimizer)
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.01  # a code whose EMA usage falls below this many vectors per batch is restarted
-    decoder_filters: list[int] = field(default_factory=lambda: [128, 64])
+    decoder_filters: list[int] = field(default_factory=lambda: [64, 32])
     decoder_strides: list[int] = field(default_factory=lambda: [2, 2])
     ssim_loss_weight: float = 0.2  # loss = (1 - w) * MSE-term + w * (1 - SSIM); 0 gives plain MSE
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
     batch_size: int = 32
-    epochs: int = 40
+    epochs: int = 30
     learning_rate: float = 2e-3
     lr_schedule: str = "cosine"  # "cosine" (decay to lr_floor * lr over all epochs) or "constant"
     lr_floor: float = 0.02
@@ -63,7 +63,7 @@ class Config:
     # --- PixelCNN prior ---------------------------------------------------------------------------------------
     prior_filters: int = 64
     prior_first_kernel: int = 7
-    prior_residual_blocks: int = 4
+    prior_residual_blocks: int = 6
     prior_layout: str = "blocks"  # "blocks" (n residual blocks) or "seed" (the report's interleaving of 1x1 B convs)
     prior_batch_size: int = 64
     prior_epochs: int = 30
@@ -171,5 +171,7 @@ def validate(config: Config) -> None:
         raise ValueError(f"prior_layout must be 'blocks' or 'seed', not {config.prior_layout!r}")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:
         raise ValueError("validate_fraction + test_fraction must be in [0, 1)")
+    if config.prior_first_kernel < 3 or config.prior_first_kernel % 2 == 0:
+        raise ValueError("prior_first_kernel must be odd and at least 3")
     if config.temperature <= 0:
         raise ValueError("temperature must be positive")

@@ -1,0 +1,579 @@
+"""The models of OASISVQ: a VQ-VAE that turns a 128x128 slice into a small grid of discrete codes and back, and a
+masked PixelCNN prior over those code grids that generates new ones.
+
+Read top to bottom: `VectorQuantizer` (the discrete bottleneck), the encoder and decoder builders, `VQVAE` (the
+three put together, with its own train/test steps), then `MaskedConv2D`, `ResidualBlock` and `PixelCNN` (the
+prior), and `PixelCNNSampler`, which generates code grids one position at a time without recomputing the past.
+Every layer is registered, so `vqvae.keras` and `pixelcnn.keras` reload with `keras.saving.load_model`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from hyperparameters import Config
+
+PACKAGE = "oasisvq"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vector quantizer
+# ---------------------------------------------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class VectorQuantizer(layers.Layer):
+    """Nearest-neighbour vector quantization with a straight-through gradient (van den Oord et al., 2017).
+
+    For inputs z_e of shape (..., D), each vector is replaced by its nearest codebook entry
+    e_k, k = argmin_j ||z_e - e_j||^2, among `num_codes` entries. The forward pass returns z_q = e_k; the backward
+    pass copies the gradient of z_q to z_e (straight-through estimator), written z_e + stop_gradient(z_q - z_e).
+
+    The codebook learns in one of two ways:
+    - `codebook="loss"`: the codebook loss ||sg(z_e) - e_k||^2 is added to the loss and the optimizer moves e_k;
+    - `codebook="ema"`: e_k is the exponential moving average (decay `ema_decay`) of the encoder outputs assigned
+      to it, as in the paper's appendix; no codebook loss.
+    Either way the commitment loss beta * ||z_e - sg(e_k)||^2 keeps the encoder close to its codes. With EMA, a
+    code whose average usage falls below `dead_code_threshold` vectors per batch is restarted on a random encoder
+    output of the batch, so all codes stay in use. Under tf.distribute the statistics are summed over replicas.
+
+    Call returns a dict:
+      quantized: z_q with straight-through gradients, same shape as the inputs;
+      loss: commitment (+ codebook) loss, a scalar;
+      indices: (...) int32 code indices;
+      perplexity: exp(entropy of the code usage in this batch), between 1 and num_codes;
+      usage: fraction of the codes used at least once in this batch.
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, codebook: str = "ema",
+                 ema_decay: float = 0.99, dead_code_threshold: float = 0.01, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.beta = beta
+        self.codebook = codebook
+        self.ema_decay = ema_decay
+        self.dead_code_threshold = dead_code_threshold
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        ema = self.codebook == "ema"
+        initializer = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
+        self.embeddings = self.add_weight(shape=(self.num_codes, self.code_dim), initializer=initializer,
+                                          trainable=not ema, name="embeddings",
+                                          aggregation="only_first_replica" if ema else "none")
+        if ema:
+            self.ema_count = self.add_weight(shape=(self.num_codes,), initializer="ones", trainable=False,
+                                             name="ema_count", aggregation="only_first_replica")
+            self.ema_sum = self.add_weight(shape=(self.num_codes, self.code_dim), initializer="zeros",
+                                           trainable=False, name="ema_sum", aggregation="only_first_replica")
+            self.ema_initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                                   name="ema_initialized", aggregation="only_first_replica")
+            self.restart_seeds = keras.random.SeedGenerator(1337, name="restart_seeds")
+
+    def code_indices(self, inputs):
+        flat = ops.reshape(inputs, (-1, self.code_dim))
+        distances = (ops.sum(flat ** 2, axis=1, keepdims=True) - 2 * ops.matmul(flat, ops.transpose(self.embeddings))
+                     + ops.sum(self.embeddings ** 2, axis=1)[None, :])
+        indices = ops.cast(ops.argmin(distances, axis=1), "int32")
+        return ops.reshape(indices, ops.shape(inputs)[:-1])
+
+    def lookup(self, indices):
+        return ops.take(self.embeddings, indices, axis=0)
+
+    def call(self, inputs, training=False):
+        indices = self.code_indices(inputs)
+        flat = ops.reshape(inputs, (-1, self.code_dim))
+        one_hot = ops.one_hot(ops.reshape(indices, (-1,)), self.num_codes)
+        if training and self.codebook == "ema":
+            self._ema_update(flat, one_hot)
+        quantized = self.lookup(indices)
+        commitment = ops.mean((inputs - ops.stop_gradient(quantized)) ** 2)
+        loss = self.beta * commitment
+        if self.codebook == "loss":
+            loss = loss + ops.mean((ops.stop_gradient(inputs) - quantized) ** 2)
+        probabilities = ops.mean(one_hot, axis=0)
+        perplexity = ops.exp(-ops.sum(probabilities * ops.log(probabilities + 1e-10)))
+        usage = ops.mean(ops.cast(probabilities > 0, "float32"))
+        return {"quantized": inputs + ops.stop_gradient(quantized - inputs), "loss": loss, "indices": indices,
+                "perplexity": perplexity, "usage": usage}
+
+    def _ema_update(self, flat, one_hot):
+        context = tf.distribute.get_replica_context()
+        counts = ops.sum(one_hot, axis=0)
+        sums = ops.matmul(ops.transpose(one_hot), flat)
+        if context is not None and context.num_replicas_in_sync > 1:
+            counts, sums = context.all_reduce("sum", [counts, sums])
+        # first batch: start every code on a random encoder output, so the codebook begins where the data is
+        first = ops.cast(self.ema_initialized < 0.5, "float32")
+        random_rows = ops.take(flat, keras.random.randint((self.num_codes,), 0, ops.shape(flat)[0],
+                                                          seed=self.restart_seeds), axis=0)
+        decay = self.ema_decay
+        count = decay * self.ema_count + (1 - decay) * counts
+        total = ops.sum(count)
+        smoothed = (count + self.epsilon) / (total + self.num_codes * self.epsilon) * total
+        ema_sum = decay * self.ema_sum + (1 - decay) * sums
+        embeddings = ema_sum / smoothed[:, None]
+        dead = ops.logical_or(count < self.dead_code_threshold, first > 0.5)[:, None]
+        self.embeddings.assign(ops.where(dead, random_rows, embeddings))
+        self.ema_sum.assign(ops.where(dead, random_rows, ema_sum))
+        self.ema_count.assign(ops.where(dead[:, 0], ops.ones_like(count), count))
+        self.ema_initialized.assign(1.0)
+
+    def compute_output_spec(self, inputs, training=False):
+        scalar = keras.KerasTensor((), "float32")
+        return {"quantized": keras.KerasTensor(inputs.shape, inputs.dtype), "loss": scalar,
+                "indices": keras.KerasTensor(inputs.shape[:-1], "int32"), "perplexity": scalar, "usage": scalar}
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes, "code_dim": self.code_dim, "beta": self.beta,
+                "codebook": self.codebook, "ema_decay": self.ema_decay,
+                "dead_code_threshold": self.dead_code_threshold, "epsilon": self.epsilon}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ---------------------------------------------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class ResidualConvBlock(layers.Layer):
+    """x + conv1x1(relu(conv3x3(relu(x)))): adds depth to the encoder and decoder at the code-grid resolution."""
+
+    def __init__(self, filters: int, transpose: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.transpose = transpose
+        conv = layers.Conv2DTranspose if transpose else layers.Conv2D
+        self.conv3 = conv(filters // 2, 3, padding="same", activation="relu")
+        self.conv1 = conv(filters, 1, padding="same")
+
+    def build(self, input_shape):
+        self.conv3.build(input_shape)
+        self.conv1.build((*input_shape[:-1], self.filters // 2))
+
+    def call(self, inputs):
+        return inputs + self.conv1(self.conv3(ops.relu(inputs)))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "transpose": self.transpose}
+
+
+def build_encoder(config: Config) -> keras.Sequential:
+    """Strided 3x3 convs (ReLU, 'same'), a 3x3 conv to `residual_filters`, residual blocks, a 1x1 to latent_dim."""
+    stack = [keras.Input((config.image_size, config.image_size, 1))]
+    stack += [layers.Conv2D(filters, 3, strides=stride, padding="same", activation="relu")
+              for filters, stride in zip(config.encoder_filters, config.encoder_strides)]
+    stack.append(layers.Conv2D(config.residual_filters, 3, padding="same", activation="relu"))
+    stack += [ResidualConvBlock(config.residual_filters) for _ in range(config.residual_blocks)]
+    if config.residual_blocks:
+        stack.append(layers.ReLU())
+    stack.append(layers.Conv2D(config.latent_dim, 1, padding="same"))
+    return keras.Sequential(stack, name="encoder")
+
+
+def build_decoder(config: Config) -> keras.Sequential:
+    """Mirror of the encoder with Conv2DTranspose layers, ending in one linear 3x3 filter (the image)."""
+    grid = config.code_grid
+    stack = [keras.Input((grid, grid, config.latent_dim))]
+    stack.append(layers.Conv2DTranspose(config.residual_filters, 3, padding="same", activation="relu"))
+    stack += [ResidualConvBlock(config.residual_filters, transpose=True) for _ in range(config.residual_blocks)]
+    if config.residual_blocks:
+        stack.append(layers.ReLU())
+    stack += [layers.Conv2DTranspose(filters, 3, strides=stride, padding="same", activation="relu")
+              for filters, stride in zip(config.decoder_filters, config.decoder_strides)]
+    stack.append(layers.Conv2DTranspose(1, 3, padding="same"))
+    return keras.Sequential(stack, name="decoder")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQ-VAE
+# ---------------------------------------------------------------------------------------------------------------
+
+def gaussian_filter_matrix(length: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """(length - size + 1, length) matrix whose rows are the normalised 1D Gaussian window at each valid offset."""
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    window = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    window /= window.sum()
+    matrix = np.zeros((length - size + 1, length), np.float32)
+    for row in range(length - size + 1):
+        matrix[row, row:row + size] = window
+    return matrix
+
+
+def ssim(images, reconstructions, size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03):
+    """Per-image SSIM (Wang et al., 2004) of (batch, h, w, 1) images in [0, 1], data_range 1.
+
+    The same statistic as tf.image.ssim and skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False): local means, variances and covariance under an 11x11 Gaussian window (valid
+    positions only), averaged over the map. The separable window is applied as two matrix products, many times
+    faster on a CPU than a single-channel 2D convolution; training reports SSIM every step, so this matters.
+    """
+    reconstructions = ops.clip(reconstructions, 0.0, 1.0)
+    height, width = images.shape[1], images.shape[2]
+    rows = ops.convert_to_tensor(gaussian_filter_matrix(height, size, sigma))
+    cols = ops.convert_to_tensor(gaussian_filter_matrix(width, size, sigma))
+    stack = ops.concatenate([images, reconstructions, images * images, reconstructions * reconstructions,
+                             images * reconstructions], axis=-1)  # (batch, h, w, 5)
+    filtered = ops.einsum("ih,bhwc,jw->bijc", rows, stack, cols)
+    mean_a, mean_b, square_a, square_b, product = (filtered[..., index] for index in range(5))
+    variance_a = square_a - mean_a ** 2
+    variance_b = square_b - mean_b ** 2
+    covariance = product - mean_a * mean_b
+    c1, c2 = k1 ** 2, k2 ** 2
+    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / (
+        (mean_a ** 2 + mean_b ** 2 + c1) * (variance_a + variance_b + c2))
+    return ops.mean(ssim_map, axis=(1, 2))
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class VQVAE(keras.Model):
+    """Encoder -> VectorQuantizer -> decoder, built from a Config dict.
+
+    `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns the code grid
+    (batch, g, g) int32; `decode_codes(codes)` turns a code grid back into images. `fit` minimises
+    MSE + ssim_loss_weight * (1 - SSIM) + the quantizer loss and reports loss, reconstruction loss, VQ loss,
+    perplexity, code usage and SSIM in its progress bar.
+    """
+
+    def __init__(self, config: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config_dict = dict(config)
+        self.cfg = Config.from_dict(config)
+        self.encoder = build_encoder(self.cfg)
+        self.quantizer = VectorQuantizer(self.cfg.num_codes, self.cfg.latent_dim, self.cfg.beta, self.cfg.codebook,
+                                         self.cfg.ema_decay, self.cfg.dead_code_threshold, name="quantizer")
+        self.decoder = build_decoder(self.cfg)
+        self.quantizer.build((None, self.cfg.code_grid, self.cfg.code_grid, self.cfg.latent_dim))
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in
+                         ("loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim")}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def forward(self, images, training=False):
+        quantized = self.quantizer(self.encoder(images, training=training), training=training)
+        return {**quantized, "reconstructions": self.decoder(quantized["quantized"], training=training)}
+
+    def call(self, images, training=False):
+        return self.forward(images, training)["reconstructions"]
+
+    def encode(self, images):
+        return self.quantizer.code_indices(self.encoder(images))
+
+    def decode_codes(self, codes):
+        return self.decoder(self.quantizer.lookup(codes))
+
+    def loss_terms(self, images, outputs):
+        reconstruction = ops.mean((images - outputs["reconstructions"]) ** 2)
+        reconstructions = outputs["reconstructions"]
+        if not self.cfg.ssim_loss_weight:  # reported, not trained on: no gradient to compute
+            reconstructions = ops.stop_gradient(reconstructions)
+        similarity = ops.mean(ssim(images, reconstructions))
+        loss = reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + outputs["loss"]
+        return {"loss": loss, "reconstruction_loss": reconstruction, "vq_loss": outputs["loss"],
+                "perplexity": outputs["perplexity"], "usage": outputs["usage"], "ssim": similarity}
+
+    def _report(self, values, batch_size):
+        for name, value in values.items():
+            self.trackers[name].update_state(value, sample_weight=batch_size)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, images):
+        with tf.GradientTape() as tape:
+            values = self.loss_terms(images, self.forward(images, training=True))
+            # the optimizer sums gradients over replicas, so each replica's share is scaled down
+            scaled = values["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return self._report(values, ops.shape(images)[0])
+
+    def test_step(self, images):
+        return self._report(self.loss_terms(images, self.forward(images, training=False)), ops.shape(images)[0])
+
+    def build(self, input_shape=None):
+        self.encoder.build((None, self.cfg.image_size, self.cfg.image_size, 1))
+        self.decoder.build((None, self.cfg.code_grid, self.cfg.code_grid, self.cfg.latent_dim))
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config_dict}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PixelCNN prior
+# ---------------------------------------------------------------------------------------------------------------
+
+def causal_mask(kernel_size: int, mask_type: str) -> np.ndarray:
+    """(k, k) 0/1 mask: rows above the centre, and the centre row left of the centre (type A) or up to it (B)."""
+    mask = np.zeros((kernel_size, kernel_size), np.float32)
+    centre = kernel_size // 2
+    mask[:centre, :] = 1
+    mask[centre, :centre + (mask_type == "B")] = 1
+    return mask
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class MaskedConv2D(layers.Layer):
+    """A 'same' 2D convolution whose kernel is multiplied by a causal mask (PixelCNN, van den Oord et al., 2016).
+
+    Type A hides the centre position (the first layer must not see the code it predicts); type B shows it (later
+    layers see their own features at that position, which depend only on earlier codes).
+    """
+
+    def __init__(self, mask_type: str, filters: int, kernel_size: int, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if mask_type not in ("A", "B"):
+            raise ValueError(f"mask_type must be 'A' or 'B', not {mask_type!r}")
+        self.mask_type = mask_type
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.activation = keras.activations.get(activation)
+        self.mask = causal_mask(kernel_size, mask_type)[:, :, None, None]
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters),
+                                      initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, inputs):
+        outputs = ops.conv(inputs, self.kernel * self.mask, padding="same") + self.bias
+        return self.activation(outputs)
+
+    def taps(self) -> list[tuple[int, int]]:
+        """The (dy, dx) offsets the mask lets through, in raster order."""
+        centre = self.kernel_size // 2
+        return [(row - centre, col - centre) for row, col in zip(*np.nonzero(self.mask[:, :, 0, 0]))]
+
+    def get_config(self):
+        return {**super().get_config(), "mask_type": self.mask_type, "filters": self.filters,
+                "kernel_size": self.kernel_size, "activation": keras.activations.serialize(self.activation)}
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class ResidualBlock(layers.Layer):
+    """x + relu(conv1x1(relu(masked_B_3x3(relu(conv1x1(x)))))): the PixelCNN's residual block (Keras example)."""
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.reduce = MaskedConv2D("B", filters // 2, 1, activation="relu")
+        self.masked = MaskedConv2D("B", filters // 2, 3, activation="relu")
+        self.expand = MaskedConv2D("B", filters, 1, activation="relu")
+
+    def build(self, input_shape):
+        self.reduce.build(input_shape)
+        self.masked.build((*input_shape[:-1], self.filters // 2))
+        self.expand.build((*input_shape[:-1], self.filters // 2))
+
+    def call(self, inputs):
+        return inputs + self.expand(self.masked(self.reduce(inputs)))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class PixelCNN(keras.Model):
+    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (g, g) code grids in raster order.
+
+    Input: (batch, g, g) int code grids. Output: (batch, g, g, num_codes) logits, where the logits at a position
+    depend only on the codes before it. Layout "seed" follows the founding report's table (mask-A 7x7, then
+    residual blocks interleaved with 1x1 mask-B convs); layout "blocks" is mask-A, n residual blocks, one 1x1
+    mask-B conv. Both end in a 1x1 conv to one logit per code.
+    """
+
+    def __init__(self, config: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config_dict = dict(config)
+        self.cfg = cfg = Config.from_dict(config)
+        filters = cfg.prior_filters
+        self.first = MaskedConv2D("A", filters, cfg.prior_first_kernel, activation="relu", name="mask_a")
+        self.body = []
+        for index in range(cfg.prior_residual_blocks):
+            self.body.append(ResidualBlock(filters, name=f"residual_{index}"))
+            if cfg.prior_layout == "seed" and index < cfg.prior_residual_blocks - 1:
+                self.body.append(MaskedConv2D("B", filters, 1, activation="relu", name=f"mask_b_{index}"))
+        if cfg.prior_layout == "blocks":
+            self.body.append(MaskedConv2D("B", filters, 1, activation="relu", name="mask_b_out"))
+        self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits")
+
+    def call(self, codes):
+        hidden = self.first(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes))
+        for layer in self.body:
+            hidden = layer(hidden)
+        return self.head(hidden)
+
+    def build(self, input_shape=None):
+        grid, filters = self.cfg.code_grid, self.cfg.prior_filters
+        self.first.build((None, grid, grid, self.cfg.num_codes))
+        for layer in self.body:
+            layer.build((None, grid, grid, filters))
+        self.head.build((None, grid, grid, filters))
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config_dict}
+
+
+def bits_per_code(logits, codes):
+    """Mean negative log-likelihood of `codes` under `logits`, in bits."""
+    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
+    return ops.mean(nll) / np.log(2.0)
+
+
+class PixelCNNSampler:
+    """Generates code grids from a PixelCNN, one position at a time, in a single compiled loop.
+
+    A plain sampler runs the whole network g*g times, once per position. This one computes each layer only at the
+    new position: every masked convolution wider than 1x1 keeps a history (a TensorArray, one entry per position)
+    of its input, and at position p gathers the inputs at p + (dy, dx) for the taps its mask lets through, all of
+    which are already known. The logits equal the full network's exactly (a test checks this), at a cost per step
+    of one position's arithmetic for the whole batch. Sampling uses keras.random.categorical with a seeded
+    SeedGenerator, so the same seed gives the same grids.
+    """
+
+    def __init__(self, model: PixelCNN):
+        if not model.built:
+            model.build()
+        self.model = model
+        self.grid = model.cfg.code_grid
+        self.num_codes = model.cfg.num_codes
+        self.units = [model.first]
+        for layer in model.body:
+            if isinstance(layer, ResidualBlock):
+                self.units += ["save", layer.reduce, layer.masked, layer.expand, "add"]
+            else:
+                self.units.append(layer)
+        self.units.append(model.head)
+        self.spatial = [unit for unit in self.units if isinstance(unit, MaskedConv2D) and unit.kernel_size > 1]
+        self.tables = [self._neighbour_table(layer) for layer in self.spatial]
+        self.seeds = keras.random.SeedGenerator(0)
+        self._compiled = tf.function(self._sample)
+
+    def _neighbour_table(self, layer: MaskedConv2D) -> np.ndarray:
+        """(g*g, taps) indices into a history: the flat position of each tap, or g*g (a zero entry) outside."""
+        grid = self.grid
+        table = np.full((grid * grid, len(layer.taps())), grid * grid, np.int32)
+        for position in range(grid * grid):
+            row, col = divmod(position, grid)
+            for tap, (dy, dx) in enumerate(layer.taps()):
+                if 0 <= row + dy < grid and 0 <= col + dx < grid:
+                    table[position, tap] = (row + dy) * grid + col + dx
+        return table
+
+    def _sample(self, batch, temperature, prefix, prefix_length):
+        size = self.grid * self.grid
+        tables = [tf.constant(table) for table in self.tables]
+        weights = [tf.concat([layer.kernel[dy + layer.kernel_size // 2, dx + layer.kernel_size // 2]
+                              for dy, dx in layer.taps()], axis=0) for layer in self.spatial]
+        histories = []
+        for layer in self.spatial:
+            history = tf.TensorArray(tf.float32, size=size + 1, clear_after_read=False,
+                                     element_shape=(None, layer.kernel.shape[2]))
+            histories.append(history.write(size, tf.zeros((batch, layer.kernel.shape[2]))))
+        codes = tf.TensorArray(tf.int32, size=size, element_shape=(None,))
+        all_logits = tf.TensorArray(tf.float32, size=size, element_shape=(None, self.num_codes))
+
+        def step(position, codes, all_logits, histories):
+            histories = list(histories)
+            hidden = saved = None
+            for unit in self.units:
+                if unit == "save":
+                    saved = hidden
+                elif unit == "add":
+                    hidden = saved + hidden
+                elif unit.kernel_size > 1:
+                    index = self.spatial.index(unit)
+                    if unit.mask_type == "B":  # a type-B mask sees its own input at this position
+                        histories[index] = histories[index].write(position, hidden)
+                    neighbours = histories[index].gather(tables[index][position])  # (taps, batch, in)
+                    flat = tf.reshape(tf.transpose(neighbours, (1, 0, 2)), (batch, -1))
+                    hidden = unit.activation(tf.matmul(flat, weights[index]) + unit.bias)
+                else:
+                    hidden = unit.activation(tf.matmul(hidden, unit.kernel[0, 0]) + unit.bias)
+            drawn = keras.random.categorical(hidden / temperature, 1, dtype="int32", seed=self.seeds)[:, 0]
+            chosen = tf.where(position < prefix_length, prefix[:, tf.minimum(position, size - 1)], drawn)
+            histories[0] = histories[0].write(position, tf.one_hot(chosen, self.num_codes))
+            return position + 1, codes.write(position, chosen), all_logits.write(position, hidden), histories
+
+        _, codes, all_logits, _ = tf.while_loop(lambda position, *_: position < size, step,
+                                                (tf.constant(0), codes, all_logits, histories))
+        grid_codes = tf.reshape(tf.transpose(codes.stack()), (batch, self.grid, self.grid))
+        grid_logits = tf.reshape(tf.transpose(all_logits.stack(), (1, 0, 2)),
+                                 (batch, self.grid, self.grid, self.num_codes))
+        return grid_codes, grid_logits
+
+    def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False):
+        """`num` code grids (num, g, g) int32. `prefix` (num, g, g) fixes the first `prefix.shape` positions in
+        raster order: pass a whole grid to get the model's logits for it (teacher forcing)."""
+        self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
+        size = self.grid * self.grid
+        if prefix is None:
+            prefix_flat, prefix_length = np.zeros((num, size), np.int32), 0
+        else:
+            prefix_flat = np.asarray(prefix, np.int32).reshape(num, -1)
+            prefix_length = prefix_flat.shape[1]
+            prefix_flat = np.pad(prefix_flat, ((0, 0), (0, size - prefix_length)))
+        codes, logits = self._compiled(num, tf.constant(float(temperature)), tf.constant(prefix_flat),
+                                       tf.constant(prefix_length))
+        return (codes.numpy(), logits.numpy()) if return_logits else codes.numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_model(model: keras.Model, path) -> None:
+    """Saves `model` to `path` (.keras) atomically: a temporary file beside it, then a rename."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def weights_only_copy(model: keras.Model) -> keras.Model:
+    """A fresh, uncompiled copy of a VQVAE or PixelCNN with the same weights (no optimizer state to ship)."""
+    copy = type(model)(model.config_dict, name=model.name)
+    copy.build()
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def load_run(run_dir, need_prior: bool = True):
+    """(Config, VQVAE, PixelCNN or None) of a run directory; UserError naming the file for anything unusable."""
+    import json
+    from pathlib import Path
+
+    from cli import UserError
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such run directory; train one with python train.py --out {run_dir}")
+    try:
+        config = Config.from_dict(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"{config_path}: missing; is {run_dir} a run directory made by train.py?") from None
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{config_path}: {error}; this run was made by an incompatible version, retrain it") from None
+    models = []
+    for name in ("vqvae", "pixelcnn") if need_prior else ("vqvae",):
+        path = run_dir / f"{name}.keras"
+        if not path.exists():
+            raise UserError(f"{path}: missing; the run did not finish its {name} phase (python train.py --resume "
+                            f"--out {run_dir})")
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as error:  # Keras raises many types for truncated or foreign files
+            raise UserError(f"{path}: cannot be loaded ({type(error).__name__}); the file is damaged or from "
+                            f"another version, retrain or restore it") from None
+        if getattr(model, "config_dict", None) != config.to_dict():
+            raise UserError(f"{path}: its hyperparameters differ from {config_path}; the run directory is mixed")
+        models.append(model)
+    return config, models[0], models[1] if need_prior else None

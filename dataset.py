@@ -270,6 +270,8 @@ def square_and_resize(slices: np.ndarray, size: int) -> np.ndarray:
     from skimage.transform import resize
 
     n, height, width = slices.shape
+    if n == 0:  # a file with no tissue-bearing slice (skimage cannot resize an empty batch)
+        return np.zeros((0, size, size), np.float32)
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
     square = np.zeros((n, side, side), np.float32)

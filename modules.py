@@ -302,6 +302,14 @@ class VQVAE(keras.Model):
         return {**super().get_config(), "config": self.config_dict}
 
 
+def encode_all(vqvae: VQVAE, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(n, h, w) images -> (n, g, g) int32 code grids, in batches."""
+    grid = vqvae.cfg.code_grid
+    chunks = [np.asarray(vqvae.encode(images[start:start + batch_size, ..., None]))
+              for start in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, grid, grid), np.int32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PixelCNN prior
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,7 +409,11 @@ class PixelCNN(keras.Model):
         self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits")
 
     def call(self, codes):
-        hidden = self.first(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes))
+        return self.logits_from_one_hot(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes))
+
+    def logits_from_one_hot(self, one_hot):
+        """Logits for (batch, g, g, num_codes) one-hot (or soft) code grids; differentiable in the input."""
+        hidden = self.first(one_hot)
         for layer in self.body:
             hidden = layer(hidden)
         return self.head(hidden)
@@ -422,6 +434,15 @@ def bits_per_code(logits, codes):
     """Mean negative log-likelihood of `codes` under `logits`, in bits."""
     nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
     return ops.mean(nll) / np.log(2.0)
+
+
+def mean_bits_per_code(model: PixelCNN, codes: np.ndarray, batch_size: int = 256) -> float:
+    """Mean NLL in bits per code of (n, g, g) code grids under the prior."""
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        chunk = codes[start:start + batch_size]
+        total += float(bits_per_code(model(chunk), chunk)) * len(chunk)
+    return total / len(codes)
 
 
 class PixelCNNSampler:

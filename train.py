@@ -243,14 +243,6 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
     return checkpoint
 
 
-def encode_all(vqvae, images, batch_size=64):
-    import numpy as np
-
-    return np.concatenate([vqvae.encode(images[start:start + batch_size, ..., None]).numpy()
-                           for start in range(0, len(images), batch_size)]) if len(images) else \
-        np.zeros((0, vqvae.cfg.code_grid, vqvae.cfg.code_grid), np.int32)
-
-
 def bits_metric(codes, logits):
     from modules import bits_per_code
     return bits_per_code(logits, codes)
@@ -339,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                                  verbose, callbacks)
         if not finish_phase(checkpoint, "VQ-VAE"):
             return 1
+        from modules import encode_all
+
         vqvae = keras.saving.load_model(run_dir / "vqvae.keras", safe_mode=True)
         train_codes = encode_all(vqvae, train_set.images)
         validate_codes = encode_all(vqvae, validate_set.images)

@@ -1,0 +1,630 @@
+"""dataset.py on data the tests make (every source type, splits, tissue threshold, cache, bad input), and on the
+real OASIS subset in ../shared/data when it is present."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dataset
+from conftest import (PROJECT_ROOT, RGB_DTYPE, make_slice, make_volume, subprocess_env, write_analyze,
+                      write_jpeg, write_nifti, write_png)
+from hyperparameters import make_config
+
+
+def load(folder, config, cache, **kwargs) -> dataset.SliceSet:
+    """load_slices in-process (workers=1, so monkeypatching dataset functions takes effect), no progress bars."""
+    kwargs.setdefault("workers", 1)
+    return dataset.load_slices(str(folder), config, cache, progress=False, **kwargs)
+
+
+def assert_clean_slices(slice_set: dataset.SliceSet, size: int = 128) -> None:
+    images = slice_set.images
+    assert images.dtype == np.float32
+    assert images.ndim == 3 and images.shape[1:] == (size, size) and len(images) > 0
+    assert np.isfinite(images).all()
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert images.max() > 0.5  # scaled to use the range, not left near zero
+    n = len(images)
+    assert len(slice_set.subjects) == len(slice_set.sources) == len(slice_set.indices) == len(slice_set.splits) == n
+    assert set(slice_set.splits) <= set(dataset.SPLITS)
+
+
+def subjects_by_split(slice_set: dataset.SliceSet) -> dict[str, set[str]]:
+    found = defaultdict(set)
+    for subject, split in zip(slice_set.subjects, slice_set.splits):
+        found[str(split)].add(str(subject))
+    return found
+
+
+def assert_no_subject_in_two_splits(slice_set: dataset.SliceSet) -> None:
+    found = subjects_by_split(slice_set)
+    for first in dataset.SPLITS:
+        for second in dataset.SPLITS:
+            if first < second:
+                assert not found[first] & found[second], f"subjects in both {first} and {second}"
+
+
+def nifti_folder(root: Path, subjects: list[str], shape=(40, 48, 40)) -> Path:
+    for number, name in enumerate(subjects):
+        write_nifti(root / f"{name}.nii.gz", make_volume(shape, seed=number))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subject ids
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("OAS1_0061_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr", "OAS1_0061"),
+    ("OAS1_0061_MR2_mpr_n4_anon_111_t88_masked_gfc.hdr", "OAS1_0061"),  # a second session: the same subject
+    ("OAS1_0003_MR1_a.jpg", "OAS1_0003"),
+    ("sub-0061_T1w_jdac.nii.gz", "OAS1_0061"),  # the MNI files name the same subject this way
+    ("case_012_slice_7.nii.png", "case_012"),
+    ("OAS2_0001_MR1_mpr-1.nifti.hdr", "OAS2_0001"),
+    ("brain.nii.gz", "brain"),
+])
+def test_subject_id(name, expected):
+    assert dataset.subject_id(Path("some/folder") / name) == expected
+
+
+def test_subject_id_uses_the_file_name_not_its_folder():
+    assert dataset.subject_id(Path("OAS1_0001_MR1/sub-0002_T1w.nii.gz")) == "OAS1_0002"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each source type
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_folder_of_nifti(tmp_path, config, cache):
+    folder = tmp_path / "volumes"
+    nifti_folder(folder / "nested", ["OAS1_0001_MR1", "OAS1_0002_MR1", "sub-0003_T1w"])
+    write_nifti(folder / "OAS1_0004_MR1.nii", make_volume(seed=4))  # uncompressed .nii too
+    (folder / "notes.txt").write_text("not data")  # other files are ignored
+    slices = load(folder, config, cache)
+    assert_clean_slices(slices)
+    assert set(slices.subjects) == {"OAS1_0001", "OAS1_0002", "OAS1_0003", "OAS1_0004"}
+    assert set(slices.sources) == {"nested/OAS1_0001_MR1.nii.gz", "nested/OAS1_0002_MR1.nii.gz",
+                                   "nested/sub-0003_T1w.nii.gz", "OAS1_0004_MR1.nii"}
+    assert slices.skipped == []
+    assert slices.source == str(folder)
+    for subject in set(slices.subjects):  # 24 of the 40 axial slices of each synthetic volume carry tissue
+        assert (slices.subjects == subject).sum() == 24
+    assert slices.indices.dtype.kind == "i"
+    assert sorted(slices.indices[slices.subjects == "OAS1_0001"]) == list(range(8, 32))
+
+
+def test_folder_of_analyze_big_endian(tmp_path, config, cache):
+    folder = tmp_path / "analyze"
+    for number in (1, 2, 3):
+        hdr = write_analyze(folder / f"OAS1_000{number}_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr",
+                            make_volume(seed=number))
+        assert hdr.read_bytes()[:4] == (348).to_bytes(4, "big")  # really big-endian, like the OASIS discs
+        assert hdr.with_suffix(".img").exists()
+    slices = load(folder, config, cache)
+    assert_clean_slices(slices)
+    assert set(slices.subjects) == {"OAS1_0001", "OAS1_0002", "OAS1_0003"}
+    assert all(source.endswith(".hdr") for source in slices.sources)  # one entry per pair, never the .img
+
+
+def test_analyze_and_nifti_of_the_same_volume_agree(tmp_path, config):
+    volume = make_volume(seed=7)
+    nifti = write_nifti(tmp_path / "a.nii.gz", volume, np.diag([-1.0, 1.0, 1.0, 1.0]))  # LAS like Analyze
+    analyze = write_analyze(tmp_path / "b.hdr", volume)
+    from_nifti, keep_nifti = dataset.volume_slices(nifti, config)
+    from_analyze, keep_analyze = dataset.volume_slices(analyze, config)
+    assert np.array_equal(keep_nifti, keep_analyze)
+    assert np.abs(from_nifti - from_analyze).max() < 0.01  # int16 quantisation only
+
+
+def test_folder_of_images(tmp_path, config, cache):
+    folder = tmp_path / "pngs"
+    for subject in range(1, 7):
+        for index in range(3):
+            write_png(folder / f"OAS1_{subject:04d}_MR1_slice_{index}.png", make_slice(seed=subject * 10 + index),
+                      bits=16 if subject % 2 else 8)
+    write_png(folder / "OAS1_0007_MR1_rgb.png", make_slice(seed=70), rgb=True)
+    write_jpeg(folder / "OAS1_0008_MR1_a.jpg", make_slice(seed=80))
+    write_jpeg(folder / "OAS1_0009_MR1_a.jpeg", make_slice(seed=90))
+    slices = load(folder, config, cache)
+    assert_clean_slices(slices)
+    assert len(slices) == 6 * 3 + 3
+    assert set(slices.subjects) == {f"OAS1_{number:04d}" for number in range(1, 10)}
+    assert (slices.indices == 0).all()  # a 2D image is one slice
+    assert set(slices.splits) == set(dataset.SPLITS)  # assigned by subject
+    assert_no_subject_in_two_splits(slices)
+
+
+def test_8_and_16_bit_png_give_the_same_slice(tmp_path, config):
+    image = make_slice(seed=3)
+    eight, _ = dataset.image_slices(write_png(tmp_path / "a.png", image, bits=8), config)
+    sixteen, _ = dataset.image_slices(write_png(tmp_path / "b.png", image, bits=16), config)
+    rgb, _ = dataset.image_slices(write_png(tmp_path / "c.png", image, rgb=True), config)
+    assert eight.shape == sixteen.shape == rgb.shape == (1, 128, 128)
+    assert np.abs(eight - sixteen).max() < 0.02
+    assert np.abs(eight - rgb).max() < 0.02
+
+
+def make_course_layout(root: Path, cases: dict[str, list[int]], slices_per_case: int = 2) -> Path:
+    data = root / "keras_png_slices_data"
+    for split, numbers in cases.items():
+        for case in numbers:
+            for index in range(slices_per_case):
+                write_png(data / f"keras_png_slices_{split}" / f"case_{case:03d}_slice_{index}.nii.png",
+                          make_slice((64, 64), seed=case * 100 + index))
+    # segmentation masks: bright, non-empty images that would be kept if they were read
+    for case in cases["train"]:
+        mask = np.zeros((64, 64), np.float32)
+        mask[10:50, 10:50] = 1.0
+        write_png(data / "keras_png_slices_seg_train" / f"seg_{case:03d}_slice_0.nii.png", mask)
+    return data
+
+
+def test_course_layout_keeps_its_own_split_and_ignores_masks(tmp_path, config, cache):
+    cases = {"train": [1, 2, 3, 4], "validate": [10, 11], "test": [20]}
+    data = make_course_layout(tmp_path, cases)
+    slices = load(data, config, cache)
+    assert_clean_slices(slices)
+    assert len(slices) == 7 * 2
+    assert not any("seg" in source for source in slices.sources)
+    by_split = subjects_by_split(slices)
+    for split, numbers in cases.items():
+        assert by_split[split] == {f"case_{number:03d}" for number in numbers}
+        assert set(slices.select(split).subjects) == by_split[split]
+    assert len(slices.select("all")) == len(slices)
+    # the folders decide the split whatever split_seed says
+    other = load(data, make_config(overrides=["split_seed=7"]), cache)
+    assert np.array_equal(other.splits, slices.splits)
+
+
+def test_course_layout_found_from_a_parent_folder(tmp_path, config, cache):
+    make_course_layout(tmp_path / "download", {"train": [1, 2], "validate": [3], "test": [4]}, slices_per_case=1)
+    slices = load(tmp_path / "download", config, cache)
+    assert dict(zip(slices.subjects, slices.splits)) == {"case_001": "train", "case_002": "train",
+                                                         "case_003": "validate", "case_004": "test"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_splits_by_subject_disjoint_and_deterministic(tmp_path, config):
+    folder = tmp_path / "volumes"
+    names = [f"OAS1_{number:04d}_MR1" for number in range(1, 11)]
+    nifti_folder(folder, names, shape=(24, 28, 24))
+    # second sessions of two subjects: they must land in the same split as the first session
+    write_nifti(folder / "OAS1_0001_MR2.nii.gz", make_volume((24, 28, 24), seed=50))
+    write_nifti(folder / "sub-0002_T1w.nii.gz", make_volume((24, 28, 24), seed=51))
+    first = load(folder, config, tmp_path / "cache1")
+    second = load(folder, config, tmp_path / "cache2")  # built again from scratch
+    assert len(set(first.subjects)) == 10
+    assert_no_subject_in_two_splits(first)
+    assert set(first.splits) == set(dataset.SPLITS)
+    assert np.array_equal(first.subjects, second.subjects)
+    assert np.array_equal(first.splits, second.splits)
+    for subject in ("OAS1_0001", "OAS1_0002"):  # both sessions/files of a subject together
+        assert len(set(first.splits[first.subjects == subject])) == 1
+    assert (first.select("train").splits == "train").all()
+    assert sum(len(first.select(split)) for split in dataset.SPLITS) == len(first)
+
+    assignments = set()
+    for seed in range(6):
+        seeded = load(folder, make_config(overrides=[f"split_seed={seed}"]), tmp_path / "cache1")
+        assert_no_subject_in_two_splits(seeded)
+        assignments.add(tuple(seeded.splits))
+    assert len(assignments) > 1  # the seed does move subjects
+
+
+def test_assign_splits_fractions_and_seed(config):
+    subjects = [f"OAS1_{number:04d}" for number in range(100)]
+    assignment = dataset.assign_splits(subjects + subjects[:10], config)  # duplicates do not matter
+    assert set(assignment) == set(subjects)
+    counts = {split: sum(1 for value in assignment.values() if value == split) for split in dataset.SPLITS}
+    assert counts == {"train": 70, "validate": 15, "test": 15}
+    assert dataset.assign_splits(list(reversed(subjects)), config) == assignment  # order of input is irrelevant
+    assert dataset.assign_splits(subjects, make_config(overrides=["split_seed=1"])) != assignment
+    small = dataset.assign_splits(["a", "b", "c"], config)
+    assert sorted(small.values()) == ["test", "train", "validate"]  # every split gets one when it can
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_tissue_threshold_drops_empty_slices(tmp_path, config, cache):
+    volume = make_volume()
+    empty = np.flatnonzero(volume.max(axis=(0, 1)) == 0)
+    assert len(empty) >= 10  # the synthetic volume has empty slices at both ends
+    path = write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", volume)
+    slices, keep = dataset.volume_slices(path, config)
+    assert len(slices) == len(keep) < volume.shape[2]
+    assert not set(keep) & set(empty)
+    assert volume.shape[2] // 2 in keep
+    # every kept slice really has the required tissue fraction (at the volume's own resolution)
+    scaled = dataset.robust_scale(volume, config)
+    fractions = (scaled > config.tissue_intensity).mean(axis=(0, 1))
+    assert (fractions[keep] >= config.min_tissue_fraction).all()
+    dropped = np.setdiff1d(np.arange(volume.shape[2]), keep)
+    assert (fractions[dropped] < config.min_tissue_fraction).all()
+    # with no threshold every slice is kept
+    everything, keep_all = dataset.volume_slices(path, make_config(overrides=["min_tissue_fraction=0"]))
+    assert list(keep_all) == list(range(volume.shape[2]))
+
+    blank = tmp_path / "blank"
+    write_png(blank / "OAS1_0001_MR1_a.png", make_slice(blank=True))
+    write_png(blank / "OAS1_0002_MR1_a.png", make_slice(seed=1))
+    only = load(blank, config, cache)
+    assert list(only.subjects) == ["OAS1_0002"]  # the blank image gave no slice, and was not "skipped"
+    assert only.skipped == []
+
+
+def test_no_slice_with_tissue_is_an_error(tmp_path, config, cache):
+    write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", np.zeros((20, 20, 20), np.float32))
+    with pytest.raises(dataset.DataError, match="no slice with enough tissue"):
+        load(tmp_path / "v", config, cache)
+
+
+def test_orientation_anterior_top_and_left_left(tmp_path, config):
+    volume = make_volume(seed=1)
+    marker = np.zeros_like(volume)
+    marker[8:14, 34:40, 17:23] = 1.0  # left (low x) and anterior (high y) in RAS
+    volume = np.maximum(volume, marker)
+    ras = write_nifti(tmp_path / "ras.nii.gz", volume)
+    las = write_nifti(tmp_path / "las.nii.gz", volume[::-1], np.diag([-1.0, 1.0, 1.0, 1.0]))
+    from_ras, keep_ras = dataset.volume_slices(ras, config)
+    from_las, keep_las = dataset.volume_slices(las, config)
+    assert np.array_equal(keep_ras, keep_las)
+    assert np.abs(from_ras - from_las).max() < 1e-5  # the same anatomy, whatever the stored orientation
+    middle = from_ras[list(keep_ras).index(20)]
+    quadrants = {"top-left": middle[:64, :64], "top-right": middle[:64, 64:],
+                 "bottom-left": middle[64:, :64], "bottom-right": middle[64:, 64:]}
+    brightest = max(quadrants, key=lambda name: (quadrants[name] > 0.95).sum())
+    assert brightest == "top-left"
+
+
+def test_non_square_slices_padded_and_nan_cleaned(tmp_path, config):
+    volume = make_volume((30, 60, 20))
+    volume[0, 0, 0] = np.nan
+    slices, keep = dataset.volume_slices(write_nifti(tmp_path / "v.nii.gz", volume), config)
+    assert slices.shape[1:] == (128, 128) and np.isfinite(slices).all()
+    middle = slices[len(slices) // 2]
+    assert middle[:, :10].max() < 0.01 and middle[:, -10:].max() < 0.01  # zero padding left and right
+
+
+def test_4d_volume_with_a_single_frame_is_read_as_3d(tmp_path, config):
+    path = write_nifti(tmp_path / "v.nii.gz", make_volume()[..., None])
+    assert dataset.read_volume(path).shape == (40, 48, 40)
+
+
+def test_image_size_from_config(tmp_path, cache):
+    config = make_config(overrides=["image_size=64"])
+    slices = load(nifti_folder(tmp_path / "v", ["OAS1_0001_MR1"]), config, cache)
+    assert slices.images.shape[1:] == (64, 64)
+
+
+def test_process_pool_gives_the_same_result(tmp_path, config):
+    folder = nifti_folder(tmp_path / "v", [f"OAS1_{number:04d}_MR1" for number in range(1, 7)], (24, 28, 24))
+    serial = load(folder, config, tmp_path / "c1", workers=1)
+    pooled = load(folder, config, tmp_path / "c2", workers=2)
+    assert np.array_equal(serial.images, pooled.images)
+    assert np.array_equal(serial.sources, pooled.sources)
+    assert np.array_equal(serial.splits, pooled.splits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+
+def counting_preprocess(monkeypatch) -> list:
+    calls = []
+    original = dataset._preprocess_one
+
+    def counted(item):
+        calls.append(item[0].path)
+        return original(item)
+
+    monkeypatch.setattr(dataset, "_preprocess_one", counted)
+    return calls
+
+
+def test_cache_is_reused(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1", "OAS1_0002_MR1", "OAS1_0003_MR1"])
+    first = load(folder, config, cache)
+    cached = list((cache / "slices").glob("*.npz"))
+    assert len(cached) == 1 and cached[0].name.startswith("v-")
+    mtime = cached[0].stat().st_mtime_ns
+
+    def fail(item):
+        raise AssertionError(f"preprocessed {item[0].path} again instead of reading the cache")
+
+    monkeypatch.setattr(dataset, "_preprocess_one", fail)
+    second = load(folder, config, cache)
+    assert cached[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(first.images, second.images)  # bit for bit: the first result was read back quantised
+    for column in ("subjects", "sources", "indices", "splits"):
+        assert np.array_equal(getattr(first, column), getattr(second, column))
+    assert second.images.dtype == np.float32
+
+
+def test_cache_rebuilt_when_a_preprocessing_parameter_changes(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1", "OAS1_0002_MR1"])
+    first = load(folder, config, cache)
+    calls = counting_preprocess(monkeypatch)
+
+    # the split seed is not a preprocessing parameter: same cache entry
+    load(folder, make_config(overrides=["split_seed=3"]), cache)
+    assert calls == []
+
+    for override in ("tissue_intensity=0.3", "min_tissue_fraction=0.3", "intensity_high_percentile=99",
+                     "image_size=64"):
+        changed = load(folder, make_config(overrides=[override]), cache)
+        assert len(calls) == 2, override
+        calls.clear()
+    assert len(list((cache / "slices").glob("*.npz"))) == 5
+    stricter = load(folder, make_config(overrides=["min_tissue_fraction=0.3"]), cache)  # now cached as well
+    assert calls == []
+    assert 0 < len(stricter) < len(first)
+    assert changed.images.shape[1:] == (64, 64)
+
+
+def test_cache_rebuilt_when_a_source_file_changes(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1", "OAS1_0002_MR1"])
+    load(folder, config, cache)
+    calls = counting_preprocess(monkeypatch)
+    path = folder / "OAS1_0002_MR1.nii.gz"
+    write_nifti(path, make_volume(seed=99))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    load(folder, config, cache)
+    assert len(calls) == 2
+    calls.clear()
+    write_nifti(folder / "OAS1_0003_MR1.nii.gz", make_volume(seed=3))  # a new file
+    assert len(set(load(folder, config, cache).subjects)) == 3
+    assert len(calls) == 3
+
+
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1"])
+    first = load(folder, config, cache)
+    (entry,) = (cache / "slices").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])  # a truncated file, as a kill mid-write could leave without atomics
+    calls = counting_preprocess(monkeypatch)
+    again = load(folder, config, cache)
+    assert len(calls) == 1
+    assert np.array_equal(first.images, again.images)
+    calls.clear()
+    load(folder, config, cache)
+    assert calls == []  # and the rebuilt entry is good
+    assert not list((cache / "slices").glob(".*.tmp"))  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path, config, cache):
+    with pytest.raises(dataset.DataError, match="no such file or folder"):
+        load(tmp_path / "nowhere", config, cache)
+
+
+def test_empty_folder(tmp_path, config, cache):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no data here")
+    with pytest.raises(dataset.DataError, match="no volumes .* found"):
+        load(tmp_path / "empty", config, cache)
+
+
+def test_path_that_is_a_file(tmp_path, config, cache):
+    path = write_nifti(tmp_path / "OAS1_0001_MR1.nii.gz", make_volume())
+    with pytest.raises(dataset.DataError, match="is a file"):
+        load(path, config, cache)
+
+
+def _missing_img(folder: Path) -> Path:
+    hdr = write_analyze(folder / "OAS1_0090_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr", make_volume())
+    hdr.with_suffix(".img").unlink()
+    return hdr
+
+
+def _garbage_nii_gz(folder: Path) -> Path:
+    path = folder / "OAS1_0091_MR1.nii.gz"
+    path.write_bytes(b"this is not a NIfTI file at all" * 10)
+    return path
+
+
+def _truncated_nii_gz(folder: Path) -> Path:
+    path = write_nifti(folder / "OAS1_0092_MR1.nii.gz", make_volume(seed=2))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _gzip_of_garbage(folder: Path) -> Path:
+    path = folder / "OAS1_0093_MR1.nii.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 100))  # a valid gzip holding no NIfTI header
+    return path
+
+
+def _four_d(folder: Path) -> Path:
+    return write_nifti(folder / "OAS1_0094_MR1.nii.gz", np.stack([make_volume()] * 3, axis=-1))
+
+
+def _rgb(folder: Path) -> Path:
+    volume = make_volume()
+    rgb = np.zeros(volume.shape, RGB_DTYPE)
+    for channel in "RGB":
+        rgb[channel] = np.round(volume / volume.max() * 255).astype(np.uint8)
+    return write_nifti(folder / "OAS1_0095_MR1.nii.gz", rgb)
+
+
+def _bad_png(folder: Path) -> Path:
+    path = folder / "OAS1_0096_MR1_a.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 20)
+    return path
+
+
+BAD_FILES = {"missing .img beside .hdr": (_missing_img, r"\.img is missing"),
+             "not a NIfTI file": (_garbage_nii_gz, "not a readable volume"),
+             "truncated .nii.gz": (_truncated_nii_gz, "not a readable volume"),
+             "gzip without a header": (_gzip_of_garbage, "not a readable volume"),
+             "4D volume": (_four_d, r"4D volume of shape \(40, 48, 40, 3\)"),
+             "RGB volume": (_rgb, "RGB volume"),
+             "broken PNG": (_bad_png, "not a readable image")}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_one_bad_file_is_skipped_with_a_warning_or_fatal_when_strict(kind, tmp_path, config, cache):
+    make_bad, message = BAD_FILES[kind]
+    folder = tmp_path / "mixed"
+    if kind == "broken PNG":
+        for number in (1, 2):
+            write_png(folder / f"OAS1_000{number}_MR1_a.png", make_slice(seed=number))
+    else:
+        nifti_folder(folder, ["OAS1_0001_MR1", "OAS1_0002_MR1"])
+    bad = make_bad(folder)
+
+    with pytest.raises(dataset.DataError, match=message) as raised:
+        load(folder, config, cache, strict=True)
+    assert str(bad) in str(raised.value)
+    assert not (cache / "slices").exists() or not list((cache / "slices").glob("*.npz"))
+
+    with pytest.warns(UserWarning, match=f"skipped {bad}"):
+        slices = load(folder, config, cache)
+    assert slices.skipped == [str(bad)]
+    assert set(slices.subjects) == {"OAS1_0001", "OAS1_0002"}
+    assert_clean_slices(slices)
+
+    with warnings.catch_warnings():  # read back from the cache: the skipped file is still reported
+        warnings.simplefilter("ignore")
+        again = load(folder, config, cache)
+    assert again.skipped == [str(bad)]
+
+
+def test_read_volume_errors_are_data_errors(tmp_path):
+    for make_bad, message in BAD_FILES.values():
+        if make_bad is _bad_png:
+            continue
+        with pytest.raises(dataset.DataError, match=message):
+            dataset.read_volume(make_bad(tmp_path))
+
+
+def test_only_bad_files_is_an_error(tmp_path, config, cache):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    _garbage_nii_gz(folder)
+    _four_d(folder)
+    with pytest.warns(UserWarning):
+        with pytest.raises(dataset.DataError, match=r"no slice with enough tissue in 2 file\(s\) \(2 unreadable\)"):
+            load(folder, config, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_dataset_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "dataset.py", *args], cwd=PROJECT_ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_bad_source(kind: str, tmp_path: Path) -> tuple[Path, str]:
+    if kind == "missing":
+        return tmp_path / "nowhere", "no such file or folder"
+    if kind == "file":
+        return write_nifti(tmp_path / "OAS1_0001_MR1.nii.gz", make_volume((20, 20, 20))), "is a file"
+    if kind == "empty":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty", "no volumes"
+    folder = tmp_path / "strict"
+    nifti_folder(folder, ["OAS1_0001_MR1"], shape=(20, 20, 20))
+    return _truncated_nii_gz(folder), "not a readable volume"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "strict"])
+def test_cli_bad_data_exits_2_with_one_line(kind, tmp_path):
+    bad, message = make_bad_source(kind, tmp_path)
+    args = ["--data", str(bad if kind != "strict" else bad.parent), "--cache", str(tmp_path / "cache"),
+            "--no-progress"] + (["--strict"] if kind == "strict" else [])
+    result = run_dataset_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert str(bad) in lines[0]
+    assert result.stdout == ""
+
+
+def test_cli_bad_flags_exit_2(tmp_path):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1"], shape=(20, 20, 20))
+    result = run_dataset_cli("--data", str(folder), "--cache", str(tmp_path / "cache"), "--set", "nonsense=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "nonsense" in result.stderr
+
+
+def test_cli_summary_and_preview(tmp_path):
+    folder = nifti_folder(tmp_path / "v", [f"OAS1_{number:04d}_MR1" for number in range(1, 5)], (24, 28, 24))
+    preview = tmp_path / "preview.png"
+    result = run_dataset_cli("--data", str(folder), "--cache", str(tmp_path / "cache"), "--split", "train",
+                             "--preview", str(preview), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = result.stdout
+    assert f"source: {folder}" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.split() and line.split()[0] in (*dataset.SPLITS, "all")}
+    assert set(rows) == {*dataset.SPLITS, "all"}
+    assert int(rows["all"][0]) == 4
+    assert sum(int(rows[split][1]) for split in dataset.SPLITS) == int(rows["all"][1])
+    assert "slice shape (128, 128), float32" in out and "time " in out
+    assert preview.exists() and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real OASIS-1 subset in ../shared/data (skipped when absent)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def mni_slices(shared_data, tmp_path_factory) -> dataset.SliceSet:
+    folder = shared_data / "oasis1-mni-volumes"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    return dataset.load_slices(str(folder), make_config(), tmp_path_factory.mktemp("mni-cache"), progress=False)
+
+
+def test_shared_mni_volumes(mni_slices):
+    assert_clean_slices(mni_slices)
+    subjects = set(mni_slices.subjects)
+    assert subjects == {f"OAS1_{number}" for number in
+                        "0061 0096 0139 0143 0144 0190 0198 0260 0296 0300 0384".split()}
+    assert mni_slices.skipped == []
+    for subject in subjects:
+        count = int((mni_slices.subjects == subject).sum())
+        assert 150 <= count <= 185, (subject, count)
+    assert_no_subject_in_two_splits(mni_slices)
+    assert set(mni_slices.splits) == set(dataset.SPLITS)
+    # every slice of a subject comes from its one volume, with distinct slice indices
+    for subject in subjects:
+        indices = mni_slices.indices[mni_slices.subjects == subject]
+        assert len(set(indices)) == len(indices)
+        assert len(set(mni_slices.sources[mni_slices.subjects == subject])) == 1
+
+
+def test_shared_t88_jpegs(shared_data, tmp_path, config):
+    folder = shared_data / "oasis1-t88-axial"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    slices = load(folder, config, tmp_path / "cache")
+    assert_clean_slices(slices)
+    everything = slices.select("all")
+    assert len(everything) == 96
+    assert len(set(everything.subjects)) == 96
+    assert all(subject.startswith("OAS1_") for subject in everything.subjects)
+    assert_no_subject_in_two_splits(slices)
+    assert sum(len(slices.select(split)) for split in dataset.SPLITS) == 96

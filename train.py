@@ -25,6 +25,7 @@ from cli import UserError, add_config_args, add_data_args, quiet_tensorflow, run
 from hyperparameters import Config, make_config
 
 PHASES = ("vqvae", "prior")
+PROCESS_START = time.time()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +122,9 @@ def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
                 self.model.stop_training = True
                 return
             seconds = time.perf_counter() - self.epoch_start
-            row = {"epoch": epoch + 1, **logs, "seconds": round(seconds, 2)}
+            # elapsed: wall time since this process started (data loading and tracing included), for time-to-quality
+            row = {"epoch": epoch + 1, **logs, "seconds": round(seconds, 2),
+                   "elapsed": round(time.time() - PROCESS_START, 2)}
             history = state.data["history"][phase]
             best = [r[monitor] for r in history if monitor in r]
             improved = monitor in logs and (not best or (logs[monitor] > max(best) if mode == "max"

@@ -118,8 +118,14 @@ def download(url: str, dest: Path, expected_md5: str | None = None, timeout: flo
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
-                if response.status_code == 416 and total is not None and have == total:
-                    break
+                if response.status_code == 416 and have:
+                    # nothing left to send: fine when the .part already holds the whole file (a run killed after
+                    # the last byte), as `bytes */SIZE` tells; the size and md5 checks below still apply
+                    whole = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", "").strip())
+                    if whole and int(whole.group(1)) == have:
+                        total = have
+                    if total is not None and have == total:
+                        break
                 if response.status_code in (404, 403, 410):
                     part.unlink(missing_ok=True)
                     raise DataError(f"{url}: HTTP {response.status_code}; check --oasis-url and --discs")

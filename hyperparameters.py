@@ -38,8 +38,8 @@ class Config:
     split_seed: int = 42
 
     # --- VQ-VAE -----------------------------------------------------------------------------------------------
-    encoder_filters: list[int] = field(default_factory=lambda: [32, 64])
-    encoder_strides: list[int] = field(default_factory=lambda: [2, 2])
+    encoder_filters: list[int] = field(default_factory=lambda: [32])
+    encoder_strides: list[int] = field(default_factory=lambda: [2])
     residual_blocks: int = 1  # residual 3x3 blocks after the encoder convs and before the decoder convs
     residual_filters: int = 64
     latent_dim: int = 16
@@ -48,8 +48,8 @@ class Config:
     codebook: str = "ema"  # "ema" (exponential moving averages) or "loss" (codebook loss, learned by the optimizer)
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.01  # a code whose EMA usage falls below this many vectors per batch is restarted
-    decoder_filters: list[int] = field(default_factory=lambda: [64, 32])
-    decoder_strides: list[int] = field(default_factory=lambda: [2, 2])
+    decoder_filters: list[int] = field(default_factory=lambda: [32])
+    decoder_strides: list[int] = field(default_factory=lambda: [2])
     ssim_loss_weight: float = 0.2  # loss = (1 - w) * MSE-term + w * (1 - SSIM); 0 gives plain MSE
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
@@ -64,9 +64,10 @@ class Config:
     prior_filters: int = 64
     prior_first_kernel: int = 7
     prior_residual_blocks: int = 6
+    prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # of the blocks' 3x3, cycled
     prior_layout: str = "blocks"  # "blocks" (n residual blocks) or "seed" (the report's interleaving of 1x1 B convs)
     prior_batch_size: int = 64
-    prior_epochs: int = 30
+    prior_epochs: int = 20
     prior_learning_rate: float = 3e-3
 
     # --- sampling ---------------------------------------------------------------------------------------------
@@ -108,12 +109,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_filters=[64, 64, 32, 32],
         decoder_strides=[2, 2, 2, 2],
         latent_dim=16,
-        ssim_loss_weight=0.0,
         epochs=30,
-        learning_rate=1e-3,
         prior_filters=128,
         prior_layout="seed",
         prior_residual_blocks=4,
+        prior_dilations=[1],
         prior_epochs=30,
         prior_learning_rate=1e-3,
     ),
@@ -173,6 +173,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"prior_layout must be 'blocks' or 'seed', not {config.prior_layout!r}")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:
         raise ValueError("validate_fraction + test_fraction must be in [0, 1)")
+    if not config.prior_dilations or min(config.prior_dilations) < 1:
+        raise ValueError("prior_dilations must be a non-empty list of positive integers")
     if config.prior_first_kernel < 3 or config.prior_first_kernel % 2 == 0:
         raise ValueError("prior_first_kernel must be odd and at least 3")
     if config.temperature <= 0:

@@ -16,8 +16,11 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -54,17 +57,46 @@ def resolve_config(args) -> Config:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     try:
-        return make_config(args.preset, overrides)
+        config = make_config(args.preset, overrides)
     except ValueError as error:
         raise UserError(str(error)) from None
+    for key in ("epochs", "prior_epochs", "batch_size", "prior_batch_size"):
+        if getattr(config, key) < 1:
+            raise UserError(f"{key} is {getattr(config, key)}; it must be at least 1")
+    if not math.isfinite(config.learning_rate) or not math.isfinite(config.prior_learning_rate):
+        raise UserError("learning_rate and prior_learning_rate must be finite numbers")
+    return config
+
+
+def tf_config() -> dict:
+    """The cluster of --strategy multiworker, from the TF_CONFIG environment variable; UserError when unusable."""
+    if not os.environ.get("TF_CONFIG"):
+        raise UserError("--strategy multiworker needs the TF_CONFIG environment variable (see README)")
+    try:
+        spec = json.loads(os.environ["TF_CONFIG"])
+        kind, index = spec["task"]["type"], int(spec["task"]["index"])
+        if not 0 <= index < len(spec["cluster"][kind]):
+            raise IndexError(index)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise UserError('TF_CONFIG must look like {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+                        '"worker", "index": I}} with this task in the cluster (see README)') from None
+    return spec
+
+
+def writes_run_dir(args) -> bool:
+    """False for a multi-worker non-chief, known from TF_CONFIG before TensorFlow starts (see is_chief)."""
+    if args.strategy != "multiworker":
+        return True
+    spec = tf_config()
+    kind, index = spec["task"]["type"], int(spec["task"]["index"])
+    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in spec["cluster"])
 
 
 def make_strategy(name: str):
     import tensorflow as tf
 
     if name == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multiworker needs the TF_CONFIG environment variable (see README)")
+        tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored" or (name == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
         return tf.distribute.MirroredStrategy()
@@ -80,17 +112,121 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
 
 
+def check_replicas(config: Config, strategy) -> None:
+    """Each global batch is split over the replicas, and Keras needs the first one to split evenly."""
+    replicas = strategy.num_replicas_in_sync
+    for key in ("batch_size", "prior_batch_size"):
+        size = getattr(config, key)
+        if size % replicas:
+            raise UserError(f"{key}={size} does not split evenly over {replicas} replicas; use a multiple of "
+                            f"{replicas}, e.g. --set {key}={max(replicas, round(size / replicas) * replicas)}")
+
+
+def batch_for(size: int, count: int, replicas: int, split: str) -> int:
+    """The global batch for `count` examples: `size`, except for a set smaller than one batch on several replicas,
+    the largest multiple of `replicas` that fits, so that the first batch splits evenly (a later, smaller one may
+    leave replicas without examples, which the models and metrics allow)."""
+    if replicas == 1 or count >= size:
+        return size
+    if count < replicas:
+        raise UserError(f"the {split} split has {count} slice(s), fewer than the {replicas} replicas; use more data "
+                        f"or fewer replicas (--strategy one)")
+    return count // replicas * replicas
+
+
+def shard_by_data(dataset):
+    """Under tf.distribute each worker keeps its share of every global batch (DATA sharding). The datasets here are
+    in-memory arrays with no files to shard, where the default AUTO policy warns and falls back to DATA."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def scalar_logs_for_multiworker(model, strategy) -> None:
+    """Works around Keras 3 under a multi-worker strategy: fit and evaluate reduce each step's logs with
+    strategy.reduce("MEAN", value, axis=0), which fails on scalars ("Invalid reduction dimension 0 for input with 0
+    dimensions", tensorflow/tensorflow#72388). A batch axis of length one makes it the mean over replicas; epoch
+    logs are read from the metrics, whose totals are summed over all replicas."""
+    import keras
+    import tensorflow as tf
+
+    if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        return
+    for name in ("train_step", "test_step"):
+        def step(data, original=getattr(model, name)):
+            return keras.tree.map_structure(lambda value: keras.ops.reshape(value, (1,)), original(data))
+        setattr(model, name, step)
+
+
+def worker_scratch(run_dir: Path, resume: bool, config: Config) -> Path:
+    """A non-chief worker's run directory: a temporary folder that nobody reads, removed at exit. The worker trains
+    in step with the chief and saves what the chief saves (it reads its best VQ-VAE back to encode the prior's
+    codes). To resume it starts from a copy of the chief's committed files, so --out must be visible to every
+    worker at the same path (a shared filesystem)."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="oasisvq-worker-"))
+    (scratch / "checkpoints").mkdir()
+    if not resume:
+        (scratch / "config.json").write_text(config.to_json())
+        return scratch
+    names = ["config.json", "vqvae.keras", "pixelcnn.keras", "checkpoints/state.json",
+             "checkpoints/vqvae_last.keras", "checkpoints/prior_last.keras"]
+    state_path = run_dir / "checkpoints" / "state.json"
+    if state_path.exists():
+        names += [f"checkpoints/{name}" for name in json.loads(state_path.read_text()).get("checkpoint", {}).values()]
+    for name in names:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, scratch / name)
+    return scratch
+
+
 class RunState:
-    """`checkpoints/state.json`: which epochs of which phase are complete, and their history rows."""
+    """`checkpoints/state.json`, the commit record of a run: the history rows of each phase's completed epochs, the
+    checkpoint file that holds the last of them, and which epoch the best-model file holds.
+
+    An epoch counts as done only once state.json names it. Its checkpoint (`checkpoints/<phase>_epochNNN.keras`,
+    with optimizer state) is written before that and the best-model file after, so a kill at any moment leaves
+    either the old epoch or the new one complete; `repair()` finishes an interrupted best-model write on resume.
+    """
 
     def __init__(self, run_dir: Path, writer: bool):
+        self.run_dir = run_dir
         self.path = run_dir / "checkpoints" / "state.json"
         self.writer = writer
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {
-            "history": {phase: [] for phase in PHASES}}
+        self.data = {"history": {phase: [] for phase in PHASES}, "checkpoint": {}, "best_saved": {}}
+        if self.path.exists():
+            try:
+                stored = json.loads(self.path.read_text())
+                if not isinstance(stored.get("history"), dict):
+                    raise ValueError("no history")
+            except (ValueError, AttributeError):
+                raise UserError(f"--resume: {self.path} is damaged; the run cannot be resumed, start a new "
+                                f"--out") from None
+            self.data.update(stored)
+            for phase in PHASES:
+                self.data["history"].setdefault(phase, [])
+            self.data.setdefault("checkpoint", {})
+            self.data.setdefault("best_saved", {})
 
     def epochs_done(self, phase: str) -> int:
         return len(self.data["history"][phase])
+
+    def checkpoint_path(self, phase: str) -> Path:
+        """The committed last-epoch checkpoint (`<phase>_last.keras` in runs made before epoch-named ones)."""
+        name = self.data["checkpoint"].get(phase, f"{phase}_last.keras")
+        return self.run_dir / "checkpoints" / name
+
+    def best_epoch(self, phase: str, monitor: str, mode: str) -> int | None:
+        rows = [row for row in self.data["history"][phase] if monitor in row]
+        if not rows:
+            return None
+        pick = max if mode == "max" else min
+        return pick(rows, key=lambda row: row[monitor])["epoch"]
 
     def save(self) -> None:
         from dataset import atomic_write_text
@@ -99,8 +235,56 @@ class RunState:
             atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
+def is_temporary(path: Path) -> bool:
+    """A half-written file of an atomic write (dataset.atomic_write, modules.save_model, the curve plots)."""
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
+def clean_stale_files(run_dir: Path, state: RunState) -> list[str]:
+    """Deletes what a killed process left behind: temporary files, and epoch checkpoints state.json does not name.
+    None of them is ever read: a resume trusts only files that state.json commits."""
+    removed = []
+    committed = {state.checkpoint_path(phase).name for phase in PHASES if state.epochs_done(phase)}
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            stale = is_temporary(path) or (
+                folder.name == "checkpoints" and path.suffix == ".keras" and path.name not in committed)
+            if stale and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed
+
+
+@contextmanager
+def sigint_deferred():
+    """Holds back Ctrl-C while an epoch is being committed, then raises it: an interrupt never splits an epoch's
+    files. (Only the main thread can install signal handlers; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+def weights_are_finite(model) -> bool:
+    import numpy as np
+
+    return all(np.isfinite(weight).all() for weight in model.get_weights())
+
+
 def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
-    """A callback that, after each epoch, saves the last checkpoint, the best weights and the history, atomically."""
+    """A callback that commits each finished epoch (see RunState), or stops training when it is not finite."""
     import keras
 
     from dataset import atomic_write_text
@@ -117,7 +301,8 @@ def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {key: float(value) for key, value in (logs or {}).items()}
-            if not all(math.isfinite(value) for value in logs.values()):
+            if self.diverged or not all(math.isfinite(value) for value in logs.values()) \
+                    or not weights_are_finite(self.model):
                 self.diverged = True
                 self.model.stop_training = True
                 return
@@ -129,14 +314,23 @@ def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
             best = [r[monitor] for r in history if monitor in r]
             improved = monitor in logs and (not best or (logs[monitor] > max(best) if mode == "max"
                                                          else logs[monitor] < min(best)))
-            if writer:
-                if improved or not (run_dir / f"{phase_file(phase)}.keras").exists():
-                    save_model(weights_only_copy(self.model), run_dir / f"{phase_file(phase)}.keras")
-                save_model(self.model, run_dir / "checkpoints" / f"{phase}_last.keras")
-            history.append(row)
-            state.save()
-            if writer:
-                write_history(run_dir / f"history_{phase}.csv", history, atomic_write_text)
+            best_path = run_dir / f"{phase_file(phase)}.keras"
+            with sigint_deferred():
+                checkpoint = run_dir / "checkpoints" / f"{phase}_epoch{epoch + 1:03d}.keras"
+                previous = state.checkpoint_path(phase)
+                if writer:
+                    save_model(self.model, checkpoint)
+                history.append(row)
+                state.data["checkpoint"][phase] = checkpoint.name
+                state.save()  # the commit: from here on, this epoch is done
+                if writer:
+                    if improved or not best_path.exists():
+                        save_model(weights_only_copy(self.model), best_path)
+                        state.data["best_saved"][phase] = epoch + 1
+                        state.save()
+                    write_history(run_dir / f"history_{phase}.csv", history, atomic_write_text)
+                    if previous != checkpoint:
+                        previous.unlink(missing_ok=True)
 
         def on_batch_end(self, batch, logs=None):
             if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
@@ -144,6 +338,41 @@ def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
                 self.model.stop_training = True
 
     return EpochCheckpoint()
+
+
+def load_checkpoint(state: RunState, phase: str, custom_objects=None):
+    """The committed last-epoch model of `phase` (with its optimizer); UserError when it is missing or damaged."""
+    import keras
+
+    path = state.checkpoint_path(phase)
+    if not path.exists():
+        raise UserError(f"--resume: {path} is missing, but {state.path.name} records "
+                        f"{state.epochs_done(phase)} completed {phase} epoch(s); the run cannot be resumed, "
+                        f"start a new --out")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, custom_objects=custom_objects)
+    except Exception as error:  # Keras raises many types for truncated or foreign files
+        raise UserError(f"--resume: {path} cannot be loaded ({type(error).__name__}); the checkpoint is damaged, "
+                        f"start a new --out") from None
+
+
+def needs_repair(state: RunState, phase: str, monitor: str, mode: str) -> bool:
+    """Whether a kill interrupted a best-model write: the committed last epoch is the best one, but the best-model
+    file does not hold it yet."""
+    best = state.best_epoch(phase, monitor, mode)
+    return state.writer and best is not None and best == state.epochs_done(phase) and (
+        state.data["best_saved"].get(phase) != best
+        or not (state.run_dir / f"{phase_file(phase)}.keras").exists())
+
+
+def repair_best(state: RunState, phase: str, model, monitor: str, mode: str) -> None:
+    """Finishes an interrupted best-model write (see needs_repair) from the committed checkpoint `model`."""
+    from modules import save_model, weights_only_copy
+
+    if needs_repair(state, phase, monitor, mode):
+        save_model(weights_only_copy(model), state.run_dir / f"{phase_file(phase)}.keras")
+        state.data["best_saved"][phase] = state.epochs_done(phase)
+        state.save()
 
 
 def phase_file(phase: str) -> str:
@@ -185,9 +414,11 @@ def plot_history(run_dir: Path, state: RunState) -> None:
         plt.close(figure)
 
 
-def prepare_run_dir(args, config: Config, writer: bool) -> Path:
-    from dataset import atomic_write_text
-
+def check_run_dir(args, config: Config) -> Path:
+    """The run directory, checked before TensorFlow starts: --resume needs a run made with the same
+    hyperparameters; a new run needs a folder that holds no run and can be created."""
+    if args.resume and args.out is None:
+        raise UserError("--resume needs --out RUN_DIR, the run directory to continue")
     run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     config_path = run_dir / "config.json"
     if args.resume:
@@ -195,26 +426,41 @@ def prepare_run_dir(args, config: Config, writer: bool) -> Path:
             raise UserError(f"--resume: {config_path} does not exist; there is no run to resume in {run_dir}")
         try:
             saved = json.loads(config_path.read_text())
-        except ValueError:
-            raise UserError(f"--resume: {config_path} is not valid JSON; the run directory is damaged") from None
+            if not isinstance(saved, dict):
+                raise ValueError("not an object")
+        except (ValueError, OSError):
+            raise UserError(f"--resume: {config_path} is not a valid config; the run directory is damaged") \
+                from None
         if saved != config.to_dict():
             changed = sorted(key for key in set(saved) | set(config.to_dict())
                              if saved.get(key) != config.to_dict().get(key))
             raise UserError(f"--resume: the command line gives other hyperparameters than {config_path} "
                             f"({', '.join(changed)}); repeat the original flags or start a new --out")
         return run_dir
-    if config_path.exists():
+    if config_path.exists() and writes_run_dir(args):  # a later non-chief may find the chief's run on a shared disk
         raise UserError(f"--out {run_dir} already holds a run; use --resume to continue it or choose another --out")
-    if writer:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"--out {run_dir}: cannot create it ({error.strerror}); choose a writable folder") \
-                from None
-        if not os.access(run_dir, os.W_OK):
-            raise UserError(f"--out {run_dir}: not writable; choose a writable folder")
-        atomic_write_text(config_path, config.to_json())
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"--out {run_dir}: {existing} is a file, not a folder; choose another --out")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir}: {existing} is not writable; choose a writable folder")
     return run_dir
+
+
+def create_run_dir(run_dir: Path, resume: bool, config: Config, writer: bool) -> None:
+    from dataset import atomic_write_text
+
+    if resume or not writer:
+        return
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {run_dir}: cannot create it ({error.strerror}); choose a writable folder") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"--out {run_dir}: not writable; choose a writable folder")
+    atomic_write_text(run_dir / "config.json", config.to_json())
 
 
 def train_vqvae(config, strategy, train_images, validate_images, run_dir, state, writer, verbose, callbacks):
@@ -224,31 +470,46 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
     from modules import VQVAE
 
     done = state.epochs_done("vqvae")
-    if done >= config.epochs:
+    monitor = "val_ssim" if len(validate_images) else "ssim"
+    if done >= config.epochs and not needs_repair(state, "vqvae", monitor, "max"):
         return None
+    if done:
+        with strategy.scope():
+            model = load_checkpoint(state, "vqvae")
+        repair_best(state, "vqvae", model, monitor, "max")
+        if done >= config.epochs:
+            return None
     steps = math.ceil(len(train_images) / config.batch_size)
     with strategy.scope():
-        last = run_dir / "checkpoints" / "vqvae_last.keras"
-        if done and last.exists():
-            model = keras.saving.load_model(last, safe_mode=True)
-        else:
+        if not done:
             model = VQVAE(config.to_dict(), name="vqvae")
             model.build()
             rate = config.learning_rate
             if config.lr_schedule == "cosine":
                 rate = keras.optimizers.schedules.CosineDecay(rate, config.epochs * steps, alpha=config.lr_floor)
             model.compile(optimizer=keras.optimizers.Adam(rate), jit_compile=False)
-    train = make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed)
-    validate = make_tf_dataset(validate_images, config.batch_size, shuffle=False) if len(validate_images) else None
-    checkpoint = epoch_checkpointer("vqvae", run_dir, state, writer, "val_ssim" if validate else "ssim", "max")
+    scalar_logs_for_multiworker(model, strategy)
+    replicas = strategy.num_replicas_in_sync
+    train = shard_by_data(make_tf_dataset(train_images, batch_for(config.batch_size, len(train_images), replicas,
+                                                                  "training"), shuffle=True, seed=config.seed))
+    validate = None
+    if len(validate_images):
+        validate = shard_by_data(make_tf_dataset(validate_images, batch_for(
+            config.batch_size, len(validate_images), replicas, "validation"), shuffle=False))
+    checkpoint = epoch_checkpointer("vqvae", run_dir, state, writer, monitor, "max")
     model.fit(train, validation_data=validate, epochs=config.epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
     return checkpoint
 
 
 def bits_metric(codes, logits):
-    from modules import bits_per_code
-    return bits_per_code(logits, codes)
+    """Bits per code of each code grid in the batch: Keras averages them over grids, so batches split unevenly over
+    replicas (or leaving one without grids) still give the mean over all grids."""
+    import keras
+    import numpy as np
+
+    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
+    return keras.ops.mean(nll, axis=(1, 2)) / np.log(2.0)
 
 
 bits_metric.__name__ = "bits_per_code"
@@ -261,26 +522,32 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
     from modules import PixelCNN
 
     done = state.epochs_done("prior")
-    if done >= config.prior_epochs:
+    monitor = "val_bits_per_code" if len(validate_codes) else "bits_per_code"
+    if done >= config.prior_epochs and not needs_repair(state, "prior", monitor, "min"):
         return None
+    if done:
+        with strategy.scope():
+            model = load_checkpoint(state, "prior", custom_objects={"bits_per_code": bits_metric})
+        repair_best(state, "prior", model, monitor, "min")
+        if done >= config.prior_epochs:
+            return None
     with strategy.scope():
-        last = run_dir / "checkpoints" / "prior_last.keras"
-        if done and last.exists():
-            model = keras.saving.load_model(last, safe_mode=True, custom_objects={"bits_per_code": bits_metric})
-        else:
+        if not done:
             model = PixelCNN(config.to_dict(), name="pixelcnn")
             model.build()
             model.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=[bits_metric], jit_compile=False)
-    train = tf.data.Dataset.from_tensor_slices((train_codes, train_codes)).cache().shuffle(
-        len(train_codes), seed=config.seed).batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE)
+    scalar_logs_for_multiworker(model, strategy)
+    replicas = strategy.num_replicas_in_sync
+    train = shard_by_data(tf.data.Dataset.from_tensor_slices((train_codes, train_codes)).cache().shuffle(
+        len(train_codes), seed=config.seed).batch(batch_for(config.prior_batch_size, len(train_codes), replicas,
+                                                            "training")).prefetch(tf.data.AUTOTUNE))
     validate = None
     if len(validate_codes):
-        validate = tf.data.Dataset.from_tensor_slices((validate_codes, validate_codes)).batch(
-            config.prior_batch_size)
-    checkpoint = epoch_checkpointer("prior", run_dir, state, writer,
-                                    "val_bits_per_code" if validate else "bits_per_code", "min")
+        validate = shard_by_data(tf.data.Dataset.from_tensor_slices((validate_codes, validate_codes)).batch(
+            batch_for(config.prior_batch_size, len(validate_codes), replicas, "validation")))
+    checkpoint = epoch_checkpointer("prior", run_dir, state, writer, monitor, "min")
     model.fit(train, validation_data=validate, epochs=config.prior_epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
     return checkpoint
@@ -289,18 +556,32 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
+    run_dir = check_run_dir(args, config)  # bad flags fail fast, before TensorFlow starts
     quiet_tensorflow()
     import keras
     import tensorflow as tf
 
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+    check_replicas(config, strategy)
     writer = is_chief(strategy)
-    run_dir = prepare_run_dir(args, config, writer)
-    if not writer:  # non-chief workers write into a scratch folder that nobody reads
-        import tempfile
-        run_dir = Path(tempfile.mkdtemp(prefix="oasisvq-worker-"))
-        (run_dir / "checkpoints").mkdir()
-        (run_dir / "config.json").write_text(config.to_json())
+    create_run_dir(run_dir, args.resume, config, writer)
+    # a non-chief worker writes all its files into a scratch folder that nobody reads (see worker_scratch)
+    work_dir = run_dir if writer else worker_scratch(run_dir, args.resume, config)
+    try:
+        return train_run(args, config, work_dir, strategy, True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: completed epochs are saved; continue with "
+              f"python train.py --resume --out {run_dir} (and the same flags)", file=sys.stderr)
+        return 130
+    finally:
+        if work_dir != run_dir:
+            import shutil
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> int:
+    import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
@@ -308,45 +589,63 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataset import atomic_write_text, load_slices
 
+    state = RunState(run_dir, writer)
+    if writer and args.resume:
+        removed = clean_stale_files(run_dir, state)
+        if removed:
+            print(f"resume: removed {len(removed)} file(s) an interrupted process left unfinished: "
+                  f"{', '.join(sorted(removed))}", flush=True)
+        for phase in PHASES:  # a kill can fall between an epoch's commit and its CSV
+            if state.epochs_done(phase):
+                write_history(run_dir / f"history_{phase}.csv", state.data["history"][phase], atomic_write_text)
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
                          args.strict, progress=verbose == 1)
+    recorded = state.data.get("data_fingerprint")
+    if recorded is None:
+        state.data["data_fingerprint"] = slices.fingerprint()
+        state.data["data"] = str(args.data)
+        state.save()
+    elif recorded != slices.fingerprint():
+        raise UserError(f"--resume: --data {args.data} gives other slices than the run was trained on "
+                        f"({state.data.get('data', 'unknown')}); resume with the same --data or start a new --out")
     train_set, validate_set = slices.select("train"), slices.select("validate")
     if not len(train_set):
         raise UserError(f"--data {args.data}: the train split is empty; it needs at least one subject")
     print(f"run {run_dir}: {len(train_set)} training slices ({len(set(train_set.subjects))} subjects), "
           f"{len(validate_set)} validation slices ({len(set(validate_set.subjects))} subjects), "
           f"preset {args.preset}, {strategy.num_replicas_in_sync} replica(s)", flush=True)
-    state = RunState(run_dir, writer)
+    if args.resume:
+        print(f"resume: {state.epochs_done('vqvae')} of {config.epochs} VQ-VAE epochs and "
+              f"{state.epochs_done('prior')} of {config.prior_epochs} PixelCNN epochs already done", flush=True)
     callbacks = [keras.callbacks.TensorBoard(run_dir / "logs")] if args.tensorboard and writer else []
     wall_start = time.time()
 
-    def finish_phase(checkpoint, phase):
+    def finish_phase(checkpoint, phase, name, best_file, rate_key):
         plot_history(run_dir, state) if writer else None
         if checkpoint is not None and checkpoint.diverged:
-            print(f"error: the {phase} loss became NaN or infinite; training stopped. The last good checkpoint "
-                  f"is kept in {run_dir}; lower the learning rate (--set ...) and resume or retrain.",
-                  file=sys.stderr)
+            done = state.epochs_done(phase)
+            kept = (f"epochs 1-{done} are saved ({run_dir / best_file} is the best of them)" if done
+                    else "no epoch of it completed, so none was saved")
+            rate = getattr(config, rate_key)
+            print(f"error: the {name} loss or weights became NaN or infinite in epoch {done + 1}, so training "
+                  f"stopped; {kept}. Train again in a new --out with a lower learning rate, "
+                  f"e.g. --set {rate_key}={rate / 10:g}", file=sys.stderr)
             return False
         return True
 
-    try:
-        checkpoint = train_vqvae(config, strategy, train_set.images, validate_set.images, run_dir, state, writer,
-                                 verbose, callbacks)
-        if not finish_phase(checkpoint, "VQ-VAE"):
-            return 1
-        from modules import encode_all
+    checkpoint = train_vqvae(config, strategy, train_set.images, validate_set.images, run_dir, state, writer,
+                             verbose, callbacks)
+    if not finish_phase(checkpoint, "vqvae", "VQ-VAE", "vqvae.keras", "learning_rate"):
+        return 1
+    from modules import encode_all
 
-        vqvae = keras.saving.load_model(run_dir / "vqvae.keras", safe_mode=True)
-        train_codes = encode_all(vqvae, train_set.images)
-        validate_codes = encode_all(vqvae, validate_set.images)
-        checkpoint = train_prior(config, strategy, train_codes, validate_codes, run_dir, state, writer, verbose,
-                                 callbacks)
-        if not finish_phase(checkpoint, "PixelCNN"):
-            return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved; continue with "
-              f"python train.py --resume --out {run_dir} (and the same flags)", file=sys.stderr)
-        return 130
+    vqvae = keras.saving.load_model(run_dir / "vqvae.keras", safe_mode=True)
+    train_codes = encode_all(vqvae, train_set.images)
+    validate_codes = encode_all(vqvae, validate_set.images)
+    checkpoint = train_prior(config, strategy, train_codes, validate_codes, run_dir, state, writer, verbose,
+                             callbacks)
+    if not finish_phase(checkpoint, "prior", "PixelCNN", "pixelcnn.keras", "prior_learning_rate"):
+        return 1
 
     history = state.data["history"]
     best_vq = max(history["vqvae"], key=lambda row: row.get("val_ssim", row.get("ssim", 0)))

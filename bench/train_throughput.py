@@ -1,0 +1,105 @@
+"""VQ-VAE training throughput (images/s): the project's trainer against the Keras VQ-VAE example's way.
+
+    python bench/train_throughput.py [--images 640] [--repeats 3] [--presets seed,default]
+
+Baseline, as keras.io/examples/generative/vq_vae trains: a Model subclass with a plain train_step around the
+same encoder/decoder, the example's quantizer (codebook loss through add_loss), fit on NumPy arrays. Project:
+modules.VQVAE (EMA codebook, dead-code restarts, SSIM reported every step and in the default loss) fed by
+dataset.make_tf_dataset. Same model size, batch, images and process. Each figure is the median over repeats of
+one epoch, after a warm-up epoch that traces the graphs.
+"""
+
+import argparse
+import time
+
+from common import machine, median, print_table
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dataset import make_tf_dataset
+from hyperparameters import make_config
+from modules import VQVAE, build_decoder, build_encoder
+
+
+class ExampleQuantizer(keras.layers.Layer):
+    """The Keras example's VectorQuantizer: codebook + commitment loss via add_loss, straight-through output."""
+
+    def __init__(self, num_embeddings, embedding_dim, beta=0.25, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding_dim, self.num_embeddings, self.beta = embedding_dim, num_embeddings, beta
+        self.embeddings = self.add_weight(shape=(embedding_dim, num_embeddings), initializer="random_uniform",
+                                          name="embeddings")
+
+    def call(self, x):
+        flattened = tf.reshape(x, [-1, self.embedding_dim])
+        similarity = tf.matmul(flattened, self.embeddings)
+        distances = (tf.reduce_sum(flattened ** 2, axis=1, keepdims=True) + tf.reduce_sum(self.embeddings ** 2, 0)
+                     - 2 * similarity)
+        encodings = tf.one_hot(tf.argmin(distances, axis=1), self.num_embeddings)
+        quantized = tf.reshape(tf.matmul(encodings, self.embeddings, transpose_b=True), tf.shape(x))
+        commitment = tf.reduce_mean((tf.stop_gradient(quantized) - x) ** 2)
+        codebook = tf.reduce_mean((quantized - tf.stop_gradient(x)) ** 2)
+        self.add_loss(self.beta * commitment + codebook)
+        return x + tf.stop_gradient(quantized - x)
+
+
+class ExampleTrainer(keras.Model):
+    def __init__(self, config, train_variance, **kwargs):
+        super().__init__(**kwargs)
+        self.train_variance = train_variance
+        inputs = keras.Input((config.image_size, config.image_size, 1))
+        quantized = ExampleQuantizer(config.num_codes, config.latent_dim)(build_encoder(config)(inputs))
+        self.vqvae = keras.Model(inputs, build_decoder(config)(quantized))
+        self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
+
+    def train_step(self, x):
+        with tf.GradientTape() as tape:
+            reconstructions = self.vqvae(x)
+            reconstruction_loss = tf.reduce_mean((x - reconstructions) ** 2) / self.train_variance
+            total_loss = reconstruction_loss + sum(self.vqvae.losses)
+        grads = tape.gradient(total_loss, self.vqvae.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.vqvae.trainable_variables))
+        self.total_loss_tracker.update_state(total_loss)
+        return {"loss": self.total_loss_tracker.result()}
+
+
+def images_per_second(fit_epoch, count, repeats):
+    fit_epoch()  # warm-up: traces the train function
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fit_epoch()
+        timings.append(time.perf_counter() - start)
+    return count / median(timings)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=640, help="images per timed epoch (default 640)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per trainer (default 3)")
+    parser.add_argument("--presets", default="seed,default", help="comma-separated presets (default seed,default)")
+    args = parser.parse_args()
+    images = np.random.default_rng(0).random((args.images, 128, 128, 1)).astype("float32")
+    rows = []
+    for preset in args.presets.split(","):
+        config = make_config(preset)
+        keras.utils.set_random_seed(0)
+        baseline = ExampleTrainer(config, float(images.var()))
+        baseline.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
+        base = images_per_second(lambda: baseline.fit(images, epochs=1, batch_size=config.batch_size, verbose=0),
+                                 args.images, args.repeats)
+        ours_model = VQVAE(config.to_dict())
+        ours_model.build()
+        ours_model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
+        dataset = make_tf_dataset(images[..., 0], config.batch_size, shuffle=True, seed=0)
+        ours = images_per_second(lambda: ours_model.fit(dataset, epochs=1, verbose=0), args.images, args.repeats)
+        rows.append([preset, config.batch_size, f"{base:.1f}", f"{ours:.1f}", f"{ours / base:.2f}"])
+    print(f"VQ-VAE training throughput, images/s (median of {args.repeats} epochs of {args.images} images); "
+          f"{machine()}; TensorFlow {tf.__version__}")
+    print_table(["preset", "batch", "Keras-example baseline", "OASISVQ trainer (+SSIM, EMA)", "ratio"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,7 +48,7 @@ class VectorQuantizer(layers.Layer):
     """
 
     def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, codebook: str = "ema",
-                 ema_decay: float = 0.99, dead_code_threshold: float = 0.01, epsilon: float = 1e-5, **kwargs):
+                 ema_decay: float = 0.99, dead_code_threshold: float = 1.0, epsilon: float = 1e-5, **kwargs):
         super().__init__(**kwargs)
         self.num_codes = num_codes
         self.code_dim = code_dim

@@ -112,28 +112,6 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
 
 
-def check_replicas(config: Config, strategy) -> None:
-    """Each global batch is split over the replicas, and Keras needs the first one to split evenly."""
-    replicas = strategy.num_replicas_in_sync
-    for key in ("batch_size", "prior_batch_size"):
-        size = getattr(config, key)
-        if size % replicas:
-            raise UserError(f"{key}={size} does not split evenly over {replicas} replicas; use a multiple of "
-                            f"{replicas}, e.g. --set {key}={max(replicas, round(size / replicas) * replicas)}")
-
-
-def batch_for(size: int, count: int, replicas: int, split: str) -> int:
-    """The global batch for `count` examples: `size`, except for a set smaller than one batch on several replicas,
-    the largest multiple of `replicas` that fits, so that the first batch splits evenly (a later, smaller one may
-    leave replicas without examples, which the models and metrics allow)."""
-    if replicas == 1 or count >= size:
-        return size
-    if count < replicas:
-        raise UserError(f"the {split} split has {count} slice(s), fewer than the {replicas} replicas; use more data "
-                        f"or fewer replicas (--strategy one)")
-    return count // replicas * replicas
-
-
 def shard_by_data(dataset):
     """Under tf.distribute each worker keeps its share of every global batch (DATA sharding). The datasets here are
     in-memory arrays with no files to shard, where the default AUTO policy warns and falls back to DATA."""
@@ -144,21 +122,26 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
-def scalar_logs_for_multiworker(model, strategy) -> None:
-    """Works around Keras 3 under a multi-worker strategy: fit and evaluate reduce each step's logs with
-    strategy.reduce("MEAN", value, axis=0), which fails on scalars ("Invalid reduction dimension 0 for input with 0
-    dimensions", tensorflow/tensorflow#72388). A batch axis of length one makes it the mean over replicas; epoch
-    logs are read from the metrics, whose totals are summed over all replicas."""
+def fit_under_strategy(model, strategy, sample) -> None:
+    """Two workarounds for Keras 3 (3.15) fit and evaluate under tf.distribute, on this model instance:
+    - Keras builds the model's metrics from the first batch after averaging it over the replicas with
+      strategy.reduce, which fails when that batch splits unevenly (the shapes differ) and, across workers, for
+      (x, y) pairs (it reduces one tensor at a time): `sample`, one local batch, builds them instead;
+    - across workers it reduces each step's logs with strategy.reduce("MEAN", value, axis=0), which fails on
+      scalars ("Invalid reduction dimension 0", tensorflow/tensorflow#72388): a batch axis of length one makes that
+      the mean over replicas. (Epoch logs are read from the metrics, whose totals are summed over all replicas.)"""
     import keras
     import tensorflow as tf
 
-    if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):
+    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
         return
-    for name in ("train_step", "test_step"):
-        def step(data, original=getattr(model, name)):
-            return keras.tree.map_structure(lambda value: keras.ops.reshape(value, (1,)), original(data))
-        setattr(model, name, step)
+    build = model._maybe_symbolic_build
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: build(data_batch=sample)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        for name in ("train_step", "test_step"):
+            def step(data, original=getattr(model, name)):
+                return keras.tree.map_structure(lambda value: keras.ops.reshape(value, (1,)), original(data))
+            setattr(model, name, step)
 
 
 def worker_scratch(run_dir: Path, resume: bool, config: Config) -> Path:
@@ -488,14 +471,11 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
             if config.lr_schedule == "cosine":
                 rate = keras.optimizers.schedules.CosineDecay(rate, config.epochs * steps, alpha=config.lr_floor)
             model.compile(optimizer=keras.optimizers.Adam(rate), jit_compile=False)
-    scalar_logs_for_multiworker(model, strategy)
-    replicas = strategy.num_replicas_in_sync
-    train = shard_by_data(make_tf_dataset(train_images, batch_for(config.batch_size, len(train_images), replicas,
-                                                                  "training"), shuffle=True, seed=config.seed))
+    fit_under_strategy(model, strategy, train_images[:1, ..., None])
+    train = shard_by_data(make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed))
     validate = None
     if len(validate_images):
-        validate = shard_by_data(make_tf_dataset(validate_images, batch_for(
-            config.batch_size, len(validate_images), replicas, "validation"), shuffle=False))
+        validate = shard_by_data(make_tf_dataset(validate_images, config.batch_size, shuffle=False))
     checkpoint = epoch_checkpointer("vqvae", run_dir, state, writer, monitor, "max")
     model.fit(train, validation_data=validate, epochs=config.epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
@@ -538,15 +518,13 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
             model.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=[bits_metric], jit_compile=False)
-    scalar_logs_for_multiworker(model, strategy)
-    replicas = strategy.num_replicas_in_sync
+    fit_under_strategy(model, strategy, (train_codes[:1], train_codes[:1]))
     train = shard_by_data(tf.data.Dataset.from_tensor_slices((train_codes, train_codes)).cache().shuffle(
-        len(train_codes), seed=config.seed).batch(batch_for(config.prior_batch_size, len(train_codes), replicas,
-                                                            "training")).prefetch(tf.data.AUTOTUNE))
+        len(train_codes), seed=config.seed).batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
     validate = None
     if len(validate_codes):
         validate = shard_by_data(tf.data.Dataset.from_tensor_slices((validate_codes, validate_codes)).batch(
-            batch_for(config.prior_batch_size, len(validate_codes), replicas, "validation")))
+            config.prior_batch_size))
     checkpoint = epoch_checkpointer("prior", run_dir, state, writer, monitor, "min")
     model.fit(train, validation_data=validate, epochs=config.prior_epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
@@ -562,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
-    check_replicas(config, strategy)
     writer = is_chief(strategy)
     create_run_dir(run_dir, args.resume, config, writer)
     # a non-chief worker writes all its files into a scratch folder that nobody reads (see worker_scratch)

@@ -39,7 +39,7 @@ import keras
 
 from hyperparameters import make_config
 from modules import VQVAE
-from train import shard_by_data
+from train import fit_under_strategy, shard_by_data
 
 images = np.load(sys.argv[1])
 # one MirroredStrategy for the whole process: a second one would reuse collective instance keys and clash
@@ -75,9 +75,10 @@ for codebook in ("loss", "ema"):
             model.build()
             model.set_weights(initial)
             model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
+        fit_under_strategy(model, strategy, images[:1])  # as train.py does
         one_step = model.fit(batches([8]), epochs=1, verbose=0, shuffle=False).history
         after_one = [w.copy() for w in model.get_weights()]
-        uneven = model.fit(batches([8, 5, 1]), epochs=1, verbose=0, shuffle=False).history
+        uneven = model.fit(batches([5, 8, 1]), epochs=1, verbose=0, shuffle=False).history
         results[name] = (strategy.num_replicas_in_sync, after_one, model.get_weights(), one_step, uneven)
 
     (r1, one_a, one_b, one_h1, one_h2), (r2, two_a, two_b, two_h1, two_h2) = results["one"], results["mirrored"]
@@ -102,6 +103,14 @@ def brain_images(count: int, size: int = 128) -> np.ndarray:
     return np.stack([make_slice((size, size), seed=index) for index in range(count)]).astype(np.float32)[..., None]
 
 
+def assert_same_weights(diffs: dict, moved: dict, after: str) -> None:
+    """Every weight within 1e-5 of one device's, and within 1% of how far one step moved it (plus 1e-7 for float
+    rounding), so that a wrongly scaled update could not hide below the absolute tolerance."""
+    bad = {name: f"differs by {diff:.2e}, moved {moved[name]:.2e}" for name, diff in diffs.items()
+           if not (diff < 1e-5 and diff <= 0.01 * moved[name] + 1e-7)}
+    assert not bad, f"after {after}: {bad}"
+
+
 @pytest.fixture(scope="module")
 def mirrored_report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mirrored")
@@ -117,11 +126,10 @@ def test_mirrored_step_equals_single_device_step(mirrored_report, codebook):
     """One optimizer step on a global batch of 8 split 4/4 over two replicas gives the weights one device gets."""
     report = mirrored_report[codebook]
     assert report["replicas"] == [1, 2]
-    worst = max(report["step_diff"].items(), key=lambda item: item[1])
-    assert worst[1] < 1e-5, f"{worst[0]} differs by {worst[1]:.2e} after one step"
+    assert_same_weights(report["step_diff"], report["moved"], "one step")
     # the comparison means something: every trainable weight moved, and the codebook moved either way (by the
     # optimizer with codebook=loss, by the all-reduced moving averages with codebook=ema)
-    assert all(report["moved"][name] > 1e-7 for name in report["trainable"]), report["moved"]
+    assert all(report["moved"][name] > 0 for name in report["trainable"]), report["moved"]
     assert report["moved"]["quantizer/embeddings"] > 1e-4
     if codebook == "ema":
         assert "quantizer/embeddings" not in report["trainable"]
@@ -133,11 +141,11 @@ def test_mirrored_step_equals_single_device_step(mirrored_report, codebook):
 
 @pytest.mark.parametrize("codebook", ["loss", "ema"])
 def test_mirrored_uneven_and_empty_replica_batches(mirrored_report, codebook):
-    """Global batches of 5 (3/2) and 1 (1/0: one replica gets no image) still give one device's weights and
-    finite, equal epoch metrics: each replica's loss is weighted by its share of the global batch."""
+    """An epoch of global batches of 5 (3/2), 8 and 1 (1/0: one replica gets no image) still gives one device's
+    weights and finite, equal epoch metrics: each replica's loss is weighted by its share of the global batch, and
+    an uneven first batch does not stop Keras (train.fit_under_strategy)."""
     report = mirrored_report[codebook]
-    worst = max(report["uneven_diff"].items(), key=lambda item: item[1])
-    assert worst[1] < 1e-5, f"{worst[0]} differs by {worst[1]:.2e} after batches of 8, 5 and 1"
+    assert_same_weights(report["uneven_diff"], report["moved"], "batches of 5, 8 and 1")
     one, mirrored = report["logs"]["one"][1], report["logs"]["mirrored"][1]
     for key in ("loss", "reconstruction_loss", "vq_loss", "ssim"):
         assert np.isfinite(mirrored[key]), (key, mirrored)

@@ -39,11 +39,11 @@ def test_seed_preset_layer_shapes_match_the_report_table():
     assert prior(np.zeros((2, 8, 8), np.int32)).shape == (2, 8, 8, 16)
 
 
-def test_default_preset_has_16_codes_on_a_32x32_grid():
+def test_default_preset_has_16_codes_on_a_64x64_grid():
     config = make_config("default")
     model = VQVAE(config.to_dict())
     out = model.forward(np.random.rand(2, 128, 128, 1).astype("float32"))
-    assert out["indices"].shape == (2, 32, 32) and out["reconstructions"].shape == (2, 128, 128, 1)
+    assert out["indices"].shape == (2, 64, 64) and out["reconstructions"].shape == (2, 128, 128, 1)
     assert config.num_codes == 16
 
 

@@ -1,0 +1,54 @@
+"""SSIM as similarity.py computes it agrees with tf.image.ssim and skimage on real and synthetic slices."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
+
+from conftest import make_slice  # noqa: E402
+from dataset import load_slices, square_and_resize  # noqa: E402
+from hyperparameters import make_config  # noqa: E402
+from modules import ssim  # noqa: E402
+from similarity import slice_scores, summarize  # noqa: E402
+
+
+def degraded(images: np.ndarray) -> np.ndarray:
+    """Blurred, noisy copies, standing in for imperfect reconstructions."""
+    rng = np.random.default_rng(0)
+    blurred = (images + np.roll(images, 1, axis=1) + np.roll(images, 1, axis=2)) / 3
+    return np.clip(blurred + rng.normal(0, 0.03, images.shape), 0, 1).astype(np.float32)
+
+
+def assert_ssim_agrees(images: np.ndarray) -> None:
+    others = degraded(images)
+    ours = np.asarray(ssim(images[..., None], others[..., None]))
+    reference = tf.image.ssim(images[..., None], others[..., None], max_val=1.0, filter_size=11, filter_sigma=1.5,
+                              k1=0.01, k2=0.03).numpy()
+    sk = np.array([structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=1.0) for a, b in zip(images, others)])
+    assert np.abs(ours - reference).max() < 1e-3
+    assert np.abs(ours - sk).max() < 1e-3
+    assert 0.2 < ours.mean() < 0.999  # a real comparison, not identical images
+
+
+def test_ssim_agrees_with_tensorflow_and_skimage_on_synthetic_slices():
+    images = square_and_resize(np.stack([make_slice(seed=seed) for seed in range(6)]).astype(np.float32), 128)
+    assert_ssim_agrees(images)
+
+
+def test_ssim_agrees_with_tensorflow_and_skimage_on_real_slices(shared_data, tmp_path):
+    slices = load_slices(str(shared_data / "oasis1-t88-axial"), make_config(), tmp_path, progress=False)
+    assert_ssim_agrees(slices.images[:24])
+
+
+def test_identical_images_score_one_and_summary_fields():
+    images = square_and_resize(np.stack([make_slice(seed=seed) for seed in range(4)]).astype(np.float32), 128)
+    values, psnr = slice_scores(images, images)
+    np.testing.assert_allclose(values, 1.0, atol=1e-5)
+    summary = summarize(np.array([0.5, 0.7, 0.9]), np.array([20.0, 30.0, 40.0]))
+    assert summary["n"] == 3 and summary["ssim"]["frac_above_0.6"] == pytest.approx(2 / 3)
+    assert summary["ssim"]["median"] == pytest.approx(0.7) and summary["psnr"]["mean"] == pytest.approx(30.0)

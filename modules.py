@@ -568,14 +568,20 @@ class PixelCNNSampler:
 # ---------------------------------------------------------------------------------------------------------------
 
 def save_model(model: keras.Model, path) -> None:
-    """Saves `model` to `path` (.keras) atomically: a temporary file beside it, then a rename."""
+    """Saves `model` to `path` (.keras) atomically: a temporary file beside it, flushed, then a rename."""
     import os
     from pathlib import Path
 
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def weights_only_copy(model: keras.Model) -> keras.Model:
@@ -597,11 +603,19 @@ def load_run(run_dir, need_prior: bool = True):
     config_path = run_dir / "config.json"
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory; train one with python train.py --out {run_dir}")
+    from hyperparameters import validate
+
     try:
-        config = Config.from_dict(json.loads(config_path.read_text()))
+        values = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise UserError(f"{config_path}: missing; is {run_dir} a run directory made by train.py?") from None
-    except (ValueError, TypeError) as error:
+    except (OSError, ValueError) as error:
+        raise UserError(f"{config_path}: cannot be read ({type(error).__name__}); the run directory is damaged") \
+            from None
+    try:
+        config = Config.from_dict(values)
+        validate(config)
+    except (ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{config_path}: {error}; this run was made by an incompatible version, retrain it") from None
     models = []
     for name in ("vqvae", "pixelcnn") if need_prior else ("vqvae",):

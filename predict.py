@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import DEFAULT_PRETRAINED, PROJECT_ROOT, UserError, add_data_args, quiet_tensorflow, run_main
+from similarity import check_output_path, save_figure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +87,7 @@ def save_grid(path: Path, images: np.ndarray, title: str) -> None:
         axis.imshow(image, cmap="gray", vmin=0, vmax=1)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, 100)
     plt.close(figure)
 
 
@@ -105,7 +106,7 @@ def save_reconstructions(path: Path, images, reconstructions, codes, ssim_values
             axis.set_title(title, fontsize=8)
             axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    save_figure(figure, path, 90)
     plt.close(figure)
 
 
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num < 1:
         raise UserError("--num must be at least 1")
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserError("--temperature must be positive")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):
+        raise UserError("--temperature must be a positive number")
+    check_output_path(args.out, "--out", folder=True)
     quiet_tensorflow()
     from PIL import Image
 

@@ -36,6 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_path(path: Path | None, flag: str, folder: bool = False) -> None:
+    """UserError before any work when `path` can never be written: a file stands where a folder must be, the
+    folder is not writable, or (for a file) a folder has its name."""
+    import os
+
+    if path is None:
+        return
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; choose another path")
+
+
+def save_figure(figure, path: Path, dpi: int) -> None:
+    """Writes a matplotlib figure as PNG atomically (a temporary file, then a rename)."""
+    from dataset import atomic_write
+
+    atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
+
+
 def reconstruct(vqvae, images: np.ndarray, batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """(n, h, w) images -> (n, h, w) reconstructions through the quantizer, clipped to [0, 1]."""
     from tqdm import tqdm
@@ -93,13 +118,16 @@ def save_plot(path: Path, images, reconstructions, ssim_values) -> None:
             axis.set_title(title, fontsize=9)
             axis.axis("off")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, 100)
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    for path, flag in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
+        check_output_path(path, flag)  # before minutes of reconstruction, not after
     quiet_tensorflow()
     from dataset import atomic_write_text, load_slices
     from modules import load_run

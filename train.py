@@ -174,7 +174,7 @@ class RunState:
 
     An epoch counts as done only once state.json names it. Its checkpoint (`checkpoints/<phase>_epochNNN.keras`,
     with optimizer state) is written before that and the best-model file after, so a kill at any moment leaves
-    either the old epoch or the new one complete; `repair()` finishes an interrupted best-model write on resume.
+    either the old epoch or the new one complete; `repair_best` finishes an interrupted best-model write on resume.
     """
 
     def __init__(self, run_dir: Path, writer: bool):
@@ -420,7 +420,7 @@ def check_run_dir(args, config: Config) -> Path:
             raise UserError(f"--resume: the command line gives other hyperparameters than {config_path} "
                             f"({', '.join(changed)}); repeat the original flags or start a new --out")
         return run_dir
-    if config_path.exists() and writes_run_dir(args):  # a later non-chief may find the chief's run on a shared disk
+    if writes_run_dir(args) and config_path.exists():  # a later non-chief may find the chief's run on a shared disk
         raise UserError(f"--out {run_dir} already holds a run; use --resume to continue it or choose another --out")
     existing = run_dir
     while not existing.exists() and existing != existing.parent:

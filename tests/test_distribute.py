@@ -180,25 +180,40 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+# worker 1 runs train.py unchanged, except that the scratch folder it removes at exit is first copied to KEEP
+KEEP_SCRATCH = r"""
+import runpy, shutil, sys
+remove = shutil.rmtree
+def keep_then_remove(path, *args, **kwargs):
+    shutil.copytree(path, sys.argv.pop(1))
+    remove(path, *args, **kwargs)
+shutil.rmtree = keep_then_remove
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_multiworker_two_local_workers(tmp_path, tiny_data):
     """Two MultiWorkerMirroredStrategy workers on 127.0.0.1 (one CPU replica each) train one run into --out, which
-    only the chief (worker 0) writes; both share one --cache (atomic renames make concurrent writes safe)."""
-    out, cache = tmp_path / "run", tmp_path / "cache"
+    only the chief (worker 0) writes; both share one --cache (atomic renames make concurrent writes safe). The
+    non-chief trains in a scratch folder, removed at exit, whose models equal the chief's weight for weight."""
+    import keras
+
+    out, cache, kept = tmp_path / "run", tmp_path / "cache", tmp_path / "worker1-scratch"
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    flags = ["--strategy", "multiworker", "--data", str(tiny_data), "--cache", str(cache), "--out", str(out), *TINY]
+    commands = [[sys.executable, "train.py", *flags], [sys.executable, "-c", KEEP_SCRATCH, str(kept), *flags]]
     workers, logs = [], []
     try:
         for index in range(2):
             env = subprocess_env()
             env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            env["TMPDIR"] = str(tmp_path / f"tmp{index}")  # the non-chief's scratch folder, to check it is removed
+            env["TMPDIR"] = str(tmp_path / f"tmp{index}")  # where the non-chief's scratch folder goes
             os.makedirs(env["TMPDIR"])
             log = open(tmp_path / f"worker{index}.log", "w+")
             logs.append(log)
-            workers.append(subprocess.Popen(
-                [sys.executable, "train.py", "--strategy", "multiworker", "--data", str(tiny_data), "--cache",
-                 str(cache), "--out", str(out), *TINY], cwd=PROJECT_ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT))
+            workers.append(subprocess.Popen(commands[index], cwd=PROJECT_ROOT, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT))
         codes = [worker.wait(timeout=300) for worker in workers]
     finally:
         for worker in workers:
@@ -218,23 +233,36 @@ def test_multiworker_two_local_workers(tmp_path, tiny_data):
     assert len(history) == 2 and "val_ssim" in history[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["machine"]["replicas"] == 2 and summary["vqvae"]["epochs"] == 1
-    # the non-chief wrote nothing into RUN (every file there is the chief's) and removed its scratch folder
-    assert str(out) not in output[1].split("done:")[-1]
-    assert not any(Path(tmp_path / "tmp1").iterdir())
     from modules import load_run
 
     load_run(out)
+    # the non-chief wrote nothing into RUN: its files went to its scratch folder, removed at exit
+    assert f"wrote {out}" in output[0] and f"wrote {out}" not in output[1]
+    assert not any((tmp_path / "tmp1").iterdir()) and not any((tmp_path / "tmp0").iterdir())
+    for name in RUN_FILES:
+        assert (kept / name).is_file(), name
+    # synchronous training: both workers hold the same models (the EMA codebook included)
+    for name in ("vqvae.keras", "pixelcnn.keras"):
+        chief = keras.saving.load_model(out / name, compile=False)
+        other = keras.saving.load_model(kept / name, compile=False)
+        for weight, a, b in zip(chief.weights, chief.get_weights(), other.get_weights()):
+            assert np.allclose(a, b, rtol=0, atol=1e-6), f"{name}: {weight.path} differs between the workers"
 
 
-def test_multiworker_without_tf_config_is_one_line(tmp_path, tiny_data):
+@pytest.mark.parametrize("tf_config", [None, "not json", '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                                          '"task": {"type": "worker", "index": 1}}'])
+def test_multiworker_without_usable_tf_config_is_one_line(tmp_path, tiny_data, tf_config):
+    """Checked before TensorFlow starts: exit 2, one line naming TF_CONFIG, nothing written."""
     env = subprocess_env()
     env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = tf_config
     result = run([sys.executable, "train.py", "--strategy", "multiworker", "--data", str(tiny_data),
-                  "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *TINY], env=env)
+                  "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *TINY], env=env, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "TF_CONFIG" in lines[0] and "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 def test_mirrored_on_a_machine_without_gpus(tmp_path, tiny_data):

@@ -339,47 +339,72 @@ BAD_RUNS = ["missing directory", "missing config.json", "config.json not JSON", 
             "Lambda layer (safe mode)", "predict: missing pixelcnn.keras", "predict: truncated pixelcnn.keras"]
 
 
-@pytest.fixture(scope="module")
-def bad_run_results(trained, tmp_path_factory):
-    """Every bad run directory through its script, four processes at a time (each one starts TensorFlow)."""
+def run_in_process(script: str, argv: list, monkeypatch, capfd):
+    """`python SCRIPT ARGV` inside this process, through the same cli.run_main as `__main__`: a UserError becomes
+    exit 2 with one stderr line, anything else escapes as an exception (and fails the test)."""
+    import importlib
+    import subprocess
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_main(module.main)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, exit_info.value.code, out, err)
+
+
+def bad_run_command(case: str, run: Path, data: Path, base: Path) -> tuple[str, list]:
+    if case.startswith("predict"):
+        return "predict.py", ["--run", run, "--data", data, "--cache", base / "cache", "--split", "all",
+                              "--out", base / "predictions"]
+    return "similarity.py", ["--run", run, "--data", data, "--cache", base / "cache", "--split", "all",
+                             "--json", base / "never.json"]
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_bad_run_directory_exits_2_with_one_line(case, trained, tmp_path, monkeypatch, capfd):
+    data, seed_dir = trained
+    run, words = build_bad_run(case, seed_dir, tmp_path)
+    script, argv = bad_run_command(case, run, data, tmp_path)
+    assert_clean_usage_error(run_in_process(script, argv, monkeypatch, capfd), *words)
+    assert not (tmp_path / "never.json").exists() and not (tmp_path / "predictions").exists()
+    if case.startswith("Lambda"):
+        assert not (tmp_path / "lambda_ran").exists(), "loading the run executed the Lambda layer's code"
+
+
+def test_bad_run_directories_as_real_processes(trained, tmp_path):
+    """The same, for two of the cases, as real subprocesses (run side by side): nothing else reaches stderr."""
     import subprocess
     import sys
 
     from test_train import ROOT, script_env
 
     data, seed_dir = trained
-    base = tmp_path_factory.mktemp("bad_runs")
-    jobs = {}
-    for case in BAD_RUNS:
-        run, words = build_bad_run(case, seed_dir, base)
-        script = "predict.py" if case.startswith("predict") else "similarity.py"
-        extra = ["--out", base / "predictions"] if script == "predict.py" else ["--json", base / "never.json"]
-        jobs[case] = ([sys.executable, script, "--run", str(run), "--data", str(data), "--cache",
-                       str(base / "cache"), "--split", "all", *map(str, extra)], words)
-    results, running, pending = {}, {}, list(jobs)
-    while pending or running:
-        while pending and len(running) < 4:
-            case = pending.pop(0)
-            running[case] = subprocess.Popen(jobs[case][0], cwd=ROOT, env=script_env(), text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for case, process in list(running.items()):
-            if process.poll() is not None:
-                stdout, stderr = process.communicate()
-                results[case] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
-                                 jobs[case][1])
-                del running[case]
-        time.sleep(0.05)
-    return results, base
+    processes = {}
+    for case in ("truncated vqvae.keras", "Lambda layer (safe mode)"):
+        run, words = build_bad_run(case, seed_dir, tmp_path)
+        script, argv = bad_run_command(case, run, data, tmp_path)
+        processes[case] = (subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=ROOT, env=script_env(),
+                                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE), words)
+    for case, (process, words) in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert_clean_usage_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+                                 *words)
+    assert not (tmp_path / "lambda_ran").exists()
 
 
-@pytest.mark.parametrize("case", BAD_RUNS)
-def test_bad_run_directory_exits_2_with_one_line(case, bad_run_results):
-    results, base = bad_run_results
-    result, words = results[case]
-    assert_clean_usage_error(result, *words)
-    assert not (base / "never.json").exists() and not (base / "predictions").exists()
-    if case.startswith("Lambda"):
-        assert not (base / "lambda_ran").exists(), "loading the run executed the Lambda layer's code"
+@pytest.mark.parametrize("script, flag", [("similarity.py", "--json"), ("similarity.py", "--csv"),
+                                          ("similarity.py", "--plot"), ("predict.py", "--out")])
+def test_unwritable_outputs_are_refused_before_any_work(script, flag, trained, tmp_path, monkeypatch, capfd):
+    data, run = trained
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker if flag == "--out" else blocker / "result"
+    argv = ["--run", run, "--data", data, "--cache", tmp_path / "cache", "--split", "all", flag, target]
+    result = run_in_process(script, argv, monkeypatch, capfd)
+    assert_clean_usage_error(result, flag, "is a file")
+    assert not (tmp_path / "cache").exists()  # refused before the data was even read
 
 
 def test_the_lambda_file_would_run_code_outside_safe_mode(tmp_path):
@@ -508,3 +533,17 @@ def test_every_run_file_arrives_by_atomic_rename(poisoned_prior_run):
                    if path not in poisoned_prior_run["replaced"]]
     assert not not_renamed
     assert not [path.name for path in files if ".tmp" in path.name]
+
+
+def test_ctrl_c_during_an_epoch_commit_is_held_until_the_commit_ends():
+    import train
+
+    before = signal.getsignal(signal.SIGINT)
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with train.sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            steps.append("state.json written")
+    assert steps == ["state.json written"]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -66,8 +66,9 @@ def run_script(script: str, *args, timeout: float = 300) -> subprocess.Completed
 
 def start_script(script: str, *args, log: Path) -> subprocess.Popen:
     """Starts `python SCRIPT ARGS` in the background, stdout and stderr into `log`.out / `log`.err."""
-    return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=script_env(),
-                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), text=True)
+    with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=script_env(),
+                                stdout=stdout, stderr=stderr, text=True)
 
 
 def assert_clean_usage_error(result, *words: str) -> str:

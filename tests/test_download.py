@@ -98,7 +98,8 @@ class FakeServer:
 
     Faults: `cut` (names cut mid-file on their next request: full Content-Length sent, half the bytes written,
     connection closed), `cut_always`, `statuses` (name -> queue of status codes answered before the file is
-    served), `ignore_range` (answer 200 with the whole file to a Range request). Unknown names get 404.
+    served), `ignore_range` (answer 200 with the whole file to a Range request), `stall` (seconds to wait after the
+    headers before any byte of the body, on every request). Unknown names get 404.
     """
 
     def __init__(self):
@@ -108,6 +109,7 @@ class FakeServer:
         self.cut_always: set[str] = set()
         self.statuses: dict[str, list[int]] = defaultdict(list)
         self.ignore_range = False
+        self.stall = 0.0
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.httpd.daemon_threads = True
@@ -189,6 +191,8 @@ def _make_handler(server: FakeServer):
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
+            if server.stall:  # not time.sleep: the `sleeps` fixture replaces it
+                threading.Event().wait(server.stall)
             if cut:
                 self.wfile.write(payload[: len(payload) // 2])
                 self.wfile.flush()
@@ -438,6 +442,16 @@ def test_500_then_success(server, disc1, config, cache, sleeps):
     slices = load_oasis(server, config, cache)
     assert len(server.requests_for(DISC1)) == 3 and len(sleeps) == 2
     assert set(slices.subjects) == {"OAS1_0001", "OAS1_0002", "OAS1_0003"}
+
+
+def test_a_stalled_server_times_out_retries_then_is_an_error(server, disc1, tmp_path, sleeps):
+    server.publish(DISC1, disc1)
+    server.stall = 1.5
+    with pytest.raises(dataset.DataError, match="after 2 retries") as raised:
+        dataset.download(server.url + DISC1, tmp_path / DISC1, timeout=0.3, retries=2, backoff=0.01, progress=False)
+    assert server.url + DISC1 in str(raised.value) and "run again to resume" in str(raised.value)
+    assert len(server.requests_for(DISC1)) == 3 and sleeps == [0.01, 0.02]
+    assert not (tmp_path / DISC1).exists()
 
 
 def test_other_4xx_is_an_error_without_retry(server, disc1, tmp_path, sleeps):

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,13 +184,25 @@ def free_ports(count: int) -> list[int]:
 # worker 1 runs train.py unchanged, except that the scratch folder it removes at exit is first copied to KEEP
 KEEP_SCRATCH = r"""
 import runpy, shutil, sys
-remove = shutil.rmtree
+keep, remove = sys.argv.pop(1), shutil.rmtree
 def keep_then_remove(path, *args, **kwargs):
-    shutil.copytree(path, sys.argv.pop(1))
+    shutil.copytree(path, keep)
     remove(path, *args, **kwargs)
 shutil.rmtree = keep_then_remove
 runpy.run_path("train.py", run_name="__main__")
 """
+
+
+def wait_all(processes, timeout: float) -> list[int | None]:
+    """Exit codes once all have exited; once one fails (the others would wait for it forever) or on timeout, the
+    codes so far (None for a process still running, which the caller kills)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [process.poll() for process in processes]
+        if all(code is not None for code in codes) or any(code not in (None, 0) for code in codes):
+            return codes
+        time.sleep(0.5)
+    return [process.poll() for process in processes]
 
 
 def test_multiworker_two_local_workers(tmp_path, tiny_data):
@@ -214,7 +227,7 @@ def test_multiworker_two_local_workers(tmp_path, tiny_data):
             logs.append(log)
             workers.append(subprocess.Popen(commands[index], cwd=PROJECT_ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT))
-        codes = [worker.wait(timeout=300) for worker in workers]
+        codes = wait_all(workers, timeout=300)
     finally:
         for worker in workers:
             if worker.poll() is None:

@@ -564,8 +564,11 @@ def save_preview(slice_set: SliceSet, path: Path, count: int = 8) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = np.linspace(0, len(slice_set) - 1, min(count, len(slice_set))).astype(int)
-    figure, axes = plt.subplots(1, len(picks), figsize=(2 * len(picks), 2.3), squeeze=False)
+    # slices of one subject (the first), evenly spaced through the head, when it has enough; else of the whole set
+    own = np.flatnonzero(slice_set.subjects == slice_set.subjects[0])
+    pool = own if len(own) >= count else np.arange(len(slice_set))
+    picks = pool[np.linspace(0, len(pool) - 1, min(count, len(pool))).astype(int)]
+    figure, axes = plt.subplots(1, len(picks), figsize=(2 * len(picks), 2.6), squeeze=False)
     for axis, index in zip(axes[0], picks):
         axis.imshow(slice_set.images[index], cmap="gray", vmin=0, vmax=1)
         axis.set_title(f"{slice_set.subjects[index]}\nslice {slice_set.indices[index]}", fontsize=7)

@@ -186,7 +186,8 @@ KEEP_SCRATCH = r"""
 import runpy, shutil, sys
 keep, remove = sys.argv.pop(1), shutil.rmtree
 def keep_then_remove(path, *args, **kwargs):
-    shutil.copytree(path, keep)
+    if str(path).rstrip("/").split("/")[-1].startswith("oasisvq-worker-"):  # Keras removes folders of its own
+        shutil.copytree(path, keep)
     remove(path, *args, **kwargs)
 shutil.rmtree = keep_then_remove
 runpy.run_path("train.py", run_name="__main__")

@@ -104,12 +104,17 @@ class VectorQuantizer(layers.Layer):
         context = tf.distribute.get_replica_context()
         counts = ops.sum(one_hot, axis=0)
         sums = ops.matmul(ops.transpose(one_hot), flat)
-        if context is not None and context.num_replicas_in_sync > 1:
-            counts, sums = context.all_reduce("sum", [counts, sums])
         # first batch: start every code on a random encoder output, so the codebook begins where the data is
         first = ops.cast(self.ema_initialized < 0.5, "float32")
-        random_rows = ops.take(flat, keras.random.randint((self.num_codes,), 0, ops.shape(flat)[0],
-                                                          seed=self.restart_seeds), axis=0)
+        distributed = context is not None and context.num_replicas_in_sync > 1
+        # (a replica given no images draws from one zero row; below, replica 0's rows replace its draw)
+        random_rows = ops.take(ops.pad(flat, [[0, 1], [0, 0]]) if distributed else flat, keras.random.randint(
+            (self.num_codes,), 0, ops.maximum(ops.shape(flat)[0], 1), seed=self.restart_seeds), axis=0)
+        if distributed:
+            # every replica, on every worker, takes the random rows of replica 0: "only_first_replica" assignment
+            # means the first replica of each worker, which would let the workers' codebooks drift apart
+            first_replica = ops.cast(ops.equal(context.replica_id_in_sync_group, 0), flat.dtype)
+            counts, sums, random_rows = context.all_reduce("sum", [counts, sums, random_rows * first_replica])
         decay = self.ema_decay
         count = decay * self.ema_count + (1 - decay) * counts
         total = ops.sum(count)
@@ -610,8 +615,8 @@ def load_run(run_dir, need_prior: bool = True):
     except FileNotFoundError:
         raise UserError(f"{config_path}: missing; is {run_dir} a run directory made by train.py?") from None
     except (OSError, ValueError) as error:
-        raise UserError(f"{config_path}: cannot be read ({type(error).__name__}); the run directory is damaged") \
-            from None
+        raise UserError(f"{config_path}: cannot be read ({type(error).__name__}); the run directory is damaged, "
+                        f"retrain or restore it") from None
     try:
         config = Config.from_dict(values)
         validate(config)

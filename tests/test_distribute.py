@@ -3,8 +3,9 @@
 - A MirroredStrategy over two logical CPU devices (made in a subprocess, before TensorFlow starts) takes the same
   optimizer steps as a single device from the same initial weights, for the loss codebook and the EMA codebook,
   including global batches that split unevenly or leave a replica without images.
-- Two local MultiWorkerMirroredStrategy workers (TF_CONFIG on 127.0.0.1) train one run; only the chief writes it.
-- `--strategy multiworker` without TF_CONFIG, and a batch that does not split over the replicas, fail in one line.
+- Two local MultiWorkerMirroredStrategy workers (TF_CONFIG on 127.0.0.1) train one run; only the chief writes it,
+  and both end with the same weights.
+- `--strategy multiworker` without a usable TF_CONFIG fails in one line, before TensorFlow starts.
 - `--strategy mirrored` works on a machine without GPUs (one replica on the CPU).
 """
 

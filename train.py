@@ -446,6 +446,20 @@ def create_run_dir(run_dir: Path, resume: bool, config: Config, writer: bool) ->
     atomic_write_text(run_dir / "config.json", config.to_json())
 
 
+def resume_phase(state, phase, total_epochs, monitor, mode, strategy, custom_objects=None):
+    """(model, finished) for a phase about to train: its last checkpoint (None before the first epoch), after
+    rewriting a best model that a kill left behind; finished when all its epochs are already done."""
+    done = state.epochs_done(phase)
+    if done >= total_epochs and not needs_repair(state, phase, monitor, mode):
+        return None, True
+    model = None
+    if done:
+        with strategy.scope():
+            model = load_checkpoint(state, phase, custom_objects=custom_objects)
+        repair_best(state, phase, model, monitor, mode)
+    return model, done >= total_epochs
+
+
 def train_vqvae(config, strategy, train_images, validate_images, run_dir, state, writer, verbose, callbacks):
     import keras
 
@@ -454,14 +468,9 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
 
     done = state.epochs_done("vqvae")
     monitor = "val_ssim" if len(validate_images) else "ssim"
-    if done >= config.epochs and not needs_repair(state, "vqvae", monitor, "max"):
+    model, finished = resume_phase(state, "vqvae", config.epochs, monitor, "max", strategy)
+    if finished:
         return None
-    if done:
-        with strategy.scope():
-            model = load_checkpoint(state, "vqvae")
-        repair_best(state, "vqvae", model, monitor, "max")
-        if done >= config.epochs:
-            return None
     steps = math.ceil(len(train_images) / config.batch_size)
     with strategy.scope():
         if not done:
@@ -503,14 +512,10 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
 
     done = state.epochs_done("prior")
     monitor = "val_bits_per_code" if len(validate_codes) else "bits_per_code"
-    if done >= config.prior_epochs and not needs_repair(state, "prior", monitor, "min"):
+    model, finished = resume_phase(state, "prior", config.prior_epochs, monitor, "min", strategy,
+                                   custom_objects={"bits_per_code": bits_metric})
+    if finished:
         return None
-    if done:
-        with strategy.scope():
-            model = load_checkpoint(state, "prior", custom_objects={"bits_per_code": bits_metric})
-        repair_best(state, "prior", model, monitor, "min")
-        if done >= config.prior_epochs:
-            return None
     with strategy.scope():
         if not done:
             model = PixelCNN(config.to_dict(), name="pixelcnn")

@@ -485,7 +485,8 @@ def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIA
     root, note = resolve_source(data, cache, oasis_url, discs, delete_archives, progress)
     files = list_source_files(root)
     key = cache_key(files, root, config)
-    cache_file = cache / "slices" / f"{root.name}-{key}.npz"
+    label = data if data in ("oasis", "oasis2") else root.name  # downloaded sources keep apart by name
+    cache_file = cache / "slices" / f"{label}-{key}.npz"
     if cache_file.exists():
         try:
             with np.load(cache_file, allow_pickle=False) as stored:

@@ -316,6 +316,42 @@ def test_several_discs(server, disc1, config, cache):
     assert downloads(cache) == [DISC1, DISC2]
 
 
+def build_oasis2_archive(part: int, visits: list[str]) -> bytes:
+    """A .tar.gz laid out like OAS2_RAW_PARTn.tar.gz: per visit RAW/mpr-1..mpr-3.nifti.{hdr,img} (only mpr-1 is
+    wanted) and a text file."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for number, visit in enumerate(visits):
+            for scan in (1, 2):
+                hdr, img = analyze_bytes(make_volume(seed=10 * part + number, fill=0.7 if scan == 1 else 0.9))
+                for ext, payload in (("hdr", hdr), ("img", img)):
+                    info = tarfile.TarInfo(f"OAS2_RAW_PART{part}/{visit}/RAW/mpr-{scan}.nifti.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def test_oasis2_keeps_visits_of_a_subject_together_and_apart_from_oasis1(server, disc1, config, cache):
+    part1 = ["OAS2_0001_MR1", "OAS2_0001_MR2", "OAS2_0002_MR1", "OAS2_0003_MR1"]
+    part2 = ["OAS2_0004_MR1", "OAS2_0004_MR2", "OAS2_0004_MR3", "OAS2_0005_MR1"]
+    server.publish("OAS2_RAW_PART1.tar.gz", build_oasis2_archive(1, part1))
+    server.publish("OAS2_RAW_PART2.tar.gz", build_oasis2_archive(2, part2), checksum=None)
+    server.publish(DISC1, disc1)
+    slices = dataset.load_slices("oasis2", config, cache, oasis_url=server.url, progress=False, workers=1)
+    load_oasis(server, config, cache)
+
+    volumes = cache / "oasis2" / "volumes"
+    assert visible_files(volumes) == sorted(f"{visit}_mpr-1.nifti.{ext}" for visit in part1 + part2
+                                            for ext in ("hdr", "img"))
+    assert "RAW" in slices.note and "skull" in slices.note
+    assert set(slices.subjects) == {f"OAS2_000{n}" for n in range(1, 6)}
+    assert len(slices) == 8 * 24
+    for subject in set(slices.subjects):  # every visit of a subject in one split
+        assert len(set(slices.splits[slices.subjects == subject])) == 1
+    assert sorted(path.name.split("-")[0] for path in (cache / "slices").glob("*.npz")) == ["oasis", "oasis2"]
+    assert not any(path.name.startswith("OAS2") for path in volume_dir(cache).iterdir())
+
+
 def test_resume_after_a_cut_uses_a_range_request(server, big_disc1, config, cache, sleeps):
     server.publish(DISC1, big_disc1)
     server.cut.add(DISC1)

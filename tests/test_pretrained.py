@@ -1,0 +1,53 @@
+"""The shipped pretrained/ run: small, weights only, the default preset, and usable by predict.py and similarity.py
+on a fresh clone (no training, no download)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT, subprocess_env
+
+PRETRAINED = PROJECT_ROOT / "pretrained"
+
+
+def test_pretrained_run_is_small_weights_only_and_the_default_preset():
+    from hyperparameters import Config, make_config
+    from modules import load_run
+
+    files = {path.name: path.stat().st_size for path in PRETRAINED.rglob("*") if path.is_file()}
+    assert {"config.json", "vqvae.keras", "pixelcnn.keras", "summary.json"} <= set(files)
+    assert sum(files.values()) < 20 * 2 ** 20, files
+    assert not (PRETRAINED / "checkpoints").exists()
+    config, vqvae, prior = load_run(PRETRAINED)
+    assert config == Config.from_dict(make_config("default").to_dict())
+    summary = json.loads((PRETRAINED / "summary.json").read_text())
+    assert summary["vqvae"]["val_ssim"] >= 0.95
+
+
+def test_predict_on_a_fresh_clone_generates_brains(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "predict.py", "--num", "4", "--out", str(out), "--cache",
+                             str(tmp_path / "cache"), "--no-progress"], cwd=PROJECT_ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (out / "generated").iterdir()) == [f"sample_{n:03d}.png" for n in range(4)]
+    generation = json.loads((out / "generation.json").read_text())
+    assert generation["num"] == 4 and generation["generation_seconds"] > 0
+
+
+def test_pretrained_reaches_the_ssim_goal_on_held_out_subjects(shared_data, tmp_path):
+    folder = shared_data / "oasis1-mni-volumes"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    report = tmp_path / "ssim.json"
+    result = subprocess.run([sys.executable, "similarity.py", "--data", str(folder), "--split", "test", "--json",
+                             str(report), "--cache", str(tmp_path / "cache"), "--no-progress"], cwd=PROJECT_ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(report.read_text())
+    assert scores["n"] == 337 and scores["split"] == "test"
+    assert scores["ssim"]["mean"] >= 0.95

@@ -538,12 +538,15 @@ def test_every_run_file_arrives_by_atomic_rename(poisoned_prior_run):
 def test_ctrl_c_during_an_epoch_commit_is_held_until_the_commit_ends():
     import train
 
-    before = signal.getsignal(signal.SIGINT)
-    steps = []
-    with pytest.raises(KeyboardInterrupt):
-        with train.sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            steps.append("state.json written")
-    assert steps == ["state.json written"]
-    assert signal.getsignal(signal.SIGINT) is before
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored when the suite runs in background
+    try:
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with train.sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                steps.append("state.json written")
+        assert steps == ["state.json written"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)

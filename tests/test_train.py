@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,13 @@ def start_script(script: str, *args, log: Path) -> subprocess.Popen:
     """Starts `python SCRIPT ARGS` in the background, stdout and stderr into `log`.out / `log`.err."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:  # the child keeps its own copies
         return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=script_env(),
-                                stdout=stdout, stderr=stderr, text=True)
+                                stdout=stdout, stderr=stderr, text=True, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """A suite started in the background (as CI may start it) has SIGINT ignored, and children inherit that: the
+    scripts under test get the default Ctrl-C behaviour back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_clean_usage_error(result, *words: str) -> str:

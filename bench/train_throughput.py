@@ -6,10 +6,10 @@ Baseline, as keras.io/examples/generative/vq_vae trains: a Model subclass with a
 same encoder/decoder, the example's quantizer (codebook loss through add_loss), fit on NumPy arrays. Project:
 modules.VQVAE (EMA codebook, dead-code restarts, SSIM reported every step and in the default loss) fed by
 dataset.make_tf_dataset. Same model size, batch, images and process. Each figure is the median over rounds; a
-round builds both trainers anew and times one epoch of each after a warm-up epoch that traces the graphs. Fresh
-models per round, interleaved: on this CPU one model instance of the default size can run at about 16 images/s
-and the next at 23 for the whole of its life, whichever trainer it belongs to, so timing one instance per trainer
-measures that lottery, not the trainer. The `default` preset also back-propagates through SSIM
+round builds both trainers anew and times one epoch of each after a warm-up epoch that traces the graphs, so
+neither trainer always runs first or on one model instance. Read the table with README's caveat: on the 2-core
+development machine an epoch of the default size sometimes took a fixed ~20.5 s whatever its length, for either
+trainer, which a median of few rounds does not remove. The `default` preset also back-propagates through SSIM
 (its loss is MSE + 0.2 (1 - SSIM)), work the baseline does not do; the `default:ssim_loss_weight=0` row trains it
 on the baseline's loss, to separate the trainer's overhead from the loss's cost.
 """

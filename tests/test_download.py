@@ -317,8 +317,8 @@ def test_several_discs(server, disc1, config, cache):
 
 
 def build_oasis2_archive(part: int, visits: list[str]) -> bytes:
-    """A .tar.gz laid out like OAS2_RAW_PARTn.tar.gz: per visit RAW/mpr-1..mpr-3.nifti.{hdr,img} (only mpr-1 is
-    wanted) and a text file."""
+    """A .tar.gz laid out like OAS2_RAW_PARTn.tar.gz: per visit RAW/mpr-1.nifti.{hdr,img} (the one wanted) and
+    RAW/mpr-2.nifti.{hdr,img} (a decoy)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for number, visit in enumerate(visits):

@@ -4,12 +4,11 @@ on a fresh clone (no training, no download)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import PROJECT_ROOT, subprocess_env
+from conftest import PROJECT_ROOT
+from test_train import run_script
 
 PRETRAINED = PROJECT_ROOT / "pretrained"
 
@@ -28,11 +27,10 @@ def test_pretrained_run_is_small_weights_only_and_the_default_preset():
     assert summary["vqvae"]["val_ssim"] >= 0.95
 
 
-def test_predict_on_a_fresh_clone_generates_brains(tmp_path):
+def test_predict_on_a_fresh_clone_writes_generated_slices(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "predict.py", "--num", "4", "--out", str(out), "--cache",
-                             str(tmp_path / "cache"), "--no-progress"], cwd=PROJECT_ROOT, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_script("predict.py", "--num", "4", "--out", out, "--cache", tmp_path / "cache", "--no-progress",
+                        timeout=600)
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in (out / "generated").iterdir()) == [f"sample_{n:03d}.png" for n in range(4)]
     generation = json.loads((out / "generation.json").read_text())
@@ -44,9 +42,8 @@ def test_pretrained_reaches_the_ssim_goal_on_held_out_subjects(shared_data, tmp_
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent")
     report = tmp_path / "ssim.json"
-    result = subprocess.run([sys.executable, "similarity.py", "--data", str(folder), "--split", "test", "--json",
-                             str(report), "--cache", str(tmp_path / "cache"), "--no-progress"], cwd=PROJECT_ROOT,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = run_script("similarity.py", "--data", folder, "--split", "test", "--json", report, "--cache",
+                        tmp_path / "cache", "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr
     scores = json.loads(report.read_text())
     assert scores["n"] == 337 and scores["split"] == "test"

@@ -3,6 +3,7 @@
     python train.py                                         # default preset on the official OASIS-1 download
     python train.py --data ../shared/data/oasis1-mni-volumes --out runs/mni
     python train.py --resume --out runs/mni                 # continue an interrupted run
+    python train.py --data ... --vqvae-from runs/mni --out runs/mni-prior2   # a new prior on a trained VQ-VAE
 
 The run directory receives config.json, vqvae.keras and pixelcnn.keras (best epoch by validation, weights only),
 history_vqvae.csv, history_prior.csv, curve plots and summary.json; checkpoints/ holds the last completed epoch of
@@ -25,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cli import UserError, add_config_args, add_data_args, quiet_tensorflow, run_main
-from hyperparameters import Config, make_config
+from hyperparameters import Config, make_config, vqvae_differences
 
 PHASES = ("vqvae", "prior")
 PROCESS_START = time.time()
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-epochs", type=int, help="PixelCNN epochs (default: the preset's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last completed epoch")
+    parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
+                        help="reuse the finished VQ-VAE of RUN_DIR and train only a new PixelCNN prior; RUN_DIR must "
+                             "have the same hyperparameters except prior_* and temperature, and the same --data")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -432,6 +436,56 @@ def check_run_dir(args, config: Config) -> Path:
     return run_dir
 
 
+def check_vqvae_source(source: Path, config: Config) -> None:
+    """UserError unless `source` (--vqvae-from) is a run whose VQ-VAE phase finished with `config`'s VQ-VAE and data
+    hyperparameters (everything but prior_* and temperature)."""
+    for path in (source / "config.json", source / "vqvae.keras", source / "checkpoints" / "state.json"):
+        if not path.is_file():
+            raise UserError(f"--vqvae-from {source}: {path} is missing; give a run directory made by train.py whose "
+                            f"VQ-VAE phase finished")
+    try:
+        saved = json.loads((source / "config.json").read_text())
+        done = len(json.loads((source / "checkpoints" / "state.json").read_text())["history"]["vqvae"])
+    except (ValueError, KeyError, TypeError, OSError):
+        raise UserError(f"--vqvae-from {source}: its config.json or checkpoints/state.json cannot be read; the run "
+                        f"directory is damaged") from None
+    differ = vqvae_differences(saved, config.to_dict())
+    if differ:
+        raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "
+                        f"({', '.join(differ)}); give the same --preset and --set values except prior_*")
+    if done < config.epochs:
+        raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {done} of {config.epochs} epochs; finish it "
+                        f"first with python train.py --resume --out {source}")
+
+
+def adopt_vqvae(source: Path, run_dir: Path, state: "RunState", writer: bool, fingerprint: str, data) -> None:
+    """Copies the finished VQ-VAE phase of `source` (best model, last checkpoint, history) into this run and commits
+    it in state.json, so that training goes straight to the prior; UserError if `source` saw other data."""
+    import shutil
+
+    from dataset import atomic_write_text
+
+    stored = json.loads((source / "checkpoints" / "state.json").read_text())
+    if stored.get("data_fingerprint") != fingerprint:
+        raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained on other slices ({stored.get('data')}) "
+                        f"than --data {data}; give the same --data")
+    checkpoint = stored["checkpoint"]["vqvae"]
+    if writer:
+        for name in ("vqvae.keras", f"checkpoints/{checkpoint}"):
+            tmp = run_dir / f"{name}.tmp"
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, run_dir / name)
+    state.data["history"]["vqvae"] = stored["history"]["vqvae"]
+    state.data["checkpoint"]["vqvae"] = checkpoint
+    state.data["best_saved"]["vqvae"] = stored["best_saved"].get("vqvae")
+    state.data["data_fingerprint"] = stored["data_fingerprint"]
+    state.data["data"] = stored["data"]
+    state.data["vqvae_from"] = str(source)
+    state.save()
+    if writer:
+        write_history(run_dir / "history_vqvae.csv", state.data["history"]["vqvae"], atomic_write_text)
+
+
 def create_run_dir(run_dir: Path, resume: bool, config: Config, writer: bool) -> None:
     from dataset import atomic_write_text
 
@@ -508,7 +562,7 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
     import keras
     import tensorflow as tf
 
-    from modules import PixelCNN
+    from modules import build_prior
 
     done = state.epochs_done("prior")
     monitor = "val_bits_per_code" if len(validate_codes) else "bits_per_code"
@@ -518,9 +572,12 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
         return None
     with strategy.scope():
         if not done:
-            model = PixelCNN(config.to_dict(), name="pixelcnn")
-            model.build()
-            model.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
+            model = build_prior(config)
+            rate = config.prior_learning_rate
+            if config.prior_lr_schedule == "cosine":
+                steps = math.ceil(len(train_codes) / config.prior_batch_size)
+                rate = keras.optimizers.schedules.CosineDecay(rate, config.prior_epochs * steps, alpha=config.lr_floor)
+            model.compile(optimizer=keras.optimizers.Adam(rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=[bits_metric], jit_compile=False)
     fit_under_strategy(model, strategy, (train_codes[:1], train_codes[:1]))
@@ -540,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
     run_dir = check_run_dir(args, config)  # bad flags fail fast, before TensorFlow starts
+    if args.vqvae_from is not None:
+        check_vqvae_source(args.vqvae_from, config)
     quiet_tensorflow()
     import keras
     import tensorflow as tf
@@ -582,6 +641,8 @@ def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> in
                 write_history(run_dir / f"history_{phase}.csv", state.data["history"][phase], atomic_write_text)
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
                          args.strict, progress=verbose == 1)
+    if args.vqvae_from is not None and not state.epochs_done("vqvae"):
+        adopt_vqvae(args.vqvae_from, run_dir, state, writer, slices.fingerprint(), args.data)
     recorded = state.data.get("data_fingerprint")
     if recorded is None:
         state.data["data_fingerprint"] = slices.fingerprint()
@@ -634,6 +695,7 @@ def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> in
     best_prior = min(history["prior"], key=lambda row: row.get("val_bits_per_code", row.get("bits_per_code", 99)))
     summary = {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
+        "vqvae_from": state.data.get("vqvae_from"),
         "slices": {split: len(slices.select(split)) for split in ("train", "validate", "test")},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in ("train", "validate", "test")},
         "vqvae": {"epochs": len(history["vqvae"]), "best_epoch": best_vq["epoch"],

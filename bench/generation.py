@@ -4,7 +4,7 @@
 
 Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over the g*g code positions, calling
 `model.predict` on the whole batch once per position and drawing that position's code. Project:
-modules.PixelCNNSampler, one compiled loop that computes each layer only at the new position. Same weights, same
+modules.sampler_for(prior), one compiled loop that computes only what the new position needs. Same weights, same
 batch, same process. The project figure is the median of --repeats runs after one run that traces the loop
 (reported as 'first call'). The baseline costs one identical full `predict` per position (about 20 minutes for a
 64x64 grid), so it is timed on the first --baseline-positions positions and scaled to the grid.
@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, PixelCNN, PixelCNNSampler, load_run
+from modules import VQVAE, build_prior, load_run, sampler_for
 
 
 def baseline_sample(prior, vqvae, num, grid, seed, positions):
@@ -54,9 +54,8 @@ def models(preset, run):
         if config.code_grid == make_config(preset).code_grid:
             return config, vqvae, prior, f"trained weights of {run}"
     config = make_config(preset)
-    vqvae, prior = VQVAE(config.to_dict()), PixelCNN(config.to_dict())
+    vqvae, prior = VQVAE(config.to_dict()), build_prior(config)
     vqvae.build()
-    prior.build()
     return config, vqvae, prior, "random weights"
 
 
@@ -76,7 +75,7 @@ def main():
     for preset in args.presets.split(","):
         config, vqvae, prior, weights = models(preset, args.run if preset == "default" else None)
         grid = config.code_grid
-        sampler = PixelCNNSampler(prior)
+        sampler = sampler_for(prior)
         first = timed(lambda: project_sample(sampler, vqvae, args.num, 0))
         ours = median([timed(lambda: project_sample(sampler, vqvae, args.num, seed))
                        for seed in range(1, args.repeats + 1)])

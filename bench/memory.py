@@ -4,7 +4,7 @@
 
 Three child processes, each reporting its own peak RSS (getrusage ru_maxrss): importing TensorFlow and the
 project (the floor every script pays), one VQ-VAE training epoch on 1,024 images plus one PixelCNN epoch, and
-generating 64 decoded slices with the PixelCNNSampler.
+generating 64 decoded slices with the prior's fast sampler.
 """
 
 import argparse
@@ -20,7 +20,7 @@ sys.path.insert(0, {root!r})
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np, keras
 from hyperparameters import make_config
-from modules import VQVAE, PixelCNN, PixelCNNSampler
+from modules import VQVAE, build_prior, sampler_for
 from dataset import make_tf_dataset
 config = make_config({preset!r})
 task = {task!r}
@@ -29,14 +29,13 @@ if task == "train":
     model = VQVAE(config.to_dict()); model.build()
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     model.fit(make_tf_dataset(images, config.batch_size, shuffle=True), epochs=1, verbose=0)
-    prior = PixelCNN(config.to_dict()); prior.build()
+    prior = build_prior(config)
     prior.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     codes = np.random.default_rng(0).integers(0, 16, (1024, config.code_grid, config.code_grid))
     prior.fit(codes, codes, batch_size=config.prior_batch_size, epochs=1, verbose=0)
 elif task == "generate":
     model = VQVAE(config.to_dict()); model.build()
-    prior = PixelCNN(config.to_dict()); prior.build()
-    model.decode_codes(PixelCNNSampler(prior).sample(64))
+    model.decode_codes(sampler_for(build_prior(config)).sample(64))
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 """
 

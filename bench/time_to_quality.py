@@ -1,13 +1,14 @@
 """Time to quality: wall-clock seconds from a cold start until validation SSIM first reaches 0.6, 0.8, 0.9, 0.95.
 
-    python bench/time_to_quality.py --train [--preset default] [--epochs N]   # a fresh cold-start run (minutes)
-    python bench/time_to_quality.py --run pretrained                           # read a finished run's history
+    python bench/time_to_quality.py --train [--preset default] [--stop-at 0.9]   # a fresh cold-start run
+    python bench/time_to_quality.py --run pretrained                              # read a finished run's history
 
 With --train, `python train.py --data ../shared/data/oasis1-mni-volumes` runs in a new temporary run directory
 (cold: new process, new cache, tracing included) and its history is read afterwards. The 'elapsed' column of
 history_vqvae.csv is the wall time since train.py started, at the end of each epoch's validation, so the time to a
-threshold is the elapsed time of the first epoch whose val_ssim reaches it. One run: a 20-minute measurement is
-not repeated; README says so.
+threshold is the elapsed time of the first epoch whose val_ssim reaches it. --stop-at ends the run at the first
+epoch that reaches that SSIM (the preset's learning-rate schedule is unchanged, so the curve up to there is the full
+run's). One run: a 20-minute measurement is not repeated; README says so.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import csv
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT, SHARED_VOLUMES, machine, print_table
@@ -33,7 +35,8 @@ def main():
     source.add_argument("--train", action="store_true", help="train a fresh run from a cold start")
     source.add_argument("--run", type=Path, help="a finished run directory to read")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--epochs", type=int, default=None, help="VQ-VAE epochs for --train (default: preset's)")
+    parser.add_argument("--stop-at", type=float, default=None, metavar="SSIM",
+                        help="with --train, stop at the first epoch whose validation SSIM reaches SSIM")
     args = parser.parse_args()
     run_dir = args.run
     if args.train:
@@ -44,9 +47,15 @@ def main():
         command = [sys.executable, str(ROOT / "train.py"), "--data", str(SHARED_VOLUMES), "--cache",
                    str(scratch / "cache"), "--out", str(run_dir), "--preset", args.preset, "--prior-epochs", "1",
                    "--verbose", "2"]
-        if args.epochs:
-            command += ["--epochs", str(args.epochs)]
-        subprocess.run(command, check=True)
+        process = subprocess.Popen(command)
+        while process.poll() is None:
+            time.sleep(1)
+            done = (run_dir / "history_vqvae.csv").exists() and read_history(run_dir)
+            if args.stop_at is not None and done and max(row.get("val_ssim", 0) for row in done) >= args.stop_at:
+                process.terminate()
+                process.wait()
+        if process.returncode not in (0, -15) or not (run_dir / "history_vqvae.csv").exists():
+            sys.exit(f"train.py failed with exit code {process.returncode}")
     history = read_history(run_dir)
     rows = []
     for threshold in THRESHOLDS:

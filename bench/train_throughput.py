@@ -1,17 +1,17 @@
 """VQ-VAE training throughput (images/s): the project's trainer against the Keras VQ-VAE example's way.
 
-    python bench/train_throughput.py [--images 640] [--repeats 3] [--presets seed,default,default:ssim_loss_weight=0]
+    python bench/train_throughput.py [--images 640] [--repeats 3]
+                                     [--presets seed,seed:ssim_loss_weight=0,default,default:ssim_loss_weight=0]
 
 Baseline, as keras.io/examples/generative/vq_vae trains: a Model subclass with a plain train_step around the
 same encoder/decoder, the example's quantizer (codebook loss through add_loss), fit on NumPy arrays. Project:
-modules.VQVAE (EMA codebook, dead-code restarts, SSIM reported every step and in the default loss) fed by
-dataset.make_tf_dataset. Same model size, batch, images and process. Each figure is the median over rounds; a
-round builds both trainers anew and times one epoch of each after a warm-up epoch that traces the graphs, so
-neither trainer always runs first or on one model instance. Read the table with README's caveat: on the 2-core
-development machine an epoch of the default size sometimes took a fixed ~20.5 s whatever its length, for either
-trainer, which a median of few rounds does not remove. The `default` preset also back-propagates through SSIM
-(its loss is MSE + 0.2 (1 - SSIM)), work the baseline does not do; the `default:ssim_loss_weight=0` row trains it
-on the baseline's loss, to separate the trainer's overhead from the loss's cost.
+modules.VQVAE (EMA codebook, dead-code restarts, SSIM, perplexity and code usage reported every step, and SSIM in
+the loss of both presets) fed by dataset.make_tf_dataset. Same model size, batch, images and process. A round builds
+both trainers anew, runs one warm-up epoch of each (tracing) and times one more, step by step; rounds alternate
+which trainer goes first. Throughput is the batch size over the median step time of all timed steps, so a rare
+stall (a step over 3x the median; counted in the last columns) does not decide the ratio; the epoch figure
+(images over the median epoch time, stalls included) is printed beside it. The `:ssim_loss_weight=0` rows train
+on the baseline's loss (MSE), separating what the trainer costs from what the SSIM loss term costs.
 """
 
 import argparse
@@ -70,13 +70,28 @@ class ExampleTrainer(keras.Model):
         return {"loss": self.total_loss_tracker.result()}
 
 
-def epoch_seconds(make_fit_epoch):
-    """Seconds of one epoch of a freshly built trainer, after a warm-up epoch that traces its train function."""
+class StepTimes(keras.callbacks.Callback):
+    """Wall seconds of every training step (the step runs synchronously between the two callbacks on a CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self.begin)
+
+
+def timed_epoch(make_fit_epoch):
+    """(epoch seconds, step seconds) of one epoch of a freshly built trainer, after a warm-up epoch (tracing)."""
     fit_epoch = make_fit_epoch()
-    fit_epoch()
+    fit_epoch([])
+    steps = StepTimes()
     begin = time.perf_counter()
-    fit_epoch()
-    return time.perf_counter() - begin
+    fit_epoch([steps])
+    return time.perf_counter() - begin, steps.seconds
 
 
 def main():
@@ -84,9 +99,9 @@ def main():
     parser.add_argument("--images", type=int, default=640, help="images per timed epoch (default 640)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds, each building both trainers anew and timing "
                         "one epoch of each (default 3)")
-    parser.add_argument("--presets", default="seed,default,default:ssim_loss_weight=0",
-                        help="comma-separated presets, each optionally PRESET:KEY=VALUE:KEY=VALUE "
-                             "(default seed,default,default:ssim_loss_weight=0)")
+    parser.add_argument("--presets", default="seed,seed:ssim_loss_weight=0,default,default:ssim_loss_weight=0",
+                        help="comma-separated presets, each optionally PRESET:KEY=VALUE:KEY=VALUE (default "
+                             "seed,seed:ssim_loss_weight=0,default,default:ssim_loss_weight=0)")
     args = parser.parse_args()
     images = np.random.default_rng(0).random((args.images, 128, 128, 1)).astype("float32")
     rows = []
@@ -94,29 +109,42 @@ def main():
         preset, *overrides = spec.split(":")
         config = make_config(preset, overrides)
         dataset = make_tf_dataset(images[..., 0], config.batch_size, shuffle=True, seed=0)
+        full_batches = args.images // config.batch_size
 
         def baseline_epoch():
             trainer = ExampleTrainer(config, float(images.var()))
             trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
-            return lambda: trainer.fit(images, epochs=1, batch_size=config.batch_size, verbose=0)
+            return lambda callbacks: trainer.fit(images, epochs=1, batch_size=config.batch_size, verbose=0,
+                                                 callbacks=callbacks)
 
         def project_epoch():
             trainer = VQVAE(config.to_dict())
             trainer.build()
             trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
-            return lambda: trainer.fit(dataset, epochs=1, verbose=0, shuffle=False)  # the dataset shuffles
+            return lambda callbacks: trainer.fit(dataset, epochs=1, verbose=0, shuffle=False,  # it shuffles itself
+                                                 callbacks=callbacks)
 
-        timings = {"baseline": [], "project": []}
-        for _ in range(args.repeats):  # interleaved, each round on freshly built models
-            keras.utils.set_random_seed(0)
-            timings["baseline"].append(epoch_seconds(baseline_epoch))
-            keras.utils.set_random_seed(0)
-            timings["project"].append(epoch_seconds(project_epoch))
-        base, ours = (args.images / median(timings[name]) for name in ("baseline", "project"))
-        rows.append([spec, config.batch_size, f"{base:.1f}", f"{ours:.1f}", f"{ours / base:.2f}"])
-    print(f"VQ-VAE training throughput, images/s (median of {args.repeats} rounds; a round times one epoch of "
-          f"{args.images} images of each trainer, freshly built); {machine()}; TensorFlow {tf.__version__}")
-    print_table(["preset", "batch", "Keras-example baseline", "OASISVQ trainer (EMA, SSIM metric)", "ratio"], rows)
+        epochs = {"baseline": [], "project": []}
+        steps = {"baseline": [], "project": []}
+        order = [("baseline", baseline_epoch), ("project", project_epoch)]
+        for round_index in range(args.repeats):
+            for name, make in order[::-1] if round_index % 2 else order:
+                keras.utils.set_random_seed(round_index)
+                seconds, step_seconds = timed_epoch(make)
+                epochs[name].append(seconds)
+                steps[name] += step_seconds[:full_batches]  # a last, smaller batch would bias the median
+        base, ours = (config.batch_size / median(steps[name]) for name in ("baseline", "project"))
+        base_epoch, ours_epoch = (args.images / median(epochs[name]) for name in ("baseline", "project"))
+        stalls = []
+        for name in ("baseline", "project"):
+            slow = [step for step in steps[name] if step > 3 * median(steps[name])]
+            stalls.append(f"{len(slow)} of {len(steps[name])}, {sum(slow):.1f} s")
+        rows.append([spec, config.batch_size, f"{base:.1f}", f"{ours:.1f}", f"**{ours / base:.2f}**",
+                     f"{base_epoch:.1f}", f"{ours_epoch:.1f}", f"{ours_epoch / base_epoch:.2f}", *stalls])
+    print(f"VQ-VAE training throughput, images/s; {args.repeats} rounds of one timed epoch of {args.images} images "
+          f"per trainer, each freshly built; {machine()}; TensorFlow {tf.__version__}")
+    print_table(["preset", "batch", "baseline, per step", "OASISVQ, per step", "ratio", "baseline, per epoch",
+                 "OASISVQ, per epoch", "epoch ratio", "baseline stalls", "OASISVQ stalls"], rows)
 
 
 if __name__ == "__main__":

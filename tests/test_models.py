@@ -1,5 +1,6 @@
-"""The models: shapes of the seed table, the quantizer's gradients and diagnostics, PixelCNN causality, the
-incremental sampler's exactness and seeding, and save/reload equality in a fresh process."""
+"""The models: shapes of the seed table, the quantizer's gradients and diagnostics, causality of both priors (and
+the gated one's missing blind spot), the fast samplers' exactness and seeding, and save/reload equality in a fresh
+process."""
 
 import os
 import subprocess
@@ -14,8 +15,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from hyperparameters import make_config  # noqa: E402
-from modules import (VQVAE, MaskedConv2D, PixelCNN, PixelCNNSampler, VectorQuantizer, causal_mask,  # noqa: E402
-                     save_model)
+from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
+                     PixelCNNSampler, VectorQuantizer, build_prior, causal_mask, sampler_for, save_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,36 +102,60 @@ def test_causal_mask(kind):
     assert mask[2, 2] == (kind == "B")
 
 
-@pytest.mark.parametrize("preset", ["seed", "default"])
-def test_pixelcnn_logits_depend_only_on_earlier_positions(preset):
-    config = make_config(preset, ["prior_filters=16"])
-    prior = PixelCNN(config.to_dict())
-    prior.build()
-    for layer in [prior.first, *prior.body, prior.head]:  # random biases too, so no path is silently zero
-        for weight in layer.weights:
-            weight.assign(np.random.default_rng(len(weight.name)).normal(0, 0.3, weight.shape))
+PRIORS = {"seed": ("seed", []), "blocks": ("default", ["prior_layout=blocks"]), "gated": ("default", [])}
+
+
+def random_prior(kind, overrides=()):
+    """The prior of PRIORS[kind] with random weights everywhere, biases too, so that no path is silently zero."""
+    preset, base = PRIORS[kind]
+    config = make_config(preset, [*base, *overrides])
+    prior = build_prior(config)
+    for weight in prior.weights:
+        weight.assign(np.random.default_rng(len(weight.path)).normal(0, 0.2, weight.shape))
+    return config, prior
+
+
+def influence_on(prior, config, row, col):
+    """How much each grid position's code moves the logits at (row, col): the gradient's size, flat raster order."""
     grid = config.code_grid
     one_hot = tf.constant(np.random.default_rng(0).random((1, grid, grid, config.num_codes)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(one_hot)
+        target = tf.reduce_sum(prior.logits_from_one_hot(one_hot)[0, row, col])
+    return np.abs(tape.gradient(target, one_hot).numpy()[0]).sum(axis=-1).ravel()
+
+
+@pytest.mark.parametrize("kind", PRIORS)
+def test_prior_logits_depend_only_on_earlier_positions(kind):
+    config, prior = random_prior(kind, ["prior_filters=16"])
+    grid = config.code_grid
+    assert isinstance(prior, GatedPixelCNN) == (kind == "gated")
     for row, col in [(0, 0), (grid // 2, grid // 2), (grid - 1, grid - 1), (1, grid - 1)]:
-        with tf.GradientTape() as tape:
-            tape.watch(one_hot)
-            logits = prior.logits_from_one_hot(one_hot)
-            target = tf.reduce_sum(logits[0, row, col])
-        influence = np.abs(tape.gradient(target, one_hot).numpy()[0]).sum(axis=-1).ravel()
+        influence = influence_on(prior, config, row, col)
         position = row * grid + col
         assert (influence[position:] == 0).all(), f"logits at {(row, col)} see their own or later positions"
         if position > 0:
             assert influence[position - 1] > 0, "the previous position must be visible"
 
 
-@pytest.mark.parametrize("preset", ["seed", "default"])
-def test_incremental_sampler_gives_the_full_networks_logits(preset):
-    config = make_config(preset, ["prior_filters=32"])
-    prior = PixelCNN(config.to_dict())
-    prior.build()
-    for weight in prior.weights:
-        weight.assign(np.random.default_rng(len(weight.name)).normal(0, 0.2, weight.shape))
-    sampler = PixelCNNSampler(prior)
+def test_gated_prior_has_no_blind_spot_where_the_masked_one_has():
+    """On a 16x16 grid every earlier position reaches the logits at (15, 8) through the gated prior; through the
+    masked prior the row just above, right of column 11, does not (the blind spot of van den Oord et al., 2016)."""
+    small = ["prior_filters=8", "image_size=32"]
+    config, gated = random_prior("gated", small)
+    grid = config.code_grid
+    position = (grid - 1) * grid + grid // 2
+    assert (influence_on(gated, config, grid - 1, grid // 2)[:position] > 0).all()
+    config, masked = random_prior("blocks", small)
+    influence = influence_on(masked, config, grid - 1, grid // 2).reshape(grid, grid)
+    assert (influence[grid - 2, grid - 4:] == 0).all() and (influence[grid - 2, :grid - 4] > 0).all()
+
+
+@pytest.mark.parametrize("kind", PRIORS)
+def test_fast_sampler_gives_the_full_networks_logits(kind):
+    config, prior = random_prior(kind, ["prior_filters=32"])
+    sampler = sampler_for(prior)
+    assert isinstance(sampler, GatedPixelCNNSampler if kind == "gated" else PixelCNNSampler)
     codes, logits = sampler.sample(4, seed=3, return_logits=True)
     np.testing.assert_allclose(logits, prior(codes).numpy(), atol=1e-4)
     forced, forced_logits = sampler.sample(4, seed=9, prefix=codes, return_logits=True)
@@ -138,14 +163,15 @@ def test_incremental_sampler_gives_the_full_networks_logits(preset):
     np.testing.assert_allclose(forced_logits, logits, atol=1e-5)
 
 
-def test_sampler_is_reproducible_from_its_seed():
-    config = make_config("seed", ["prior_filters=16"])
-    prior = PixelCNN(config.to_dict())
-    sampler = PixelCNNSampler(prior)
+@pytest.mark.parametrize("kind", ["seed", "gated"])
+def test_sampler_is_reproducible_from_its_seed(kind):
+    config, prior = random_prior(kind, ["prior_filters=16", "image_size=32"])
+    sampler = sampler_for(prior)
     first, again, other = (sampler.sample(6, seed=seed) for seed in (1, 1, 2))
     np.testing.assert_array_equal(first, again)
     assert (first != other).any()
-    assert first.shape == (6, 8, 8) and first.min() >= 0 and first.max() < 16
+    grid = config.code_grid
+    assert first.shape == (6, grid, grid) and first.min() >= 0 and first.max() < 16
 
 
 def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path):
@@ -155,10 +181,11 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
     vqvae.compile(optimizer="adam")
     images = np.random.default_rng(0).random((6, 128, 128, 1)).astype("float32")
     vqvae.fit(images, epochs=1, batch_size=3, verbose=0)  # EMA statistics and codebook are no longer initial
-    prior = PixelCNN(config.to_dict(), name="pixelcnn")
-    prior.build()
+    prior = build_prior(config)
+    gated = build_prior(make_config("default", ["prior_filters=8"]), name="gated")
     save_model(vqvae, tmp_path / "vqvae.keras")
     save_model(prior, tmp_path / "pixelcnn.keras")
+    save_model(gated, tmp_path / "gated.keras")
     codes = vqvae.encode(images).numpy()
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "codes.npy", codes)
@@ -171,12 +198,15 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
         "p = keras.saving.load_model(d + '/pixelcnn.keras', safe_mode=True)\n"
         "np.save(d + '/out_recon.npy', np.asarray(v(np.load(d + '/images.npy'))))\n"
         "np.save(d + '/out_codes.npy', np.asarray(v.encode(np.load(d + '/images.npy'))))\n"
-        "np.save(d + '/out_logits.npy', np.asarray(p(np.load(d + '/codes.npy'))))\n")
+        "np.save(d + '/out_logits.npy', np.asarray(p(np.load(d + '/codes.npy'))))\n"
+        "g = keras.saving.load_model(d + '/gated.keras', safe_mode=True)\n"
+        "np.save(d + '/out_gated.npy', np.asarray(g(np.zeros((2, 64, 64), np.int32))))\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path), str(ROOT)], check=True,
                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     np.testing.assert_array_equal(np.load(tmp_path / "out_recon.npy"), np.asarray(vqvae(images)))
     np.testing.assert_array_equal(np.load(tmp_path / "out_codes.npy"), codes)
     np.testing.assert_array_equal(np.load(tmp_path / "out_logits.npy"), np.asarray(prior(codes)))
+    np.testing.assert_array_equal(np.load(tmp_path / "out_gated.npy"), np.asarray(gated(np.zeros((2, 64, 64)))))
 
 
 def test_masked_conv_rejects_unknown_mask_type():

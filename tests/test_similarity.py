@@ -1,4 +1,5 @@
-"""SSIM as similarity.py computes it agrees with tf.image.ssim and skimage on real and synthetic slices."""
+"""SSIM as similarity.py computes it agrees with tf.image.ssim and skimage on real and synthetic slices; the
+brain-shape check of predict.py tells an intact outline from a broken one."""
 
 import os
 
@@ -52,3 +53,17 @@ def test_identical_images_score_one_and_summary_fields():
     summary = summarize(np.array([0.5, 0.7, 0.9]), np.array([20.0, 30.0, 40.0]))
     assert summary["n"] == 3 and summary["ssim"]["frac_above_0.6"] == pytest.approx(2 / 3)
     assert summary["ssim"]["median"] == pytest.approx(0.7) and summary["psnr"]["mean"] == pytest.approx(30.0)
+
+
+def test_brain_shaped_accepts_one_solid_outline_and_rejects_broken_ones():
+    from predict import brain_shaped
+
+    rows, cols = np.meshgrid(np.linspace(-1, 1, 128), np.linspace(-1, 1, 128), indexing="ij")
+    ellipse = ((rows / 0.8) ** 2 + (cols / 0.6) ** 2 < 1).astype(np.float32) * 0.7
+    ellipse[(rows / 0.2) ** 2 + (cols / 0.1) ** 2 < 1] = 0.05  # dark ventricles inside are fine
+    assert brain_shaped(ellipse, 0.1)
+    split = ellipse * (np.abs(cols) > 0.1)  # two halves apart
+    assert not brain_shaped(split, 0.1)
+    bitten = ellipse * ~((np.abs(rows) < 0.15) & (cols > 0))  # a notch into the outline
+    assert not brain_shaped(bitten, 0.1)
+    assert not brain_shaped(np.zeros((128, 128), np.float32), 0.1)

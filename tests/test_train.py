@@ -174,3 +174,32 @@ def test_predict_writes_figures_samples_and_generation_json(trained, tmp_path):
     assert Image.open(samples[0]).size == (128, 128)
     report = json.loads((out / "generation.json").read_text())
     assert report["num"] == 4 and report["split"] == "all" and np.isfinite(report["prior_bits_per_code"])
+
+
+def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path):
+    data, source = trained
+    gated = ["--set", "prior_layout=gated", "--set", "prior_filters=16"]
+    run = tmp_path / "gated"
+    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", run, "--vqvae-from",
+                        source, *SEED_FLAGS, *gated)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
+    assert read_history(run / "history_vqvae.csv") == read_history(source / "history_vqvae.csv")
+    assert [row["epoch"] for row in read_history(run / "history_prior.csv")] == ["1", "2"]
+    assert json.loads((run / "config.json").read_text())["prior_layout"] == "gated"
+    assert json.loads((run / "summary.json").read_text())["vqvae_from"] == str(source)
+    out = tmp_path / "predictions"
+    result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((out / "generated").glob("sample_*.png"))) == 2
+
+    other = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--vqvae-from", source,
+                       *SEED_FLAGS, "--set", "latent_dim=8")
+    assert_clean_usage_error(other, "--vqvae-from", "latent_dim")
+    missing = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--vqvae-from", tmp_path / "nope",
+                         *SEED_FLAGS)
+    assert_clean_usage_error(missing, "--vqvae-from", "config.json")
+    fewer = make_brain_slices(tmp_path / "fewer", subjects=4)
+    moved = run_script("train.py", "--data", fewer, "--cache", tmp_path / "cache", "--out", tmp_path / "other",
+                       "--vqvae-from", source, *SEED_FLAGS)
+    assert_clean_usage_error(moved, "--vqvae-from", "--data")

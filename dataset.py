@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import (OFFICIAL_OASIS_URL, UserError, add_config_args, add_data_args, parse_discs, quiet_tensorflow,
+from cli import (OFFICIAL_OASIS_URL, UserError, add_config_args, add_data_args, configure_tensorflow, parse_discs,
                  run_main)
 from hyperparameters import Config, make_config
 
@@ -621,5 +621,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    quiet_tensorflow()
+    configure_tensorflow()
     run_main(main)

@@ -95,6 +95,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         values = dict(values)
+        values.setdefault("prior_lr_schedule", "constant")  # what runs saved before the field existed trained with
         version = values.pop("config_version", None)
         if version != CONFIG_VERSION:
             raise ValueError(f"config version {version} is not {CONFIG_VERSION}, the version this code reads")

@@ -786,11 +786,12 @@ class GatedPixelCNNSampler(Sampler):
             array = tf.TensorArray(tf.float32, size=grid + 1, clear_after_read=False, element_shape=shape)
             return array.write(grid, tf.zeros(shape))
 
-        def indices(index, offsets):
-            return tf.where(index + offsets >= 0, index + offsets, grid)
+        def table(offsets):  # (g, taps): the history index each tap reads at each row or column; `grid` outside
+            indices = np.arange(grid)[:, None] + np.asarray(offsets)[None, :]
+            return tf.constant(np.where(indices >= 0, indices, grid).astype(np.int32))
 
-        row_offsets = [tf.constant(block.vertical_conv.row_offsets()) for block in blocks]
-        col_offsets = [tf.constant([dx for _, dx in block.horizontal_conv.offsets()]) for block in blocks]
+        row_tables = [table(block.vertical_conv.row_offsets()) for block in blocks]
+        col_tables = [table([dx for _, dx in block.horizontal_conv.offsets()]) for block in blocks]
         kernels = [tf.reshape(block.horizontal_conv.kernel, (-1, 2 * block.filters)) for block in blocks]
 
         def row_step(row, vertical_rows, codes, all_logits):
@@ -800,7 +801,7 @@ class GatedPixelCNNSampler(Sampler):
             for index, block in enumerate(blocks):
                 if index:  # later blocks see their input's current row, computed just now
                     vertical_rows[index] = vertical_rows[index].write(row, vertical)
-                rows = vertical_rows[index].gather(indices(row, row_offsets[index]))  # (kh, batch, g, in)
+                rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
                 pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
                 vertical, contribution = block.vertical(pre, positions[row])
                 from_vertical.append(contribution)
@@ -811,7 +812,7 @@ class GatedPixelCNNSampler(Sampler):
                 for index, block in enumerate(blocks):
                     if index:
                         horizontal_cols[index] = horizontal_cols[index].write(col, horizontal)
-                    taps = horizontal_cols[index].gather(indices(col, col_offsets[index]))  # (kw, batch, in)
+                    taps = horizontal_cols[index].gather(col_tables[index][col])  # (kw, batch, in)
                     flat = tf.reshape(tf.transpose(taps, (1, 0, 2)), (batch, -1))
                     pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
                     horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
@@ -915,7 +916,7 @@ def load_run(run_dir, need_prior: bool = True):
         except Exception as error:  # Keras raises many types for truncated or foreign files
             raise UserError(f"{path}: cannot be loaded ({type(error).__name__}); the file is damaged or from "
                             f"another version, retrain or restore it") from None
-        saved = getattr(model, "config_dict", {})
+        saved = Config.from_dict(getattr(model, "config_dict", config.to_dict())).to_dict()
         # a VQ-VAE reused by train.py --vqvae-from keeps the prior fields of the run it was trained in
         if (vqvae_differences(saved, config.to_dict()) if name == "vqvae" else saved != config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {config_path}; the run directory is mixed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import DEFAULT_PRETRAINED, UserError, add_data_args, quiet_tensorflow, run_main
+from cli import DEFAULT_PRETRAINED, UserError, add_data_args, configure_tensorflow, run_main
 
 THRESHOLD = 0.6
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--batch-size must be at least 1")
     for path, flag in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
         check_output_path(path, flag)  # before minutes of reconstruction, not after
-    quiet_tensorflow()
+    configure_tensorflow()
     from dataset import atomic_write_text, load_slices
     from modules import load_run
 

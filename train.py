@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from cli import UserError, add_config_args, add_data_args, quiet_tensorflow, run_main
+from cli import UserError, add_config_args, add_data_args, configure_tensorflow, run_main
 from hyperparameters import Config, make_config, vqvae_differences
 
 PHASES = ("vqvae", "prior")
@@ -412,10 +412,8 @@ def check_run_dir(args, config: Config) -> Path:
         if not config_path.exists():
             raise UserError(f"--resume: {config_path} does not exist; there is no run to resume in {run_dir}")
         try:
-            saved = json.loads(config_path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("not an object")
-        except (ValueError, OSError):
+            saved = Config.from_dict(json.loads(config_path.read_text())).to_dict()
+        except (ValueError, TypeError, AttributeError, OSError):
             raise UserError(f"--resume: {config_path} is not a valid config; the run directory is damaged") \
                 from None
         if saved != config.to_dict():
@@ -588,8 +586,8 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
         validate = shard_by_data(tf.data.Dataset.from_tensor_slices((validate_codes, validate_codes)).batch(
             config.prior_batch_size))
     checkpoint = epoch_checkpointer("prior", run_dir, state, writer, monitor, "min")
-    model.fit(train, validation_data=validate, epochs=config.prior_epochs, initial_epoch=done, verbose=verbose, shuffle=False,
-              callbacks=[checkpoint, *callbacks])
+    model.fit(train, validation_data=validate, epochs=config.prior_epochs, initial_epoch=done, verbose=verbose,
+              shuffle=False, callbacks=[checkpoint, *callbacks])
     return checkpoint
 
 
@@ -599,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = check_run_dir(args, config)  # bad flags fail fast, before TensorFlow starts
     if args.vqvae_from is not None:
         check_vqvae_source(args.vqvae_from, config)
-    quiet_tensorflow()
+    configure_tensorflow()
     import keras
     import tensorflow as tf
 

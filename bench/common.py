@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: project imports, the machine's description, tables, medians."""
+"""Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
+description, tables, medians."""
 
 import os
 import platform
@@ -8,7 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from cli import configure_tensorflow  # noqa: E402
+
+configure_tensorflow()
 SHARED_VOLUMES = ROOT.parent / "shared" / "data" / "oasis1-mni-volumes"
 
 

@@ -34,7 +34,7 @@ def main():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--train", action="store_true", help="train a fresh run from a cold start")
     source.add_argument("--run", type=Path, help="a finished run directory to read")
-    parser.add_argument("--preset", default="default")
+    parser.add_argument("--preset", default="default", help="preset to train with --train (default: default)")
     parser.add_argument("--stop-at", type=float, default=None, metavar="SSIM",
                         help="with --train, stop at the first epoch whose validation SSIM reaches SSIM")
     args = parser.parse_args()

@@ -461,7 +461,7 @@ def adopt_vqvae(source: Path, run_dir: Path, state: "RunState", writer: bool, fi
     it in state.json, so that training goes straight to the prior; UserError if `source` saw other data."""
     import shutil
 
-    from dataset import atomic_write_text
+    from dataset import atomic_write, atomic_write_text
 
     stored = json.loads((source / "checkpoints" / "state.json").read_text())
     if stored.get("data_fingerprint") != fingerprint:
@@ -470,9 +470,8 @@ def adopt_vqvae(source: Path, run_dir: Path, state: "RunState", writer: bool, fi
     checkpoint = stored["checkpoint"]["vqvae"]
     if writer:
         for name in ("vqvae.keras", f"checkpoints/{checkpoint}"):
-            tmp = run_dir / f"{name}.tmp"
-            shutil.copyfile(source / name, tmp)
-            os.replace(tmp, run_dir / name)
+            with open(source / name, "rb") as original:
+                atomic_write(run_dir / name, lambda out: shutil.copyfileobj(original, out))
     state.data["history"]["vqvae"] = stored["history"]["vqvae"]
     state.data["checkpoint"]["vqvae"] = checkpoint
     state.data["best_saved"]["vqvae"] = stored["best_saved"].get("vqvae")
@@ -512,6 +511,16 @@ def resume_phase(state, phase, total_epochs, monitor, mode, strategy, custom_obj
     return model, done >= total_epochs
 
 
+def learning_rate(rate: float, schedule: str, floor: float, epochs: int, examples: int, batch_size: int):
+    """`rate` itself ("constant"), or a cosine decay from it to floor * rate over all steps of all epochs."""
+    import keras
+
+    if schedule == "constant":
+        return rate
+    steps = math.ceil(examples / batch_size)
+    return keras.optimizers.schedules.CosineDecay(rate, epochs * steps, alpha=floor)
+
+
 def train_vqvae(config, strategy, train_images, validate_images, run_dir, state, writer, verbose, callbacks):
     import keras
 
@@ -523,14 +532,12 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
     model, finished = resume_phase(state, "vqvae", config.epochs, monitor, "max", strategy)
     if finished:
         return None
-    steps = math.ceil(len(train_images) / config.batch_size)
     with strategy.scope():
         if not done:
             model = VQVAE(config.to_dict(), name="vqvae")
             model.build()
-            rate = config.learning_rate
-            if config.lr_schedule == "cosine":
-                rate = keras.optimizers.schedules.CosineDecay(rate, config.epochs * steps, alpha=config.lr_floor)
+            rate = learning_rate(config.learning_rate, config.lr_schedule, config.lr_floor, config.epochs,
+                                 len(train_images), config.batch_size)
             model.compile(optimizer=keras.optimizers.Adam(rate), jit_compile=False)
     fit_under_strategy(model, strategy, train_images[:1, ..., None])
     train = shard_by_data(make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed))
@@ -571,10 +578,8 @@ def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, w
     with strategy.scope():
         if not done:
             model = build_prior(config)
-            rate = config.prior_learning_rate
-            if config.prior_lr_schedule == "cosine":
-                steps = math.ceil(len(train_codes) / config.prior_batch_size)
-                rate = keras.optimizers.schedules.CosineDecay(rate, config.prior_epochs * steps, alpha=config.lr_floor)
+            rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
+                                 config.prior_epochs, len(train_codes), config.prior_batch_size)
             model.compile(optimizer=keras.optimizers.Adam(rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=[bits_metric], jit_compile=False)

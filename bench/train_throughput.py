@@ -147,16 +147,17 @@ def main():
         return
     import tensorflow as tf
 
+    from hyperparameters import make_config
+
     rows = []
     for spec in args.presets.split(","):
+        preset, *overrides = spec.split(":")
+        batch = make_config(preset, overrides).batch_size
         steps = {trainer: [] for trainer in TRAINERS}
-        batch = None
         for round_index in range(args.repeats):
             shift = round_index % len(TRAINERS)
             for trainer in TRAINERS[shift:] + TRAINERS[:shift]:
-                timing = run_child(trainer, spec, args.images)
-                steps[trainer] += timing["steps"]
-                batch = args.images // len(timing["steps"])
+                steps[trainer] += run_child(trainer, spec, args.images)["steps"]
         speeds = {trainer: batch / median(seconds) for trainer, seconds in steps.items()}
         stalls = []
         for trainer in TRAINERS:

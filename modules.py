@@ -12,12 +12,15 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import keras
 import tensorflow as tf
 from keras import layers, ops
 
 from hyperparameters import Config
+from measures import bits_per_code, ssim
 
 PACKAGE = "oasisvq"
 
@@ -198,42 +201,6 @@ def build_decoder(config: Config) -> keras.Sequential:
 # ---------------------------------------------------------------------------------------------------------------
 # VQ-VAE
 # ---------------------------------------------------------------------------------------------------------------
-
-def gaussian_filter_matrix(length: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    """(length - size + 1, length) matrix whose rows are the normalised 1D Gaussian window at each valid offset."""
-    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    window = np.exp(-offsets ** 2 / (2 * sigma ** 2))
-    window /= window.sum()
-    matrix = np.zeros((length - size + 1, length), np.float32)
-    for row in range(length - size + 1):
-        matrix[row, row:row + size] = window
-    return matrix
-
-
-def ssim(images, reconstructions, size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03):
-    """Per-image SSIM (Wang et al., 2004) of (batch, h, w, 1) images in [0, 1], data_range 1.
-
-    The same statistic as tf.image.ssim and skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False): local means, variances and covariance under an 11x11 Gaussian window (valid
-    positions only), averaged over the map. The separable window is applied as two matrix products, many times
-    faster on a CPU than a single-channel 2D convolution; training reports SSIM every step, so this matters.
-    """
-    reconstructions = ops.clip(reconstructions, 0.0, 1.0)
-    height, width = images.shape[1], images.shape[2]
-    rows = ops.convert_to_tensor(gaussian_filter_matrix(height, size, sigma))
-    cols = ops.convert_to_tensor(gaussian_filter_matrix(width, size, sigma).T)
-    a, b = images[..., 0], reconstructions[..., 0]
-    # the five maps stacked on the batch axis: two batched matmuls (an einsum over a channel axis was 2x slower)
-    filtered = ops.matmul(ops.matmul(rows, ops.concatenate([a, b, a * a, b * b, a * b], axis=0)), cols)
-    mean_a, mean_b, square_a, square_b, product = ops.split(filtered, 5, axis=0)
-    variance_a = square_a - mean_a ** 2
-    variance_b = square_b - mean_b ** 2
-    covariance = product - mean_a * mean_b
-    c1, c2 = k1 ** 2, k2 ** 2
-    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / (
-        (mean_a ** 2 + mean_b ** 2 + c1) * (variance_a + variance_b + c2))
-    return ops.mean(ssim_map, axis=(1, 2))
-
 
 @keras.saving.register_keras_serializable(PACKAGE)
 class VQVAE(keras.Model):
@@ -457,12 +424,6 @@ class PixelCNN(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "config": self.config_dict}
-
-
-def bits_per_code(logits, codes):
-    """Mean negative log-likelihood of `codes` under `logits`, in bits."""
-    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
-    return ops.mean(nll) / np.log(2.0)
 
 
 def mean_bits_per_code(model: PixelCNN, codes: np.ndarray, batch_size: int = 256) -> float:
@@ -880,7 +841,36 @@ def weights_only_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
-def load_run(run_dir, need_prior: bool = True):
+class Run(NamedTuple):
+    """A trained run, loaded: its config, its VQ-VAE and its priors by code grid ("top" for the coarse grid of a
+    two-level model, "bottom" for the fine grid, the only one of a single-level model); no priors when loaded
+    with need_prior=False."""
+    config: Config
+    vqvae: keras.Model
+    priors: dict
+
+    @property
+    def level_conditioned(self) -> bool:
+        """Whether the priors take the axial level of the slice to generate (predict.py --level)."""
+        return any(getattr(prior, "level_conditioned", False) for prior in self.priors.values())
+
+
+def generate(run: Run, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    """len(levels) new slices (n, size, size) float32 in [0, 1], sampled from the priors (top grid first, then the
+    bottom grid given it) and decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs
+    whose priors are not level-conditioned ignore it. The same seed gives the same slices."""
+    levels = np.asarray(levels, np.float32).reshape(-1)
+    codes = sampler_for(run.priors["bottom"]).sample(len(levels), temperature, seed)
+    return np.clip(np.asarray(run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
+
+
+def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:
+    """Mean negative log-likelihood, in bits per code, of the codes of (n, size, size) [0, 1] `images` under each
+    prior of the run: {"top": ..., "bottom": ...} (a single-level run has only "bottom"). `levels` as in generate."""
+    return {"bottom": mean_bits_per_code(run.priors["bottom"], encode_all(run.vqvae, images))}
+
+
+def load_run(run_dir, need_prior: bool = True) -> Run:
     """(Config, VQVAE, PixelCNN or None) of a run directory; UserError naming the file for anything unusable."""
     import json
     from pathlib import Path
@@ -921,4 +911,4 @@ def load_run(run_dir, need_prior: bool = True):
         if (vqvae_differences(saved, config.to_dict()) if name == "vqvae" else saved != config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {config_path}; the run directory is mixed")
         models.append(model)
-    return config, models[0], models[1] if need_prior else None
+    return Run(config, models[0], {"bottom": models[1]} if need_prior else {})

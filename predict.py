@@ -59,7 +59,7 @@ def training_source(run_dir: Path) -> str | None:
 
 def pairwise_ssim(first: np.ndarray, second: np.ndarray, batch: int = 512) -> np.ndarray:
     """(len(first), len(second)) SSIM matrix of [0, 1] slices."""
-    from modules import ssim
+    from measures import ssim
 
     rows = []
     for image in first:
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from modules import encode_all, load_run, mean_bits_per_code, sampler_for
     from similarity import reconstruct, slice_scores
 
-    config, vqvae, pixelcnn = load_run(args.run)
+    config, vqvae, priors = load_run(args.run)
+    pixelcnn = priors["bottom"]
     temperature = args.temperature or config.temperature
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def reconstruct(vqvae, images: np.ndarray, batch_size: int = 64, progress: bool 
 
 def slice_scores(images: np.ndarray, reconstructions: np.ndarray, batch_size: int = 256):
     """Per-slice SSIM and PSNR (dB) of [0, 1] images."""
-    from modules import ssim
+    from measures import ssim
 
     scores = [np.asarray(ssim(images[start:start + batch_size, ..., None],
                               reconstructions[start:start + batch_size, ..., None]))

@@ -50,7 +50,8 @@ def timed(function):
 
 def models(preset, run):
     if run is not None and (run / "config.json").exists():
-        config, vqvae, prior = load_run(run)
+        config, vqvae, priors = load_run(run)
+        prior = priors["bottom"]
         if config.code_grid == make_config(preset).code_grid:
             return config, vqvae, prior, f"trained weights of {run}"
     config = make_config(preset)

@@ -21,7 +21,8 @@ def test_pretrained_run_is_small_weights_only_and_the_default_preset():
     assert {"config.json", "vqvae.keras", "pixelcnn.keras", "summary.json"} <= set(files)
     assert sum(files.values()) < 20 * 2 ** 20, files
     assert not (PRETRAINED / "checkpoints").exists()
-    config, vqvae, prior = load_run(PRETRAINED)
+    config, vqvae, priors = load_run(PRETRAINED)
+    prior = priors["bottom"]
     assert config == Config.from_dict(make_config("default").to_dict())
     summary = json.loads((PRETRAINED / "summary.json").read_text())
     assert summary["vqvae"]["val_ssim"] >= 0.95

@@ -13,7 +13,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 from conftest import make_slice  # noqa: E402
 from dataset import load_slices, square_and_resize  # noqa: E402
 from hyperparameters import make_config  # noqa: E402
-from modules import ssim  # noqa: E402
+from measures import ssim  # noqa: E402
 from similarity import slice_scores, summarize  # noqa: E402
 
 

@@ -13,6 +13,8 @@ Sources (`--data`):
 Preprocessing (parameters in hyperparameters.py): volumes are reoriented to RAS and cut into axial slices shown
 with anterior at the top; each volume (or 2D image) is scaled to [0, 1] by robust percentiles; slices with too
 little tissue are dropped; each slice is padded to a square and resized to 128x128 with antialiasing.
+Each slice carries its level, its height in its volume: 0 for the lowest axial slice, 1 for the highest (NaN for
+a lone 2D image, whose height is unknown).
 Subjects are assigned to train/validate/test with a seeded shuffle, so no subject is ever in two splits.
 Preprocessed slices are cached under `--cache` keyed by the source fingerprint and preprocessing parameters.
 """
@@ -20,10 +22,13 @@ Preprocessed slices are cached under `--cache` keyed by the source fingerprint a
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import re
+import socket
+import ssl
 import sys
 import tarfile
 import tempfile
@@ -32,6 +37,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -43,7 +49,10 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SPLITS = ("train", "validate", "test")
 COURSE_SPLIT = re.compile(r"keras_png_slices_(train|validate|test)$")
-CACHE_FORMAT = 1
+# the course PNGs are 32 axial slices per case, `case_NNN_slice_S.nii.png` with S = 0 the lowest
+COURSE_SLICE = re.compile(r"case_\d+_slice_(\d+)\.nii\.png$")
+COURSE_DEPTH = 32
+CACHE_FORMAT = 2  # part of the cache key: an entry of another format (other columns) is rebuilt, never read
 
 OASIS1_ARCHIVE = "oasis_cross-sectional_disc{}.tar.gz"
 OASIS1_MEMBER = re.compile(r"(OAS1_\d{4}_MR\d)/PROCESSED/MPRAGE/T88_111/\1_mpr_n\d+_anon_111_t88_masked_gfc\.(hdr|img)$")
@@ -51,6 +60,8 @@ OASIS2_ARCHIVES = ("OAS2_RAW_PART1.tar.gz", "OAS2_RAW_PART2.tar.gz")
 OASIS2_MEMBER = re.compile(r"(OAS2_\d{4}_MR\d+)/RAW/mpr-1\.nifti\.(hdr|img)$")
 # md5 of the official archives, where published; other servers may publish `<archive>.md5` beside each archive
 KNOWN_MD5 = {OASIS1_ARCHIVE.format(1): "c83e216ef8654a7cc9e2a30a4cdbe0cc"}
+OFFLINE_ADVICE = ("download and extract the OASIS archives yourself and pass --data FOLDER, or run python "
+                  "predict.py, which works offline with the shipped model")
 
 
 class DataError(UserError):
@@ -91,76 +102,151 @@ def atomic_write_text(path: Path, text: str) -> None:
 # Downloads
 # ---------------------------------------------------------------------------------------------------------------
 
+class _Transient(Exception):
+    """A failed request that may pass if tried again (a timeout, a 5xx answer, a cut transfer)."""
+
+
 def download(url: str, dest: Path, expected_md5: str | None = None, timeout: float = 30.0, retries: int = 4,
              backoff: float = 2.0, progress: bool = True) -> Path:
     """Streams `url` to `dest` through `dest.part`, resuming after cuts with HTTP Range requests.
 
-    The file is renamed into place only once its size matches Content-Length and its md5 matches
-    `expected_md5` (when given); a bad file is deleted, never trusted. Raises DataError with the URL.
+    Only what may pass is retried, with exponential back-off: timeouts, 5xx answers and cut transfers. A host that
+    cannot be reached (name not resolved, connection refused) or a 4xx answer fails at once, since waiting does not
+    change it. The file is renamed into place only once its size matches Content-Length and its md5 matches
+    `expected_md5` (when given); a bad file is deleted, never trusted. Raises DataError naming the URL or host.
     """
-    import requests
-    from tqdm import tqdm
-
     dest = Path(dest)
     if dest.exists():
         return dest
     part = dest.with_name(dest.name + ".part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part.touch()
-    except OSError as error:
-        raise DataError(f"cannot write {part}: {error.strerror}; choose a writable --cache") from None
-
     total = None
     attempt = 0
     while True:
-        have = part.stat().st_size
-        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
-                if response.status_code == 416 and have:
-                    # nothing left to send: fine when the .part already holds the whole file (a run killed after
-                    # the last byte), as `bytes */SIZE` tells; the size and md5 checks below still apply
-                    whole = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", "").strip())
-                    if whole and int(whole.group(1)) == have:
-                        total = have
-                    if total is not None and have == total:
-                        break
-                if response.status_code in (404, 403, 410):
-                    part.unlink(missing_ok=True)
-                    raise DataError(f"{url}: HTTP {response.status_code}; check --oasis-url and --discs")
-                if response.status_code >= 500:
-                    raise requests.HTTPError(f"HTTP {response.status_code}")
-                if response.status_code >= 400:
-                    part.unlink(missing_ok=True)
-                    raise DataError(f"{url}: HTTP {response.status_code}")
-                if response.status_code == 200 and have:
-                    have = 0  # the server ignored the range: start over
-                length = response.headers.get("Content-Length")
-                if length is not None:
-                    total = have + int(length)
-                with open(part, "ab" if have else "wb") as out, tqdm(
-                        total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
-                        disable=not progress, file=sys.stderr) as bar:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            size = part.stat().st_size
-            if total is not None and size < total:
-                raise requests.ConnectionError(f"connection closed at {size} of {total} bytes")
+            total = _fetch(url, part, total, timeout, progress)
             break
-        except DataError:
-            raise
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
-                requests.exceptions.ChunkedEncodingError) as error:
+        except _Transient as error:
             attempt += 1
             if attempt > retries:
-                raise DataError(f"{url}: {error} after {retries} retries; the partial file {part} is kept, "
-                                f"run again to resume") from None
+                raise _given_up(url, part, error, retries) from None
             time.sleep(backoff * 2 ** (attempt - 1))
-        except OSError as error:
-            raise DataError(f"cannot write {part}: {error.strerror}; choose a writable --cache") from None
+    _verify(url, part, total, expected_md5)
+    os.replace(part, dest)
+    return dest
 
+
+def _fetch(url: str, part: Path, total: int | None, timeout: float, progress: bool) -> int | None:
+    """One request for what `part` still lacks of `url`, appended to it; returns the whole file's size (None when
+    the server does not say). Raises _Transient for a failure worth retrying, DataError for one that is not."""
+    import requests
+
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+            if response.status_code == 416 and have and have in (total, _announced_size(response)):
+                return have  # a run killed after the last byte: nothing left to send; the checks still apply
+            _check_status(url, response, part)
+            if response.status_code == 200 and have:
+                have = 0  # the server ignored the range: start over
+            length = response.headers.get("Content-Length")
+            if length is not None:
+                total = have + int(length)
+            _stream(response, part, have, total, progress)
+    except requests.RequestException as error:
+        raise _classify(url, error, timeout) from None
+    except OSError as error:
+        raise DataError(f"cannot write {part}: {error.strerror}; choose a writable --cache") from None
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise _Transient(f"connection closed at {size} of {total} bytes")
+    return total
+
+
+def _announced_size(response) -> int | None:
+    """The file size a 416 answer announces (`Content-Range: bytes */SIZE`), if any."""
+    whole = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", "").strip())
+    return int(whole.group(1)) if whole else None
+
+
+def _check_status(url: str, response, part: Path) -> None:
+    """5xx may pass (_Transient); 4xx will not (DataError, and what `part` holds is not trusted)."""
+    code = response.status_code
+    if code >= 500:
+        raise _Transient(f"HTTP {code}")
+    if code >= 400:
+        part.unlink(missing_ok=True)
+        hint = "; check --oasis-url and --discs" if code in (403, 404, 410) else ""
+        raise DataError(f"{url}: HTTP {code}{hint}")
+
+
+def _stream(response, part: Path, have: int, total: int | None, progress: bool) -> None:
+    """Writes the body into `part` (appended after `have` bytes); the folder is made only now, so a server that
+    cannot be reached leaves nothing on disk."""
+    from tqdm import tqdm
+
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "ab" if have else "wb") as out, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=part.stem,
+            disable=not progress, file=sys.stderr) as bar:
+        for chunk in response.iter_content(chunk_size=1 << 20):
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
+def _classify(url: str, error: Exception, timeout: float) -> Exception:
+    """A failed request as DataError when trying again cannot help, else as _Transient, in a few words (requests'
+    own message runs to hundreds of characters of urllib3 internals)."""
+    import requests
+    import urllib3
+
+    causes = _causes(error)
+    unreachable = next(filter(None, map(_unreachable_reason, causes)), None)
+    if unreachable:
+        return DataError(f"cannot reach {urlsplit(url).netloc} ({unreachable}); {OFFLINE_ADVICE}")
+    if any(isinstance(cause, (TimeoutError, urllib3.exceptions.TimeoutError, requests.Timeout)) for cause in causes):
+        return _Transient(f"no answer within {timeout:g} s")
+    if isinstance(error, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        return _Transient("connection cut")
+    return DataError(f"{url}: {error}; check --oasis-url")  # a malformed URL, too many redirects...
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and every exception behind it: requests and urllib3 wrap the socket's error two or three deep."""
+    found, pending = [], [error]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        pending += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+    return found
+
+
+def _unreachable_reason(cause: BaseException) -> str | None:
+    """Why a server cannot be reached at all, in words, for the failures that no retry fixes; else None."""
+    if isinstance(cause, socket.gaierror):
+        return "name not resolved: no network?"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused: wrong --oasis-url, or the server is down?"
+    if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "network unreachable: no network?"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {cause.verify_message}"
+    return None
+
+
+def _given_up(url: str, part: Path, error: _Transient, retries: int) -> DataError:
+    """The error after the last retry; a .part that received bytes is kept for the next run, an empty one is not."""
+    if part.exists() and part.stat().st_size:
+        return DataError(f"{url}: {error} after {retries} retries; the partial file {part} is kept, run again to "
+                         f"resume")
+    part.unlink(missing_ok=True)
+    return DataError(f"{url}: {error} after {retries} retries; run again later")
+
+
+def _verify(url: str, part: Path, total: int | None, expected_md5: str | None) -> None:
+    """Deletes `part` and raises DataError when its size or md5 is not the expected one."""
     size = part.stat().st_size
     if total is not None and size != total:
         part.unlink()
@@ -172,8 +258,6 @@ def download(url: str, dest: Path, expected_md5: str | None = None, timeout: flo
             part.unlink()
             raise DataError(f"{url}: md5 {digest} does not match the expected {expected_md5}; the file was "
                             f"deleted, run again (or check --oasis-url)")
-    os.replace(part, dest)
-    return dest
 
 
 def file_md5(path: Path) -> str:
@@ -317,13 +401,24 @@ def read_volume(path: Path) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def volume_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue-bearing axial slices of one volume, (n, S, S) float32 in [0, 1], and their indices in the volume."""
+def volume_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tissue-bearing axial slices of one volume, (n, S, S) float32 in [0, 1], their indices in the volume and
+    their levels (see axial_levels)."""
     volume = robust_scale(read_volume(path), config)
     # RAS: axis 2 runs inferior->superior; rot90 puts anterior at the top and the subject's left on the left
     slices = np.rot90(volume.transpose(2, 0, 1), k=1, axes=(1, 2))
     keep = np.flatnonzero(tissue_mask(slices, config))
-    return square_and_resize(np.ascontiguousarray(slices[keep]), config.image_size), keep
+    return (square_and_resize(np.ascontiguousarray(slices[keep]), config.image_size), keep,
+            axial_levels(keep, len(slices)))
+
+
+def axial_levels(indices: np.ndarray, depth: int) -> np.ndarray:
+    """The level of axial slices `indices` (RAS, so 0 is the lowest) of a volume `depth` slices deep, float32:
+    0.0 for its lowest slice, 1.0 for its highest, counted over every slice, empty ones included, so that a level
+    means the same height in volumes with more or less tissue. NaN for a one-slice volume, which has no height."""
+    if depth < 2:
+        return np.full(len(indices), np.nan, np.float32)
+    return (np.asarray(indices, np.float64) / (depth - 1)).astype(np.float32)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -343,10 +438,20 @@ def read_image(path: Path) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def image_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray]:
+def image_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 2D image as zero or one slice, like volume_slices: (slices, indices, levels)."""
     data = robust_scale(read_image(path), config)[None]
     keep = np.flatnonzero(tissue_mask(data, config))
-    return square_and_resize(data[keep], config.image_size), keep
+    return square_and_resize(data[keep], config.image_size), keep, np.full(len(keep), image_level(path), np.float32)
+
+
+def image_level(path: Path) -> float:
+    """S / 31 for the course's `case_NNN_slice_S.nii.png` (slice S of 32, S = 0 the lowest); NaN (unknown) for
+    any other 2D image: a lone slice does not say where in the head it was cut."""
+    found = COURSE_SLICE.search(path.name)
+    if found and int(found.group(1)) < COURSE_DEPTH:
+        return int(found.group(1)) / (COURSE_DEPTH - 1)
+    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,11 +514,12 @@ def resolve_source(data: str, cache: Path, oasis_url: str, discs: str, delete_ar
 
 @dataclass
 class SliceSet:
-    """Preprocessed slices with, per slice, its subject, source file, index in that file, and split."""
+    """Preprocessed slices with, per slice, its subject, source file, index in that file, level, and split."""
     images: np.ndarray  # (n, size, size) float32 in [0, 1]
     subjects: np.ndarray
     sources: np.ndarray
     indices: np.ndarray
+    levels: np.ndarray  # (n,) float32: 0 the lowest axial slice of its volume, 1 the highest, NaN unknown
     splits: np.ndarray
     source: str
     skipped: list[str]
@@ -425,9 +531,10 @@ class SliceSet:
     def select(self, split: str) -> "SliceSet":
         keep = np.ones(len(self), bool) if split == "all" else self.splits == split
         return SliceSet(self.images[keep], self.subjects[keep], self.sources[keep], self.indices[keep],
-                        self.splits[keep], self.source, self.skipped, self.note)
+                        self.levels[keep], self.splits[keep], self.source, self.skipped, self.note)
 
     def fingerprint(self) -> str:
+        """Which slices these are (runs record it); levels follow from them, so they are left out."""
         digest = hashlib.sha1()
         for array in (self.subjects, self.sources, self.indices):
             digest.update("\n".join(map(str, array)).encode())
@@ -491,7 +598,8 @@ def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIA
         try:
             with np.load(cache_file, allow_pickle=False) as stored:
                 images = stored["images"].astype(np.float32) / 65535.0
-                columns = {name: stored[name] for name in ("subjects", "sources", "indices", "fixed_splits")}
+                columns = {name: stored[name] for name in ("subjects", "sources", "indices", "levels",
+                                                           "fixed_splits")}
                 skipped = list(stored["skipped"])
         except Exception:  # a cache entry that does not load is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
@@ -507,7 +615,7 @@ def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIA
     else:
         results = [_preprocess_one(item) for item in tqdm(items, desc="preprocessing", unit="file",
                                                           disable=not progress, file=sys.stderr)]
-    images, subjects, sources, indices, fixed_splits, skipped = [], [], [], [], [], []
+    images, subjects, sources, indices, levels, fixed_splits, skipped = [], [], [], [], [], [], []
     for item, result in zip(files, results):
         if isinstance(result, str):
             if strict:
@@ -515,18 +623,20 @@ def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIA
             warnings.warn(f"skipped {result}", stacklevel=1)
             skipped.append(str(item.path))
             continue
-        slices, keep = result
+        slices, keep, slice_levels = result
         images.append(slices)
         subjects += [item.subject] * len(keep)
         sources += [str(item.path.relative_to(root))] * len(keep)
         indices += list(keep)
+        levels += list(slice_levels)
         fixed_splits += [item.split or ""] * len(keep)
     if not images or not sum(len(block) for block in images):
         raise DataError(f"--data {data}: no slice with enough tissue in {len(files)} file(s) "
                         f"({len(skipped)} unreadable); check the folder holds brain scans")
     stacked = np.concatenate(images)
     columns = {"subjects": np.array(subjects), "sources": np.array(sources),
-               "indices": np.array(indices, np.int32), "fixed_splits": np.array(fixed_splits)}
+               "indices": np.array(indices, np.int32), "levels": np.array(levels, np.float32),
+               "fixed_splits": np.array(fixed_splits)}
     quantized = np.round(stacked * 65535.0).astype(np.uint16)
     atomic_write(cache_file, lambda out: np.savez(out, images=quantized, skipped=np.array(skipped, dtype=str),
                                                   **columns))
@@ -540,8 +650,8 @@ def _with_splits(images, columns, config, source, skipped, note) -> SliceSet:
     else:
         assignment = assign_splits(list(columns["subjects"]), config)
         splits = np.array([assignment[subject] for subject in columns["subjects"]])
-    return SliceSet(images, columns["subjects"], columns["sources"], columns["indices"], splits, source,
-                    skipped, note)
+    return SliceSet(images, columns["subjects"], columns["sources"], columns["indices"], columns["levels"], splits,
+                    source, skipped, note)
 
 
 def make_tf_dataset(images: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, repeat: bool = False):
@@ -580,6 +690,17 @@ def save_preview(slice_set: SliceSet, path: Path, count: int = 8) -> None:
     plt.close(figure)
 
 
+def level_range(levels: np.ndarray) -> str:
+    """'0.05-0.93' (lowest to highest known level), with '(N unknown)' for slices without one; '-' when empty."""
+    known = levels[np.isfinite(levels)]
+    if not len(levels):
+        return "-"
+    if not len(known):
+        return "unknown"
+    unknown = len(levels) - len(known)
+    return f"{known.min():.2f}-{known.max():.2f}" + (f" ({unknown} unknown)" if unknown else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Prepare (download, extract, preprocess, cache) OASIS slices and "
                                                  "print a per-split summary.")
@@ -601,10 +722,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.strict, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
     print(f"source: {args.data}" + (f"  ({slice_set.note})" if slice_set.note else ""))
-    print(f"{'split':<10}{'subjects':>9}{'slices':>8}")
+    print(f"{'split':<10}{'subjects':>9}{'slices':>8}  levels")
     for split in (*SPLITS, "all"):
         part = slice_set.select(split)
-        print(f"{split:<10}{len(set(part.subjects)):>9}{len(part):>8}")
+        print(f"{split:<10}{len(set(part.subjects)):>9}{len(part):>8}  {level_range(part.levels)}")
     chosen = slice_set.select(args.split)
     if len(chosen):
         print(f"slice shape {chosen.images.shape[1:]}, float32, values {chosen.images.min():.3f} to "

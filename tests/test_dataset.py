@@ -3,8 +3,11 @@ real OASIS subset in ../shared/data when it is present."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -35,6 +38,9 @@ def assert_clean_slices(slice_set: dataset.SliceSet, size: int = 128) -> None:
     assert images.max() > 0.5  # scaled to use the range, not left near zero
     n = len(images)
     assert len(slice_set.subjects) == len(slice_set.sources) == len(slice_set.indices) == len(slice_set.splits) == n
+    assert slice_set.levels.dtype == np.float32 and slice_set.levels.shape == (n,)
+    known = slice_set.levels[np.isfinite(slice_set.levels)]
+    assert ((known >= 0) & (known <= 1)).all()
     assert set(slice_set.splits) <= set(dataset.SPLITS)
 
 
@@ -119,9 +125,9 @@ def test_analyze_and_nifti_of_the_same_volume_agree(tmp_path, config):
     volume = make_volume(seed=7)
     nifti = write_nifti(tmp_path / "a.nii.gz", volume, np.diag([-1.0, 1.0, 1.0, 1.0]))  # LAS like Analyze
     analyze = write_analyze(tmp_path / "b.hdr", volume)
-    from_nifti, keep_nifti = dataset.volume_slices(nifti, config)
-    from_analyze, keep_analyze = dataset.volume_slices(analyze, config)
-    assert np.array_equal(keep_nifti, keep_analyze)
+    from_nifti, keep_nifti, levels_nifti = dataset.volume_slices(nifti, config)
+    from_analyze, keep_analyze, levels_analyze = dataset.volume_slices(analyze, config)
+    assert np.array_equal(keep_nifti, keep_analyze) and np.array_equal(levels_nifti, levels_analyze)
     assert np.abs(from_nifti - from_analyze).max() < 0.01  # int16 quantisation only
 
 
@@ -139,15 +145,16 @@ def test_folder_of_images(tmp_path, config, cache):
     assert len(slices) == 6 * 3 + 3
     assert set(slices.subjects) == {f"OAS1_{number:04d}" for number in range(1, 10)}
     assert (slices.indices == 0).all()  # a 2D image is one slice
+    assert np.isnan(slices.levels).all()  # and does not say where in the head it was cut
     assert set(slices.splits) == set(dataset.SPLITS)  # assigned by subject
     assert_no_subject_in_two_splits(slices)
 
 
 def test_8_and_16_bit_png_give_the_same_slice(tmp_path, config):
     image = make_slice(seed=3)
-    eight, _ = dataset.image_slices(write_png(tmp_path / "a.png", image, bits=8), config)
-    sixteen, _ = dataset.image_slices(write_png(tmp_path / "b.png", image, bits=16), config)
-    rgb, _ = dataset.image_slices(write_png(tmp_path / "c.png", image, rgb=True), config)
+    eight, _, _ = dataset.image_slices(write_png(tmp_path / "a.png", image, bits=8), config)
+    sixteen, _, _ = dataset.image_slices(write_png(tmp_path / "b.png", image, bits=16), config)
+    rgb, _, _ = dataset.image_slices(write_png(tmp_path / "c.png", image, rgb=True), config)
     assert eight.shape == sixteen.shape == rgb.shape == (1, 128, 128)
     assert np.abs(eight - sixteen).max() < 0.02
     assert np.abs(eight - rgb).max() < 0.02
@@ -244,7 +251,7 @@ def test_tissue_threshold_drops_empty_slices(tmp_path, config, cache):
     empty = np.flatnonzero(volume.max(axis=(0, 1)) == 0)
     assert len(empty) >= 10  # the synthetic volume has empty slices at both ends
     path = write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", volume)
-    slices, keep = dataset.volume_slices(path, config)
+    slices, keep, _ = dataset.volume_slices(path, config)
     assert len(slices) == len(keep) < volume.shape[2]
     assert not set(keep) & set(empty)
     assert volume.shape[2] // 2 in keep
@@ -255,7 +262,7 @@ def test_tissue_threshold_drops_empty_slices(tmp_path, config, cache):
     dropped = np.setdiff1d(np.arange(volume.shape[2]), keep)
     assert (fractions[dropped] < config.min_tissue_fraction).all()
     # with no threshold every slice is kept
-    everything, keep_all = dataset.volume_slices(path, make_config(overrides=["min_tissue_fraction=0"]))
+    everything, keep_all, _ = dataset.volume_slices(path, make_config(overrides=["min_tissue_fraction=0"]))
     assert list(keep_all) == list(range(volume.shape[2]))
 
     blank = tmp_path / "blank"
@@ -279,8 +286,8 @@ def test_orientation_anterior_top_and_left_left(tmp_path, config):
     volume = np.maximum(volume, marker)
     ras = write_nifti(tmp_path / "ras.nii.gz", volume)
     las = write_nifti(tmp_path / "las.nii.gz", volume[::-1], np.diag([-1.0, 1.0, 1.0, 1.0]))
-    from_ras, keep_ras = dataset.volume_slices(ras, config)
-    from_las, keep_las = dataset.volume_slices(las, config)
+    from_ras, keep_ras, _ = dataset.volume_slices(ras, config)
+    from_las, keep_las, _ = dataset.volume_slices(las, config)
     assert np.array_equal(keep_ras, keep_las)
     assert np.abs(from_ras - from_las).max() < 1e-5  # the same anatomy, whatever the stored orientation
     middle = from_ras[list(keep_ras).index(20)]
@@ -293,7 +300,7 @@ def test_orientation_anterior_top_and_left_left(tmp_path, config):
 def test_non_square_slices_padded_and_nan_cleaned(tmp_path, config):
     volume = make_volume((30, 60, 20))
     volume[0, 0, 0] = np.nan
-    slices, keep = dataset.volume_slices(write_nifti(tmp_path / "v.nii.gz", volume), config)
+    slices, keep, _ = dataset.volume_slices(write_nifti(tmp_path / "v.nii.gz", volume), config)
     assert slices.shape[1:] == (128, 128) and np.isfinite(slices).all()
     middle = slices[len(slices) // 2]
     assert middle[:, :10].max() < 0.01 and middle[:, -10:].max() < 0.01  # zero padding left and right
@@ -317,6 +324,91 @@ def test_process_pool_gives_the_same_result(tmp_path, config):
     assert np.array_equal(serial.images, pooled.images)
     assert np.array_equal(serial.sources, pooled.sources)
     assert np.array_equal(serial.splits, pooled.splits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slice levels: 0 the lowest axial slice of its volume, 1 the highest, NaN unknown
+# ---------------------------------------------------------------------------------------------------------------
+
+def with_inferior_marker(volume: np.ndarray) -> np.ndarray:
+    """`volume` (40 axial slices) with a bright block low in the brain, at RAS z 10 to 13, so that the inferior
+    and the superior end differ."""
+    marked = volume.copy()
+    marked[16:24, 20:28, 10:14] = 1.0
+    return marked
+
+
+def marker_level(slices: np.ndarray, levels: np.ndarray) -> float:
+    """The level of the slice that shows most of the marker."""
+    return float(levels[np.argmax((slices > 0.9).sum(axis=(1, 2)))])
+
+
+def store(storage: str, folder: Path, volume: np.ndarray) -> Path:
+    """`volume` (RAS) written as `storage` says; every file holds the same anatomy."""
+    if storage == "RAS NIfTI":
+        return write_nifti(folder / "ras.nii.gz", volume)
+    if storage == "NIfTI with the axial axis flipped":  # the top slice stored first, as the affine says
+        affine = np.diag([1.0, 1.0, -1.0, 1.0])
+        affine[2, 3] = volume.shape[2] - 1
+        return write_nifti(folder / "flipped.nii.gz", volume[:, :, ::-1], affine)
+    if storage == "NIfTI stored LPI":
+        affine = np.diag([-1.0, -1.0, -1.0, 1.0])
+        affine[:3, 3] = np.array(volume.shape) - 1
+        return write_nifti(folder / "lpi.nii.gz", volume[::-1, ::-1, ::-1], affine)
+    return write_analyze(folder / "analyze.hdr", volume[::-1])  # nibabel reads Analyze as LAS
+
+
+def test_volume_levels_count_every_axial_slice(tmp_path, config):
+    path = write_nifti(tmp_path / "v.nii.gz", make_volume())  # 40 axial slices, the middle 24 carry tissue
+    _, keep, levels = dataset.volume_slices(path, config)
+    assert list(keep) == list(range(8, 32))
+    assert levels.dtype == np.float32
+    assert np.array_equal(levels, (np.arange(8, 32) / 39).astype(np.float32))  # over all 40, empty ones included
+    _, _, every = dataset.volume_slices(path, make_config(overrides=["min_tissue_fraction=0"]))
+    assert every[0] == 0.0 and every[-1] == 1.0 and (np.diff(every) > 0).all()
+
+
+@pytest.mark.parametrize("storage", ["RAS NIfTI", "NIfTI with the axial axis flipped", "NIfTI stored LPI",
+                                     "Analyze"])
+def test_levels_run_inferior_to_superior_whatever_the_stored_orientation(storage, tmp_path, config):
+    volume = with_inferior_marker(make_volume(seed=3))
+    reference, reference_keep, reference_levels = dataset.volume_slices(store("RAS NIfTI", tmp_path, volume),
+                                                                         config)
+    slices, keep, levels = dataset.volume_slices(store(storage, tmp_path, volume), config)
+    assert 10 / 39 - 1e-6 <= marker_level(slices, levels) <= 13 / 39 + 1e-6  # the marker is low: low level
+    assert np.array_equal(keep, reference_keep) and np.array_equal(levels, reference_levels)
+    assert np.abs(slices - reference).max() < 0.01  # int16 quantisation (Analyze) only
+
+
+@pytest.mark.parametrize("name, level", [
+    ("case_001_slice_0.nii.png", 0.0), ("case_001_slice_31.nii.png", 1.0), ("case_412_slice_12.nii.png", 12 / 31),
+    ("case_001_slice_32.nii.png", None),  # not one of a case's 32 slices
+    ("case_001_slice_5.png", None), ("slice_5.png", None), ("OAS1_0003_MR1_a.jpg", None), ("brain.tif", None),
+])
+def test_image_level(name, level):
+    found = dataset.image_level(Path("folder") / name)
+    if level is None:
+        assert np.isnan(found)
+    else:
+        assert found == pytest.approx(level, abs=1e-12)
+
+
+def test_course_layout_levels(tmp_path, config, cache):
+    data = make_course_layout(tmp_path, {"train": [1], "validate": [2], "test": [3]}, slices_per_case=32)
+    slices = load(data, config, cache)
+    assert len(slices) == 3 * 32
+    numbers = np.array([int(re.search(r"_slice_(\d+)", source).group(1)) for source in slices.sources])
+    assert np.array_equal(slices.levels, (numbers / 31).astype(np.float32))
+    for case in set(slices.subjects):
+        mine = slices.levels[slices.subjects == case]
+        assert mine.min() == 0.0 and mine.max() == 1.0
+
+
+def test_level_range():
+    assert dataset.level_range(np.array([0.5, 0.1, 0.9], np.float32)) == "0.10-0.90"
+    assert dataset.level_range(np.array([np.nan, np.nan], np.float32)) == "unknown"
+    assert dataset.level_range(np.array([0.2, np.nan], np.float32)) == "0.20-0.20 (1 unknown)"
+    assert dataset.level_range(np.array([], np.float32)) == "-"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +441,7 @@ def test_cache_is_reused(tmp_path, config, cache, monkeypatch):
     second = load(folder, config, cache)
     assert cached[0].stat().st_mtime_ns == mtime
     assert np.array_equal(first.images, second.images)  # bit for bit: the first result was read back quantised
-    for column in ("subjects", "sources", "indices", "splits"):
+    for column in ("subjects", "sources", "indices", "levels", "splits"):
         assert np.array_equal(getattr(first, column), getattr(second, column))
     assert second.images.dtype == np.float32
 
@@ -405,20 +497,66 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, config, cache, monkeypatch):
     assert not list((cache / "slices").glob(".*.tmp"))  # no temporary file left behind
 
 
+def test_levels_survive_the_cache_and_select(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "mixed", ["OAS1_0001_MR1", "OAS1_0002_MR1", "OAS1_0003_MR1"])
+    write_png(folder / "OAS1_0004_MR1_a.png", make_slice(seed=4))  # a lone image: its level is unknown
+    first = load(folder, config, cache)
+    expected = np.where(first.subjects == "OAS1_0004", np.nan, first.indices / 39).astype(np.float32)
+    assert np.array_equal(first.levels, expected, equal_nan=True)
+
+    def fail(item):
+        raise AssertionError(f"preprocessed {item[0].path} again instead of reading the cache")
+
+    monkeypatch.setattr(dataset, "_preprocess_one", fail)
+    second = load(folder, config, cache)
+    assert second.levels.dtype == np.float32
+    assert np.array_equal(second.levels, first.levels, equal_nan=True)
+    for split in (*dataset.SPLITS, "all"):
+        chosen = second.select(split)
+        wanted = second.levels if split == "all" else second.levels[second.splits == split]
+        assert np.array_equal(chosen.levels, wanted, equal_nan=True)
+        assert len(chosen.levels) == len(chosen)
+
+
+def test_fingerprint_does_not_depend_on_levels(tmp_path, config, cache):
+    """Runs record the fingerprint: the same slices keep the one they had before slices had levels."""
+    slices = load(nifti_folder(tmp_path / "v", ["OAS1_0001_MR1", "OAS1_0002_MR1"]), config, cache)
+    digest = hashlib.sha1()
+    for array in (slices.subjects, slices.sources, slices.indices):
+        digest.update("\n".join(map(str, array)).encode())
+    assert slices.fingerprint() == digest.hexdigest()[:16]
+    assert dataclasses.replace(slices, levels=np.zeros_like(slices.levels)).fingerprint() == slices.fingerprint()
+
+
+def test_a_cache_entry_without_levels_is_rebuilt(tmp_path, config, cache, monkeypatch):
+    folder = nifti_folder(tmp_path / "v", ["OAS1_0001_MR1"])
+    first = load(folder, config, cache)
+    (entry,) = (cache / "slices").glob("*.npz")
+    with np.load(entry) as stored:
+        columns = {name: stored[name] for name in stored.files if name != "levels"}
+    np.savez(entry, **columns)  # what an entry held before slices had levels
+    calls = counting_preprocess(monkeypatch)
+    again = load(folder, config, cache)
+    assert len(calls) == 1
+    assert np.array_equal(again.levels, first.levels)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_missing_path(tmp_path, config, cache):
+def test_missing_path(tmp_path, config):
     with pytest.raises(dataset.DataError, match="no such file or folder"):
-        load(tmp_path / "nowhere", config, cache)
+        load(tmp_path / "nowhere", config, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
 
 
-def test_empty_folder(tmp_path, config, cache):
+def test_empty_folder(tmp_path, config):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no data here")
     with pytest.raises(dataset.DataError, match="no volumes .* found"):
-        load(tmp_path / "empty", config, cache)
+        load(tmp_path / "empty", config, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_path_that_is_a_file(tmp_path, config, cache):
@@ -559,6 +697,7 @@ def test_cli_bad_data_exits_2_with_one_line(kind, tmp_path):
     assert lines[0].startswith("error: ") and message in lines[0]
     assert str(bad) in lines[0]
     assert result.stdout == ""
+    assert not (tmp_path / "cache").exists()  # nothing written for a source that cannot be used
 
 
 def test_cli_bad_flags_exit_2(tmp_path):
@@ -582,8 +721,21 @@ def test_cli_summary_and_preview(tmp_path):
     assert set(rows) == {*dataset.SPLITS, "all"}
     assert int(rows["all"][0]) == 4
     assert sum(int(rows[split][1]) for split in dataset.SPLITS) == int(rows["all"][1])
+    for split, row in rows.items():  # the level range, inside 0-1: the empty slices at both ends are dropped
+        found = re.fullmatch(r"(\d\.\d\d)-(\d\.\d\d)", " ".join(row[2:]))
+        assert found and 0 < float(found.group(1)) < 0.5 < float(found.group(2)) < 1, (split, row)
     assert "slice shape (128, 128), float32" in out and "time " in out
     assert preview.exists() and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_summary_says_unknown_levels_for_lone_images(tmp_path):
+    folder = tmp_path / "pngs"
+    for number in range(1, 4):
+        write_png(folder / f"OAS1_{number:04d}_MR1_a.png", make_slice(seed=number))
+    result = run_dataset_cli("--data", str(folder), "--cache", str(tmp_path / "cache"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["train"], ["all"])]
+    assert [row[3:] for row in rows] == [["unknown"], ["unknown"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,6 +766,18 @@ def test_shared_mni_volumes(mni_slices):
         indices = mni_slices.indices[mni_slices.subjects == subject]
         assert len(set(indices)) == len(indices)
         assert len(set(mni_slices.sources[mni_slices.subjects == subject])) == 1
+
+
+def test_shared_mni_levels_run_from_the_bottom_to_the_top_of_the_head(mni_slices):
+    """Looked at, level 0.15 cuts the orbits and the cerebellum and 0.9 the crown. Checked here: the least tissue
+    of a subject is near the crown (level > 0.8), where the head ends in a small cap, never at the bottom, where
+    the slices still cut the neck and the cerebellum."""
+    for subject in set(mni_slices.subjects):
+        mine = mni_slices.subjects == subject
+        levels = mni_slices.levels[mine]
+        assert np.array_equal(levels, (mni_slices.indices[mine] / 191).astype(np.float32))  # 192 axial slices
+        area = (mni_slices.images[mine] > 0.1).mean(axis=(1, 2))
+        assert levels[np.argmin(area)] > 0.8, subject
 
 
 def test_shared_t88_jpegs(shared_data, tmp_path, config):

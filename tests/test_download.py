@@ -1,16 +1,19 @@
 """The OASIS-1 download path of dataset.py against a local HTTP server that serves a miniature disc archive:
 extraction of the masked_gfc volumes only, resume with HTTP Range after a cut, checksums, HTTP errors, retries,
-archives that are not gzip, --delete-archives, and the command line."""
+archives that are not gzip, --delete-archives, and the command line; and failures that no retry can fix (no
+network, a refused connection, 4xx), which must fail at once."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import re
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -483,11 +486,33 @@ def test_500_then_success(server, disc1, config, cache, sleeps):
 def test_a_stalled_server_times_out_retries_then_is_an_error(server, disc1, tmp_path, sleeps):
     server.publish(DISC1, disc1)
     server.stall = 1.5
-    with pytest.raises(dataset.DataError, match="after 2 retries") as raised:
+    with pytest.raises(dataset.DataError, match=r"no answer within 0\.3 s after 2 retries") as raised:
         dataset.download(server.url + DISC1, tmp_path / DISC1, timeout=0.3, retries=2, backoff=0.01, progress=False)
-    assert server.url + DISC1 in str(raised.value) and "run again to resume" in str(raised.value)
+    assert server.url + DISC1 in str(raised.value) and "run again" in str(raised.value)
     assert len(server.requests_for(DISC1)) == 3 and sleeps == [0.01, 0.02]
     assert not (tmp_path / DISC1).exists()
+
+
+def test_an_empty_part_file_is_deleted_not_called_resumable(server, disc1, tmp_path, sleeps):
+    """The stalled server sends headers and no byte: the .part opened for the body stays empty, and an empty
+    file is nothing to resume."""
+    server.publish(DISC1, disc1)
+    server.stall = 1.5
+    with pytest.raises(dataset.DataError) as raised:
+        dataset.download(server.url + DISC1, tmp_path / DISC1, timeout=0.3, retries=1, backoff=0.01, progress=False)
+    assert "kept" not in str(raised.value) and "resume" not in str(raised.value)
+    assert str(raised.value).endswith("run again later")
+    assert list(tmp_path.rglob("*.part")) == []
+
+
+def test_403_fails_without_retry(server, disc1, tmp_path, sleeps):
+    server.publish(DISC1, disc1)
+    server.statuses[DISC1] = [403, 403]  # a retry would get 403 again, then the file
+    with pytest.raises(dataset.DataError, match="HTTP 403; check --oasis-url") as raised:
+        dataset.download(server.url + DISC1, tmp_path / DISC1, backoff=0.01, progress=False)
+    assert server.url + DISC1 in str(raised.value)
+    assert len(server.requests_for(DISC1)) == 1 and sleeps == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_other_4xx_is_an_error_without_retry(server, disc1, tmp_path, sleeps):
@@ -558,7 +583,7 @@ def test_cli_oasis_download(server, disc1, tmp_path):
     assert "source: oasis" in result.stdout
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
             if line.split() and line.split()[0] in (*dataset.SPLITS, "all")}
-    assert rows["all"] == ["3", str(3 * 24)]
+    assert rows["all"][:2] == ["3", str(3 * 24)]
     assert "slice shape (128, 128), float32" in result.stdout
     assert visible_files(volume_dir(cache)) == EXPECTED
 
@@ -581,3 +606,56 @@ def test_cli_download_error_exits_2(server, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "HTTP 404" in lines[0] and "oasis_cross-sectional_disc3.tar.gz" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A server that cannot be reached: no retry can help, so the failure is at once, in one short line
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released), so a connection is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def timed_download(url: str, dest: Path) -> tuple[dataset.DataError, float]:
+    """download() with the default retries and back-off, expected to fail: the error and the seconds it took."""
+    start = time.perf_counter()
+    with pytest.raises(dataset.DataError) as raised:
+        dataset.download(url, dest, progress=False)
+    return raised.value, time.perf_counter() - start
+
+
+def test_a_refused_connection_fails_at_once_without_retry(closed_port, tmp_path, sleeps):
+    error, seconds = timed_download(f"http://127.0.0.1:{closed_port}/data/{DISC1}", tmp_path / "cache" / DISC1)
+    assert sleeps == [] and seconds < 5
+    assert str(error).startswith(f"cannot reach 127.0.0.1:{closed_port} (connection refused")
+    assert "--data FOLDER" in str(error) and "predict.py" in str(error)
+    assert not (tmp_path / "cache").exists()  # nothing written: no folder, no empty .part
+
+
+def test_an_unresolvable_host_fails_at_once_as_name_not_resolved(tmp_path, sleeps):
+    error, seconds = timed_download(f"http://oasis.invalid/data/{DISC1}", tmp_path / "cache" / DISC1)
+    assert sleeps == [] and seconds < 5  # the .invalid top-level domain never resolves
+    assert str(error).startswith("cannot reach oasis.invalid (name not resolved: no network?); ")
+    assert len(str(error)) < 250 and "Error" not in str(error)  # no urllib3 internals
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_malformed_url_fails_at_once(tmp_path, sleeps):
+    with pytest.raises(dataset.DataError, match="check --oasis-url"):
+        dataset.download(f"oasis.example/{DISC1}", tmp_path / DISC1, progress=False)
+    assert sleeps == [] and list(tmp_path.iterdir()) == []
+
+
+def test_cli_without_a_reachable_server_is_one_short_line_at_once(closed_port, tmp_path):
+    start = time.perf_counter()
+    result = run_dataset_cli("--data", "oasis", "--oasis-url", f"http://127.0.0.1:{closed_port}/data/",
+                             "--discs", "1", "--cache", str(tmp_path / "cache"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach 127.0.0.1:{closed_port} (connection refused") and len(line) < 250
+    assert time.perf_counter() - start < 30  # the interpreter's start-up, no back-off (4 retries wait 30 s)
+    assert not (tmp_path / "cache").exists()

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 
 @dataclass
@@ -53,6 +53,10 @@ class Config:
     codebook: str = "ema"  # "ema" (exponential moving averages) or "loss" (codebook loss, learned by the optimizer)
     ema_decay: float = 0.99
     dead_code_threshold: float = 1.0  # a code whose EMA usage falls below this many vectors per batch is restarted
+    # a second, coarser code grid (VQ-VAE-2): more strided convs from the bottom encoder's features down to the top
+    # grid (64 / 4 = 16x16 by default); no strides = a single code grid
+    top_filters: list[int] = field(default_factory=lambda: [64, 64])
+    top_strides: list[int] = field(default_factory=lambda: [2, 2])
     decoder_filters: list[int] = field(default_factory=lambda: [32])
     decoder_strides: list[int] = field(default_factory=lambda: [2])
     ssim_loss_weight: float = 0.2  # loss = MSE + w * (1 - SSIM) + VQ loss; 0 gives plain MSE
@@ -65,14 +69,27 @@ class Config:
     lr_floor: float = 0.02
     seed: int = 0
 
-    # --- PixelCNN prior ---------------------------------------------------------------------------------------
-    prior_layout: str = "gated"  # "gated" (GatedPixelCNN), "blocks" (masked residual blocks) or "seed" (the report)
+    # --- PixelCNN priors --------------------------------------------------------------------------------------
+    # The bottom (or only) grid's prior: prior_*; the top grid's prior of a two-level model: top_prior_*, with the
+    # rest shared. Gated priors take each slice's axial level (0 = lowest slice of its volume, 1 = highest, or
+    # unknown); a bottom prior also takes the top codes, through `prior_condition_filters` channels.
+    prior_layout: str = "gated"  # "gated" (GatedPixelCNN) or "seed" (the report's masked PixelCNN)
     prior_filters: int = 32
     prior_first_kernel: int = 7
-    prior_residual_blocks: int = 5  # gated blocks after the first one (layout "gated"), else residual blocks
-    prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # of the blocks' 3x3, cycled
+    prior_residual_blocks: int = 4  # gated blocks after the first one (layout "gated"), else residual blocks
+    prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # of the blocks' 3x3, cycled
+    prior_epochs: int = 12
+    top_prior_filters: int = 64
+    top_prior_residual_blocks: int = 6
+    top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 1, 2])
+    top_prior_epochs: int = 30
+    prior_condition_filters: int = 32
+    prior_condition_on_level: bool = True
+    # regularization: seven training subjects are few, and an unregularized prior overfits within a few epochs
+    prior_dropout: float = 0.1  # on each gated block's residual branch
+    prior_level_dropout: float = 0.1  # share of training grids shown with an unknown level, so "unknown" is learned
+    prior_flip: bool = True  # train on the codes of left-right flipped slices too (drawn per grid, per epoch)
     prior_batch_size: int = 64
-    prior_epochs: int = 15
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
 
@@ -81,10 +98,26 @@ class Config:
 
     @property
     def code_grid(self) -> int:
+        """Side of the bottom (or only) code grid."""
         size = self.image_size
         for stride in self.encoder_strides:
             size //= stride
         return size
+
+    @property
+    def top_grid(self) -> int | None:
+        """Side of the top code grid of a two-level model, None for a single grid."""
+        if not self.top_strides:
+            return None
+        size = self.code_grid
+        for stride in self.top_strides:
+            size //= stride
+        return size
+
+    @property
+    def code_grids(self) -> tuple[str, ...]:
+        """The code grids, coarse first: ("top", "bottom") or ("bottom",)."""
+        return ("top", "bottom") if self.top_strides else ("bottom",)
 
     def to_dict(self) -> dict[str, Any]:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
@@ -94,8 +127,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
-        values = dict(values)
-        values.setdefault("prior_lr_schedule", "constant")  # what runs saved before the field existed trained with
+        values = migrate(dict(values))
         version = values.pop("config_version", None)
         if version != CONFIG_VERSION:
             raise ValueError(f"config version {version} is not {CONFIG_VERSION}, the version this code reads")
@@ -104,6 +136,23 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
         return cls(**values)
+
+
+def migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict of an older CONFIG_VERSION, rewritten to mean the same in the current one.
+
+    Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
+    the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
+    "constant" where absent."""
+    if values.get("config_version") == 1:
+        values.setdefault("prior_lr_schedule", "constant")
+        values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
+                      prior_level_dropout=0.0, prior_flip=False, config_version=2)
+        defaults = Config()
+        for key in ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
+                    "prior_condition_filters"):
+            values.setdefault(key, getattr(defaults, key))
+    return values
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -116,6 +165,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_filters=[64, 64, 32, 32],
         decoder_strides=[2, 2, 2, 2],
         latent_dim=16,
+        top_filters=[],
+        top_strides=[],
         # measured on the shared volumes: MSE alone reached 0.591 validation SSIM in 30 epochs, MSE + 0.2 (1 - SSIM)
         # 0.668 in 40; at learning rate 2e-3 this 8x8 model was unstable with either loss
         learning_rate=1e-3,
@@ -127,6 +178,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         prior_epochs=30,
         prior_learning_rate=1e-3,
         prior_lr_schedule="constant",
+        prior_condition_on_level=False,
+        prior_dropout=0.0,
+        prior_level_dropout=0.0,
+        prior_flip=False,
     ),
 }
 
@@ -189,12 +244,26 @@ def validate(config: Config) -> None:
     for key in ("lr_schedule", "prior_lr_schedule"):
         if getattr(config, key) not in ("cosine", "constant"):
             raise ValueError(f"{key} must be 'cosine' or 'constant', not {getattr(config, key)!r}")
-    if config.prior_layout not in ("gated", "blocks", "seed"):
-        raise ValueError(f"prior_layout must be gated, blocks or seed, not {config.prior_layout!r}")
+    if config.prior_layout not in ("gated", "seed"):
+        raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
+    if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):
+        raise ValueError("prior_layout seed (the report's masked PixelCNN) takes no condition: it needs "
+                         "top_strides= (one code grid) and prior_condition_on_level=false")
+    if len(config.top_filters) != len(config.top_strides):
+        raise ValueError("top_filters and top_strides must have the same length")
+    top_down = 1
+    for stride in config.top_strides:
+        top_down *= stride
+    if config.code_grid % top_down:
+        raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
+    for key in ("prior_dropout", "prior_level_dropout"):
+        if not 0 <= getattr(config, key) < 1:
+            raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:
         raise ValueError("validate_fraction + test_fraction must be in [0, 1)")
-    if not config.prior_dilations or min(config.prior_dilations) < 1:
-        raise ValueError("prior_dilations must be a non-empty list of positive integers")
+    for key in ("prior_dilations", "top_prior_dilations"):
+        if not getattr(config, key) or min(getattr(config, key)) < 1:
+            raise ValueError(f"{key} must be a non-empty list of positive integers")
     if config.prior_first_kernel < 3 or config.prior_first_kernel % 2 == 0:
         raise ValueError("prior_first_kernel must be odd and at least 3")
     if config.temperature <= 0:

@@ -171,23 +171,52 @@ class ResidualConvBlock(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "transpose": self.transpose}
 
 
-def build_encoder(config: Config) -> keras.Sequential:
-    """Strided 3x3 convs (ReLU, 'same'), a 3x3 conv to `residual_filters`, residual blocks, a 1x1 to latent_dim."""
-    stack = [keras.Input((config.image_size, config.image_size, 1))]
-    stack += [layers.Conv2D(filters, 3, strides=stride, padding="same", activation="relu")
-              for filters, stride in zip(config.encoder_filters, config.encoder_strides)]
+def conv_stack(config: Config, size: int, channels: int, filters, strides, name: str,
+               to_latent: bool = True) -> keras.Sequential:
+    """Strided 3x3 convs (ReLU, 'same'), a 3x3 conv to `residual_filters`, residual blocks, and (`to_latent`) a 1x1
+    to latent_dim: (b, size, size, channels) -> (b, size / prod(strides), ..., latent_dim or residual_filters)."""
+    stack = [keras.Input((size, size, channels))]
+    stack += [layers.Conv2D(count, 3, strides=stride, padding="same", activation="relu")
+              for count, stride in zip(filters, strides)]
     stack.append(layers.Conv2D(config.residual_filters, 3, padding="same", activation="relu"))
     stack += [ResidualConvBlock(config.residual_filters) for _ in range(config.residual_blocks)]
     if config.residual_blocks:
         stack.append(layers.ReLU())
-    stack.append(layers.Conv2D(config.latent_dim, 1, padding="same"))
-    return keras.Sequential(stack, name="encoder")
+    if to_latent:
+        stack.append(layers.Conv2D(config.latent_dim, 1, padding="same"))
+    return keras.Sequential(stack, name=name)
+
+
+def build_encoder(config: Config) -> keras.Sequential:
+    """The image encoder: (b, 128, 128, 1) -> the bottom grid's (b, g, g, latent_dim) vectors, or for a two-level
+    model its (b, g, g, residual_filters) features, which the top encoder and the bottom quantizer's input share."""
+    return conv_stack(config, config.image_size, 1, config.encoder_filters, config.encoder_strides, "encoder",
+                      to_latent=not config.top_strides)
+
+
+def build_top_encoder(config: Config) -> keras.Sequential:
+    """(b, g, g, residual_filters) bottom features -> (b, top_grid, top_grid, latent_dim) top vectors."""
+    return conv_stack(config, config.code_grid, config.residual_filters, config.top_filters, config.top_strides,
+                      "top_encoder")
+
+
+def build_upsampler(config: Config, channels: int, name: str) -> keras.Sequential:
+    """(b, top_grid, top_grid, latent_dim) top codes -> (b, g, g, channels): a 3x3 conv, then one stride-s 4x4
+    transposed conv per top stride (ReLU between them, linear out)."""
+    stack = [keras.Input((config.top_grid, config.top_grid, config.latent_dim)),
+             layers.Conv2D(config.residual_filters, 3, padding="same", activation="relu")]
+    for index, stride in enumerate(config.top_strides):
+        last = index == len(config.top_strides) - 1
+        stack.append(layers.Conv2DTranspose(channels if last else config.residual_filters, 4, strides=stride,
+                                            padding="same", activation=None if last else "relu"))
+    return keras.Sequential(stack, name=name)
 
 
 def build_decoder(config: Config) -> keras.Sequential:
-    """Mirror of the encoder with Conv2DTranspose layers, ending in one linear 3x3 filter (the image)."""
+    """Mirror of the encoder with Conv2DTranspose layers, ending in one linear 3x3 filter (the image). Its input is
+    the bottom grid's quantized vectors, joined for a two-level model by the top's, upsampled to the bottom grid."""
     grid = config.code_grid
-    stack = [keras.Input((grid, grid, config.latent_dim))]
+    stack = [keras.Input((grid, grid, config.latent_dim * len(config.code_grids)))]
     stack.append(layers.Conv2DTranspose(config.residual_filters, 3, padding="same", activation="relu"))
     stack += [ResidualConvBlock(config.residual_filters, transpose=True) for _ in range(config.residual_blocks)]
     if config.residual_blocks:
@@ -204,52 +233,92 @@ def build_decoder(config: Config) -> keras.Sequential:
 
 @keras.saving.register_keras_serializable(PACKAGE)
 class VQVAE(keras.Model):
-    """Encoder -> VectorQuantizer -> decoder, built from a Config dict.
+    """Encoder -> VectorQuantizer -> decoder, with one code grid or two (VQ-VAE-2, Razavi et al. 2019), from a
+    Config dict.
 
-    `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns the code grid
-    (batch, g, g) int32; `decode_codes(codes)` turns a code grid back into images. `fit` minimises
-    MSE + ssim_loss_weight * (1 - SSIM) + the quantizer loss and reports loss, reconstruction loss, VQ loss,
-    perplexity, code usage and SSIM in its progress bar.
+    One grid: image -> encoder -> quantizer -> decoder. Two grids ("top" coarse, "bottom" fine; the `default`
+    preset's 16x16 and 64x64 grids of 16 codes each): the encoder's 64x64 features go down to the top grid and are
+    quantized there; the quantized top, upsampled back to 64x64, joins the features before the bottom quantizer (so
+    the bottom codes carry what the top left out), and joins the bottom codes again at the decoder's input.
+
+    `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns {"top": (batch, 16, 16),
+    "bottom": (batch, 64, 64)} int32 code grids (only "bottom" for one grid); `decode_codes(codes)` turns such a
+    dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses and
+    reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM.
     """
 
     def __init__(self, config: dict, **kwargs):
         super().__init__(**kwargs)
         self.config_dict = dict(config)
-        self.cfg = Config.from_dict(config)
-        self.encoder = build_encoder(self.cfg)
-        self.quantizer = VectorQuantizer(self.cfg.num_codes, self.cfg.latent_dim, self.cfg.beta, self.cfg.codebook,
-                                         self.cfg.ema_decay, self.cfg.dead_code_threshold, name="quantizer")
-        self.decoder = build_decoder(self.cfg)
-        self.quantizer.build((None, self.cfg.code_grid, self.cfg.code_grid, self.cfg.latent_dim))
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in
-                         ("loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim")}
+        self.cfg = cfg = Config.from_dict(config)
+        self.two_level = bool(cfg.top_strides)
+        self.encoder = build_encoder(cfg)
+        self.quantizer = self._quantizer("quantizer", cfg.code_grid)
+        if self.two_level:
+            self.top_encoder = build_top_encoder(cfg)
+            self.quantizer_top = self._quantizer("quantizer_top", cfg.top_grid)
+            self.top_to_bottom = build_upsampler(cfg, cfg.latent_dim, "top_to_bottom")
+            self.bottom_in = layers.Conv2D(cfg.latent_dim, 1, name="bottom_in")
+            self.top_to_decoder = build_upsampler(cfg, cfg.latent_dim, "top_to_decoder")
+        self.decoder = build_decoder(cfg)
+        names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim"]
+        if self.two_level:
+            names += ["perplexity_top", "usage_top"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    def _quantizer(self, name, grid):
+        cfg = self.cfg
+        quantizer = VectorQuantizer(cfg.num_codes, cfg.latent_dim, cfg.beta, cfg.codebook, cfg.ema_decay,
+                                    cfg.dead_code_threshold, name=name)
+        quantizer.build((None, grid, grid, cfg.latent_dim))
+        return quantizer
 
     @property
     def metrics(self):
         return list(self.trackers.values())
 
-    def forward(self, images, training=False):
-        quantized = self.quantizer(self.encoder(images, training=training), training=training)
-        return {**quantized, "reconstructions": self.decoder(quantized["quantized"], training=training)}
+    def quantize_grids(self, images, training=False):
+        """{grid: the quantizer's outputs} of each code grid of (b, 128, 128, 1) images."""
+        features = self.encoder(images, training=training)
+        if not self.two_level:
+            return {"bottom": self.quantizer(features, training=training)}
+        top = self.quantizer_top(self.top_encoder(features, training=training), training=training)
+        joined = ops.concatenate([features, self.top_to_bottom(top["quantized"], training=training)], axis=-1)
+        return {"top": top, "bottom": self.quantizer(self.bottom_in(joined), training=training)}
+
+    def decode_quantized(self, quantized, training=False):
+        """Images from {grid: (b, side, side, latent_dim) quantized vectors}."""
+        inputs = quantized["bottom"]
+        if self.two_level:
+            inputs = ops.concatenate([inputs, self.top_to_decoder(quantized["top"], training=training)], axis=-1)
+        return self.decoder(inputs, training=training)
 
     def call(self, images, training=False):
-        return self.forward(images, training)["reconstructions"]
+        grids = self.quantize_grids(images, training)
+        return self.decode_quantized({name: grid["quantized"] for name, grid in grids.items()}, training)
 
     def encode(self, images):
-        return self.quantizer.code_indices(self.encoder(images))
+        return {name: grid["indices"] for name, grid in self.quantize_grids(images).items()}
 
     def decode_codes(self, codes):
-        return self.decoder(self.quantizer.lookup(codes))
+        quantizers = {"bottom": self.quantizer, "top": getattr(self, "quantizer_top", None)}
+        return self.decode_quantized({name: quantizers[name].lookup(ops.cast(grid, "int32"))
+                                      for name, grid in codes.items()})
 
-    def loss_terms(self, images, outputs):
-        reconstruction = ops.mean((images - outputs["reconstructions"]) ** 2)
-        reconstructions = outputs["reconstructions"]
+    def loss_terms(self, images, training):
+        grids = self.quantize_grids(images, training)
+        reconstructions = self.decode_quantized({name: grid["quantized"] for name, grid in grids.items()}, training)
+        reconstruction = ops.mean((images - reconstructions) ** 2)
         if not self.cfg.ssim_loss_weight:  # reported, not trained on: no gradient to compute
             reconstructions = ops.stop_gradient(reconstructions)
         similarity = ops.mean(ssim(images, reconstructions))
-        loss = reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + outputs["loss"]
-        return {"loss": loss, "reconstruction_loss": reconstruction, "vq_loss": outputs["loss"],
-                "perplexity": outputs["perplexity"], "usage": outputs["usage"], "ssim": similarity}
+        vq_loss = sum(grid["loss"] for grid in grids.values())
+        values = {"loss": reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + vq_loss,
+                  "reconstruction_loss": reconstruction, "vq_loss": vq_loss,
+                  "perplexity": grids["bottom"]["perplexity"], "usage": grids["bottom"]["usage"], "ssim": similarity}
+        if self.two_level:
+            values.update(perplexity_top=grids["top"]["perplexity"], usage_top=grids["top"]["usage"])
+        return values
 
     def _report(self, values, count):
         for name, value in values.items():
@@ -261,7 +330,7 @@ class VQVAE(keras.Model):
         count = ops.cast(ops.shape(images)[0], "float32")
         context = tf.distribute.get_replica_context()
         with tf.GradientTape() as tape:
-            values = self.loss_terms(images, self.forward(images, training=True))
+            values = self.loss_terms(images, training=True)
             scaled = values["loss"]
             if context is not None and context.num_replicas_in_sync > 1:
                 # the optimizer sums gradients over replicas: weighting each replica's mean by its share of the
@@ -274,24 +343,31 @@ class VQVAE(keras.Model):
         return self._report(values, count)
 
     def test_step(self, images):
-        return self._report(self.loss_terms(images, self.forward(images, training=False)),
-                            ops.cast(ops.shape(images)[0], "float32"))
+        return self._report(self.loss_terms(images, training=False), ops.cast(ops.shape(images)[0], "float32"))
 
     def build(self, input_shape=None):
-        self.encoder.build((None, self.cfg.image_size, self.cfg.image_size, 1))
-        self.decoder.build((None, self.cfg.code_grid, self.cfg.code_grid, self.cfg.latent_dim))
+        size, grid, latent = self.cfg.image_size, self.cfg.code_grid, self.cfg.latent_dim
+        self.encoder.build((None, size, size, 1))
+        if self.two_level:
+            top = self.cfg.top_grid
+            self.top_encoder.build((None, grid, grid, self.cfg.residual_filters))
+            self.top_to_bottom.build((None, top, top, latent))
+            self.bottom_in.build((None, grid, grid, self.cfg.residual_filters + latent))
+            self.top_to_decoder.build((None, top, top, latent))
+        self.decoder.build((None, grid, grid, latent * len(self.cfg.code_grids)))
         self.built = True
 
     def get_config(self):
         return {**super().get_config(), "config": self.config_dict}
 
 
-def encode_all(vqvae: VQVAE, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(n, h, w) images -> (n, g, g) int32 code grids, in batches."""
-    grid = vqvae.cfg.code_grid
-    chunks = [np.asarray(vqvae.encode(images[start:start + batch_size, ..., None]))
-              for start in range(0, len(images), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, grid, grid), np.int32)
+def encode_all(vqvae: VQVAE, images: np.ndarray, batch_size: int = 64) -> dict:
+    """(n, h, w) images -> {grid: (n, side, side) int32 code grids}, in batches."""
+    chunks = [{name: np.asarray(codes) for name, codes in vqvae.encode(images[start:start + batch_size, ..., None])
+               .items()} for start in range(0, len(images), batch_size)]
+    sides = {"bottom": vqvae.cfg.code_grid, "top": vqvae.cfg.top_grid}
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) if chunks
+            else np.zeros((0, sides[name], sides[name]), np.int32) for name in vqvae.cfg.code_grids}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,44 +454,49 @@ class ResidualBlock(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "dilation": self.dilation}
 
 
+def prior_inputs(codes=None, levels=None, top=None) -> dict:
+    """The inputs of a prior as one dict (what `fit` feeds and `call` takes): "codes" (b, side, side) int, the grid
+    it models; "levels" (b,) float, the slices' axial levels (NaN = unknown); "top" (b, top_side, top_side) int,
+    the top codes a bottom prior is conditioned on. Absent entries are left out."""
+    given = {"codes": codes, "levels": levels, "top": top}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 @keras.saving.register_keras_serializable(PACKAGE)
 class PixelCNN(keras.Model):
-    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (g, g) code grids in raster order.
+    """The founding report's autoregressive prior p(c) = prod_i p(c_i | c_<i) over (g, g) code grids in raster
+    order (the `seed` preset): a mask-A 7x7 convolution, then residual blocks interleaved with 1x1 mask-B convs, and
+    a 1x1 conv to one logit per code. It takes no condition.
 
-    Input: (batch, g, g) int code grids. Output: (batch, g, g, num_codes) logits, where the logits at a position
-    depend only on the codes before it. Layout "seed" follows the founding report's table (mask-A 7x7, then
-    residual blocks interleaved with 1x1 mask-B convs); layout "blocks" is mask-A, n residual blocks, one 1x1
-    mask-B conv. Both end in a 1x1 conv to one logit per code.
+    Input: prior_inputs(codes) with (batch, g, g) int code grids. Output: (batch, g, g, num_codes) logits, where the
+    logits at a position depend only on the codes before it.
     """
+
+    level_conditioned = False
 
     def __init__(self, config: dict, **kwargs):
         super().__init__(**kwargs)
         self.config_dict = dict(config)
         self.cfg = cfg = Config.from_dict(config)
+        self.side = cfg.code_grid
         filters = cfg.prior_filters
         self.first = MaskedConv2D("A", filters, cfg.prior_first_kernel, activation="relu", name="mask_a")
         self.body = []
         for index in range(cfg.prior_residual_blocks):
             dilation = cfg.prior_dilations[index % len(cfg.prior_dilations)]
             self.body.append(ResidualBlock(filters, dilation, name=f"residual_{index}"))
-            if cfg.prior_layout == "seed" and index < cfg.prior_residual_blocks - 1:
+            if index < cfg.prior_residual_blocks - 1:
                 self.body.append(MaskedConv2D("B", filters, 1, activation="relu", name=f"mask_b_{index}"))
-        if cfg.prior_layout == "blocks":
-            self.body.append(MaskedConv2D("B", filters, 1, activation="relu", name="mask_b_out"))
         self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits")
 
-    def call(self, codes):
-        return self.logits_from_one_hot(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes))
-
-    def logits_from_one_hot(self, one_hot):
-        """Logits for (batch, g, g, num_codes) one-hot (or soft) code grids; differentiable in the input."""
-        hidden = self.first(one_hot)
+    def call(self, inputs):
+        hidden = self.first(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes))
         for layer in self.body:
             hidden = layer(hidden)
         return self.head(hidden)
 
     def build(self, input_shape=None):
-        grid, filters = self.cfg.code_grid, self.cfg.prior_filters
+        grid, filters = self.side, self.cfg.prior_filters
         self.first.build((None, grid, grid, self.cfg.num_codes))
         for layer in self.body:
             layer.build((None, grid, grid, filters))
@@ -426,24 +507,24 @@ class PixelCNN(keras.Model):
         return {**super().get_config(), "config": self.config_dict}
 
 
-def mean_bits_per_code(model: PixelCNN, codes: np.ndarray, batch_size: int = 256) -> float:
-    """Mean NLL in bits per code of (n, g, g) code grids under the prior."""
-    total = 0.0
-    for start in range(0, len(codes), batch_size):
-        chunk = codes[start:start + batch_size]
-        total += float(bits_per_code(model(chunk), chunk)) * len(chunk)
-    return total / len(codes)
+def mean_bits_per_code(model: keras.Model, inputs: dict, batch_size: int = 256) -> float:
+    """Mean NLL in bits per code of the code grids prior_inputs(...)["codes"] (n, side, side) under the prior."""
+    total, count = 0.0, len(inputs["codes"])
+    for start in range(0, count, batch_size):
+        chunk = {name: value[start:start + batch_size] for name, value in inputs.items()}
+        total += float(bits_per_code(model(chunk), chunk["codes"])) * len(chunk["codes"])
+    return total / count
 
 
 class Sampler:
-    """The shared front of the prior samplers: seeding, prefixes (teacher forcing) and the call of the compiled loop
-    that a subclass implements as `_sample(batch, temperature, prefix, prefix_length)`."""
+    """The shared front of the prior samplers: seeding, conditions, prefixes (teacher forcing) and the call of the
+    compiled loop that a subclass implements as `_sample(batch, temperature, prefix, prefix_length, condition)`."""
 
     def __init__(self, model):
         if not model.built:
             model.build()
         self.model = model
-        self.grid = model.cfg.code_grid
+        self.grid = model.side
         self.num_codes = model.cfg.num_codes
         self.seeds = keras.random.SeedGenerator(0)
         self._compiled = tf.function(self._sample)
@@ -453,10 +534,17 @@ class Sampler:
         drawn = keras.random.categorical(logits / temperature, 1, dtype="int32", seed=self.seeds)[:, 0]
         return tf.where(position < prefix_length, prefix[:, tf.minimum(position, self.grid * self.grid - 1)], drawn)
 
-    def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False):
-        """`num` code grids (num, g, g) int32. `prefix` (num, g, g) fixes the first `prefix.shape` positions in
-        raster order: pass a whole grid to get the model's logits for it (teacher forcing)."""
+    def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False,
+               levels=None, top=None):
+        """`num` code grids (num, g, g) int32. `levels` (num,) and `top` (num, top_side, top_side) are the
+        conditions of a conditioned prior (levels NaN or None = unknown). `prefix` (num, g, g) fixes the first
+        `prefix.shape` positions in raster order: pass a whole grid to get the model's logits for it (teacher
+        forcing)."""
         self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
+        if levels is None:
+            levels = np.full(num, np.nan, np.float32)
+        condition = self.model.condition_map(prior_inputs(levels=np.asarray(levels, np.float32), top=top)) \
+            if hasattr(self.model, "condition_map") else tf.zeros((num, 1))
         size = self.grid * self.grid
         if prefix is None:
             prefix_flat, prefix_length = np.zeros((num, size), np.int32), 0
@@ -465,7 +553,7 @@ class Sampler:
             prefix_length = prefix_flat.shape[1]
             prefix_flat = np.pad(prefix_flat, ((0, 0), (0, size - prefix_length)))
         codes, logits = self._compiled(num, tf.constant(float(temperature)), tf.constant(prefix_flat),
-                                       tf.constant(prefix_length))
+                                       tf.constant(prefix_length), condition)
         return (codes.numpy(), logits.numpy()) if return_logits else codes.numpy()
 
 
@@ -503,7 +591,7 @@ class PixelCNNSampler(Sampler):
                     table[position, tap] = (row + dy) * grid + col + dx
         return table
 
-    def _sample(self, batch, temperature, prefix, prefix_length):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition):
         size = self.grid * self.grid
         tables = [tf.constant(table) for table in self.tables]
         weights = [tf.concat([layer.kernel[row, col] for row, col in layer.taps()], axis=0) for layer in self.spatial]
@@ -623,22 +711,36 @@ def position_features(grid: int, frequencies: int = 4) -> np.ndarray:
     return np.stack(features, axis=-1).astype(np.float32)
 
 
+def level_features(levels, frequencies: int = 3):
+    """(b, 2 + 2 f) features of (b,) axial levels in [0, 1]: whether the level is known (NaN = unknown), the level,
+    and its sines and cosines; all zero but the first for an unknown level."""
+    levels = ops.convert_to_tensor(levels, "float32")
+    known = ops.cast(ops.logical_not(ops.isnan(levels)), "float32")
+    value = ops.where(known > 0, levels, 0.0)
+    features = [known, value]
+    for k in range(1, frequencies + 1):
+        features += [known * ops.sin(np.pi * k * value), known * ops.cos(np.pi * k * value)]
+    return ops.stack(features, axis=-1)
+
+
 @keras.saving.register_keras_serializable(PACKAGE)
 class GatedBlock(layers.Layer):
-    """One layer of the gated PixelCNN (van den Oord et al., 2016, "Conditional Image Generation with PixelCNN
-    Decoders"), with a vertical and a horizontal stack.
+    """One layer of the conditional gated PixelCNN (van den Oord et al., 2016, "Conditional Image Generation with
+    PixelCNN Decoders"), with a vertical and a horizontal stack.
 
     The vertical stack at (r, c) sees a widening cone of the rows above r (all of them within the cone, so there is
     no blind spot); the horizontal stack sees row r left of c and takes the vertical stack's features at (r, c):
-        v' = gate(V * v + P_v s),        h' = h + W (gate(H * h + U v_pre + P_h s))
-    where * are causal convolutions, s the position features and gate(a, b) = tanh(a) sigmoid(b). The first block
-    reads the one-hot codes and excludes the current row (vertical) and position (horizontal); the others include
-    them, dilated by `dilation`.
+        v' = gate(V * v + P_v s),        h' = h + dropout(W gate(H * h + U v_pre + P_h s))
+    where * are causal convolutions, s the condition map at (r, c) (position, level and top-code features: a bias
+    inside every gate) and gate(a, b) = tanh(a) sigmoid(b). The first block reads the one-hot codes and excludes
+    the current row (vertical) and position (horizontal); the others include them, dilated by `dilation`.
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, dilation: int = 1, first: bool = False, **kwargs):
+    def __init__(self, filters: int, kernel_size: int = 3, dilation: int = 1, first: bool = False,
+                 dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.dilation, self.first = filters, kernel_size, dilation, first
+        self.dropout_rate = dropout
         half = kernel_size // 2
         if first:
             self.vertical_conv = CausalConv2D(2 * filters, (half, kernel_size), (-half, -half), name="vertical")
@@ -648,85 +750,133 @@ class GatedBlock(layers.Layer):
                                               name="vertical")
             self.horizontal_conv = CausalConv2D(2 * filters, (1, half + 1), (0, -half), dilation, name="horizontal")
         self.vertical_to_horizontal = layers.Dense(2 * filters, name="vertical_to_horizontal")
-        self.vertical_position = layers.Dense(2 * filters, use_bias=False, name="vertical_position")
-        self.horizontal_position = layers.Dense(2 * filters, use_bias=False, name="horizontal_position")
+        self.vertical_condition = layers.Dense(2 * filters, use_bias=False, name="vertical_condition")
+        self.horizontal_condition = layers.Dense(2 * filters, use_bias=False, name="horizontal_condition")
         self.horizontal_out = layers.Dense(filters, name="horizontal_out")
+        self.dropout = layers.Dropout(dropout)
 
     def build(self, input_shape):
-        channels, positions = input_shape
+        channels, conditions = input_shape
         self.vertical_conv.build((None, None, None, channels))
         self.horizontal_conv.build((None, None, None, channels))
         self.vertical_to_horizontal.build((None, 2 * self.filters))
-        self.vertical_position.build((None, positions))
-        self.horizontal_position.build((None, positions))
+        self.vertical_condition.build((None, conditions))
+        self.horizontal_condition.build((None, conditions))
         self.horizontal_out.build((None, self.filters))
 
-    def vertical(self, vertical_pre, positions):
-        """(v', the horizontal stack's input from the vertical one) from V * v at the same positions."""
-        vertical_pre = vertical_pre + self.vertical_position(positions)
-        return gate(vertical_pre), self.vertical_to_horizontal(vertical_pre) + self.horizontal_position(positions)
+    def vertical(self, vertical_pre, condition):
+        """(v', the horizontal stack's input from the vertical one) from V * v and the condition at the same
+        positions."""
+        vertical_pre = vertical_pre + self.vertical_condition(condition)
+        return gate(vertical_pre), self.vertical_to_horizontal(vertical_pre) + self.horizontal_condition(condition)
 
-    def horizontal(self, horizontal, horizontal_pre, from_vertical):
+    def horizontal(self, horizontal, horizontal_pre, from_vertical, training=False):
         """h' from h, H * h and the vertical stack's contribution at the same positions."""
-        out = self.horizontal_out(gate(horizontal_pre + from_vertical))
+        out = self.dropout(self.horizontal_out(gate(horizontal_pre + from_vertical)), training=training)
         return out if self.first else horizontal + out
 
-    def call(self, vertical, horizontal, positions):
-        vertical, from_vertical = self.vertical(self.vertical_conv(vertical), positions)
-        return vertical, self.horizontal(horizontal, self.horizontal_conv(horizontal), from_vertical)
+    def call(self, vertical, horizontal, condition, training=False):
+        vertical, from_vertical = self.vertical(self.vertical_conv(vertical), condition)
+        return vertical, self.horizontal(horizontal, self.horizontal_conv(horizontal), from_vertical, training)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "dilation": self.dilation, "first": self.first}
+                "dilation": self.dilation, "first": self.first, "dropout": self.dropout_rate}
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
 class GatedPixelCNN(keras.Model):
-    """Autoregressive prior p(c) = prod_i p(c_i | c_<i) over (g, g) code grids in raster order, built from
-    `GatedBlock`s: no blind spot, dilated blocks for a receptive field that spans the brain, and position features
-    so that each code knows where on the slice it lies.
+    """Autoregressive prior p(c | s) = prod_i p(c_i | c_<i, s) over the (side, side) code grids of one grid of the
+    VQ-VAE ("top" or "bottom"), built from `GatedBlock`s: no blind spot, dilated blocks for a receptive field that
+    spans the grid, and a condition map s that enters every gate. One class serves both grids through s (as in
+    rosinality's vq-vae-2-pytorch):
+    - position features: where on the slice each code lies (the brain sits at a fixed place in atlas space);
+    - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
+    - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
+      the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
 
-    Input: (batch, g, g) int code grids. Output: (batch, g, g, num_codes) logits, where the logits at a position
-    depend only on the codes before it (a test checks this with gradients).
+    Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
+    Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
+    and on the condition (tests check both with gradients). For `default`: top 16x16 with 64 filters, 7 blocks, a
+    view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid); bottom 64x64 with 32 filters, 5 blocks.
     """
 
-    def __init__(self, config: dict, **kwargs):
+    def __init__(self, config: dict, grid: str = "bottom", **kwargs):
         super().__init__(**kwargs)
         self.config_dict = dict(config)
         self.cfg = cfg = Config.from_dict(config)
-        filters = cfg.prior_filters
-        self.positions = position_features(cfg.code_grid)
-        self.blocks = [GatedBlock(filters, cfg.prior_first_kernel, first=True, name="gated_first")]
-        for index in range(cfg.prior_residual_blocks):
-            dilation = cfg.prior_dilations[index % len(cfg.prior_dilations)]
-            self.blocks.append(GatedBlock(filters, 3, dilation, name=f"gated_{index}"))
-        self.hidden = layers.Dense(filters, activation="relu", name="hidden")
+        if grid not in cfg.code_grids:
+            raise ValueError(f"grid must be one of {cfg.code_grids}, not {grid!r}")
+        self.grid = grid
+        top = grid == "top"
+        self.side = cfg.top_grid if top else cfg.code_grid
+        self.filters = cfg.top_prior_filters if top else cfg.prior_filters
+        blocks = cfg.top_prior_residual_blocks if top else cfg.prior_residual_blocks
+        dilations = cfg.top_prior_dilations if top else cfg.prior_dilations
+        self.level_conditioned = cfg.prior_condition_on_level
+        self.takes_top = grid == "bottom" and cfg.top_grid is not None
+        self.positions = position_features(self.side)
+        self.level_embedding = layers.Dense(16, activation="relu", name="level_embedding")
+        self.top_stack = keras.Sequential([
+            keras.Input((cfg.top_grid, cfg.top_grid, cfg.num_codes)),
+            layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
+            layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
+            layers.UpSampling2D(self.side // cfg.top_grid),
+            layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
+        ], name="top_stack") if self.takes_top else None
+        self.blocks = [GatedBlock(self.filters, cfg.prior_first_kernel, first=True, dropout=cfg.prior_dropout,
+                                  name="gated_first")]
+        for index in range(blocks):
+            self.blocks.append(GatedBlock(self.filters, 3, dilations[index % len(dilations)],
+                                          dropout=cfg.prior_dropout, name=f"gated_{index}"))
+        self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
         self.head = layers.Dense(cfg.num_codes, name="logits")
 
-    def call(self, codes):
-        return self.logits_from_one_hot(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes))
+    @property
+    def condition_channels(self) -> int:
+        return (self.positions.shape[-1] + 16 * self.level_conditioned
+                + self.cfg.prior_condition_filters * self.takes_top)
 
-    def logits_from_one_hot(self, one_hot):
-        vertical = horizontal = one_hot
-        positions = ops.convert_to_tensor(self.positions)
+    def condition_map(self, inputs):
+        """(b, side, side, condition_channels): the position, level and top-code features of every position."""
+        count = ops.shape(inputs["levels"] if "levels" in inputs else inputs["codes"])[0]
+        side = self.side
+        parts = [ops.broadcast_to(ops.convert_to_tensor(self.positions)[None], (count, side, side,
+                                                                                 self.positions.shape[-1]))]
+        if self.level_conditioned:
+            levels = inputs.get("levels")
+            if levels is None:
+                levels = ops.full((count,), np.nan)
+            embedded = self.level_embedding(level_features(levels))
+            parts.append(ops.broadcast_to(embedded[:, None, None, :], (count, side, side, 16)))
+        if self.takes_top:
+            parts.append(self.top_stack(ops.one_hot(ops.cast(inputs["top"], "int32"), self.cfg.num_codes)))
+        return ops.concatenate(parts, axis=-1)
+
+    def call(self, inputs, training=False):
+        condition = self.condition_map(inputs)
+        vertical = horizontal = ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes)
         for block in self.blocks:
-            vertical, horizontal = block(vertical, horizontal, positions)
+            vertical, horizontal = block(vertical, horizontal, condition, training=training)
         return self.output_logits(horizontal)
 
     def output_logits(self, horizontal):
         return self.head(self.hidden(ops.relu(horizontal)))
 
     def build(self, input_shape=None):
-        channels, positions = self.cfg.num_codes, self.positions.shape[-1]
+        self.level_embedding.build((None, 2 + 2 * 3))
+        if self.takes_top:
+            self.top_stack.build((None, self.cfg.top_grid, self.cfg.top_grid, self.cfg.num_codes))
+        channels = self.cfg.num_codes
         for block in self.blocks:
-            block.build((channels, positions))
-            channels = self.cfg.prior_filters
+            block.build((channels, self.condition_channels))
+            channels = self.filters
         self.hidden.build((None, channels))
         self.head.build((None, channels))
         self.built = True
 
     def get_config(self):
-        return {**super().get_config(), "config": self.config_dict}
+        return {**super().get_config(), "config": self.config_dict, "grid": self.grid}
 
 
 class GatedPixelCNNSampler(Sampler):
@@ -738,9 +888,8 @@ class GatedPixelCNNSampler(Sampler):
     Per code, only the horizontal stack's arithmetic runs; the logits equal the full network's (a test checks this).
     """
 
-    def _sample(self, batch, temperature, prefix, prefix_length):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition):
         grid, num_codes, blocks = self.grid, self.num_codes, self.model.blocks
-        positions = tf.constant(self.model.positions)
 
         def history(channels, width=None):  # entry `grid` stays zero: the value read outside the grid
             shape = (batch, channels) if width is None else (batch, width, channels)
@@ -764,7 +913,7 @@ class GatedPixelCNNSampler(Sampler):
                     vertical_rows[index] = vertical_rows[index].write(row, vertical)
                 rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
                 pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
-                vertical, contribution = block.vertical(pre, positions[row])
+                vertical, contribution = block.vertical(pre, condition[:, row])
                 from_vertical.append(contribution)
 
             def column_step(col, horizontal_cols, row_codes, row_logits):
@@ -800,9 +949,12 @@ class GatedPixelCNNSampler(Sampler):
         return tf.transpose(codes.stack(), (1, 0, 2)), tf.transpose(all_logits.stack(), (1, 0, 2, 3))
 
 
-def build_prior(config: Config, name: str = "pixelcnn") -> keras.Model:
-    """The prior that `config.prior_layout` names, built (weights initialised)."""
-    prior = (GatedPixelCNN if config.prior_layout == "gated" else PixelCNN)(config.to_dict(), name=name)
+def build_prior(config: Config, grid: str = "bottom") -> keras.Model:
+    """The prior of code grid `grid` ("top" or "bottom") that `config.prior_layout` names, built."""
+    if config.prior_layout == "seed":
+        prior = PixelCNN(config.to_dict(), name="pixelcnn")
+    else:
+        prior = GatedPixelCNN(config.to_dict(), grid, name="pixelcnn" if grid == "bottom" else "pixelcnn_top")
     prior.build()
     return prior
 
@@ -835,7 +987,7 @@ def save_model(model: keras.Model, path) -> None:
 
 def weights_only_copy(model: keras.Model) -> keras.Model:
     """A fresh, uncompiled copy of a VQVAE or PixelCNN with the same weights (no optimizer state to ship)."""
-    copy = type(model)(model.config_dict, name=model.name)
+    copy = type(model).from_config(model.get_config())
     copy.build()
     copy.set_weights(model.get_weights())
     return copy
@@ -856,18 +1008,28 @@ class Run(NamedTuple):
 
 
 def generate(run: Run, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
-    """len(levels) new slices (n, size, size) float32 in [0, 1], sampled from the priors (top grid first, then the
-    bottom grid given it) and decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs
-    whose priors are not level-conditioned ignore it. The same seed gives the same slices."""
+    """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom grid
+    given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose priors
+    are not level-conditioned ignore it. The same seed gives the same slices."""
     levels = np.asarray(levels, np.float32).reshape(-1)
-    codes = sampler_for(run.priors["bottom"]).sample(len(levels), temperature, seed)
+    codes = {}
+    for offset, grid in enumerate(run.config.code_grids):
+        codes[grid] = sampler_for(run.priors[grid]).sample(len(levels), temperature, seed + offset, levels=levels,
+                                                           top=codes.get("top"))
     return np.clip(np.asarray(run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
 
 
 def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:
     """Mean negative log-likelihood, in bits per code, of the codes of (n, size, size) [0, 1] `images` under each
     prior of the run: {"top": ..., "bottom": ...} (a single-level run has only "bottom"). `levels` as in generate."""
-    return {"bottom": mean_bits_per_code(run.priors["bottom"], encode_all(run.vqvae, images))}
+    codes = encode_all(run.vqvae, images)
+    levels = np.asarray(levels, np.float32).reshape(-1)
+    return {grid: mean_bits_per_code(run.priors[grid], prior_inputs(codes[grid], levels, codes.get("top")
+                                                                     if grid == "bottom" else None))
+            for grid in run.config.code_grids}
+
+
+PRIOR_FILES = {"top": "pixelcnn_top", "bottom": "pixelcnn"}
 
 
 def load_run(run_dir, need_prior: bool = True) -> Run:
@@ -895,8 +1057,9 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         validate(config)
     except (ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{config_path}: {error}; this run was made by an incompatible version, retrain it") from None
+    names = ["vqvae"] + ([PRIOR_FILES[grid] for grid in config.code_grids] if need_prior else [])
     models = []
-    for name in ("vqvae", "pixelcnn") if need_prior else ("vqvae",):
+    for name in names:
         path = run_dir / f"{name}.keras"
         if not path.exists():
             raise UserError(f"{path}: missing; the run did not finish its {name} phase (python train.py --resume "
@@ -911,4 +1074,4 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         if (vqvae_differences(saved, config.to_dict()) if name == "vqvae" else saved != config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {config_path}; the run directory is mixed")
         models.append(model)
-    return Run(config, models[0], {"bottom": models[1]} if need_prior else {})
+    return Run(config, models[0], dict(zip(config.code_grids, models[1:])))

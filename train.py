@@ -25,10 +25,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from cli import UserError, add_config_args, add_data_args, configure_tensorflow, run_main
 from hyperparameters import Config, make_config, vqvae_differences
 
-PHASES = ("vqvae", "prior")
+PHASES = ("vqvae", "prior_top", "prior")  # a single-grid run has no prior_top epochs
+PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}
 PROCESS_START = time.time()
 
 
@@ -57,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args) -> Config:
     overrides = list(args.overrides)
-    for flag, key in ((args.epochs, "epochs"), (args.prior_epochs, "prior_epochs"), (args.seed, "seed")):
+    for flag, keys in ((args.epochs, ["epochs"]), (args.prior_epochs, ["prior_epochs", "top_prior_epochs"]),
+                       (args.seed, ["seed"])):
         if flag is not None:
-            overrides.append(f"{key}={flag}")
+            overrides += [f"{key}={flag}" for key in keys]
     try:
         config = make_config(args.preset, overrides)
     except ValueError as error:
         raise UserError(str(error)) from None
-    for key in ("epochs", "prior_epochs", "batch_size", "prior_batch_size"):
+    for key in ("epochs", "prior_epochs", "top_prior_epochs", "batch_size", "prior_batch_size"):
         if getattr(config, key) < 1:
             raise UserError(f"{key} is {getattr(config, key)}; it must be at least 1")
     if not math.isfinite(config.learning_rate) or not math.isfinite(config.prior_learning_rate):
@@ -161,7 +165,7 @@ def worker_scratch(run_dir: Path, resume: bool, config: Config) -> Path:
     if not resume:
         (scratch / "config.json").write_text(config.to_json())
         return scratch
-    names = ["config.json", "vqvae.keras", "pixelcnn.keras", "checkpoints/state.json",
+    names = ["config.json", "vqvae.keras", "pixelcnn.keras", "pixelcnn_top.keras", "checkpoints/state.json",
              "checkpoints/vqvae_last.keras", "checkpoints/prior_last.keras"]
     state_path = run_dir / "checkpoints" / "state.json"
     if state_path.exists():
@@ -363,7 +367,7 @@ def repair_best(state: RunState, phase: str, model, monitor: str, mode: str) -> 
 
 
 def phase_file(phase: str) -> str:
-    return "vqvae" if phase == "vqvae" else "pixelcnn"
+    return {"vqvae": "vqvae", "prior_top": "pixelcnn_top", "prior": "pixelcnn"}[phase]
 
 
 def write_history(path: Path, rows: list[dict], write_text) -> None:
@@ -378,6 +382,7 @@ def plot_history(run_dir: Path, state: RunState) -> None:
     import matplotlib.pyplot as plt
 
     panels = {"vqvae": [("loss", "loss"), ("ssim", "SSIM"), ("perplexity", "code perplexity")],
+              "prior_top": [("bits_per_code", "top prior, bits per code")],
               "prior": [("bits_per_code", "bits per code")]}
     for phase, metrics in panels.items():
         rows = state.data["history"][phase]
@@ -563,35 +568,73 @@ def bits_metric(codes, logits):
 bits_metric.__name__ = "bits_per_code"
 
 
-def train_prior(config, strategy, train_codes, validate_codes, run_dir, state, writer, verbose, callbacks):
-    import keras
+def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
+    """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
+    left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, and
+    a `prior_level_dropout` share shown with an unknown level (NaN); all seeded, and drawn anew each epoch."""
     import tensorflow as tf
+
+    from modules import prior_inputs
+
+    columns = prior_inputs(codes[grid], np.asarray(levels, np.float32), codes["top"] if grid == "bottom" and
+                           "top" in codes else None)
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    if flipped is not None:
+        mirrored = prior_inputs(flipped[grid], None, flipped["top"] if "top" in columns else None)
+        dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.from_tensor_slices(mirrored)).cache().shuffle(
+            len(levels), seed=config.seed, reshuffle_each_iteration=True)
+        draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip(dataset, draws).map(
+            lambda pair, draw: augment(pair, draw, config.prior_flip, config.prior_level_dropout))
+    return shard_by_data(dataset.map(lambda inputs: (inputs, inputs["codes"])).batch(config.prior_batch_size)
+                         .prefetch(tf.data.AUTOTUNE))
+
+
+def augment(pair, draw, flip: bool, level_dropout: float):
+    """One training grid from (its inputs, its flipped slice's inputs) and a random int64 `draw`."""
+    import tensorflow as tf
+
+    inputs, mirrored = pair
+    chosen = dict(inputs)
+    if flip:
+        use_mirror = tf.equal(draw % 2, 1)
+        for key in mirrored:
+            chosen[key] = tf.where(use_mirror, mirrored[key], inputs[key])
+    hide = tf.cast((draw // 2) % 10000, tf.float32) < level_dropout * 10000
+    chosen["levels"] = tf.where(hide, tf.constant(np.nan, tf.float32), inputs["levels"])
+    return chosen
+
+
+def train_prior(config, strategy, grid, train, validate, run_dir, state, writer, verbose, callbacks):
+    """Trains the prior of code grid `grid` on `train` = {"codes", "flipped", "levels"} (codes by grid), validated
+    on `validate` = {"codes", "levels"}; returns its epoch checkpointer, or None when it had already finished."""
+    import keras
 
     from modules import build_prior
 
-    done = state.epochs_done("prior")
-    monitor = "val_bits_per_code" if len(validate_codes) else "bits_per_code"
-    model, finished = resume_phase(state, "prior", config.prior_epochs, monitor, "min", strategy,
+    phase = PRIOR_PHASES[grid]
+    epochs = config.top_prior_epochs if grid == "top" else config.prior_epochs
+    done = state.epochs_done(phase)
+    has_validation = len(validate["levels"]) > 0
+    monitor = "val_bits_per_code" if has_validation else "bits_per_code"
+    model, finished = resume_phase(state, phase, epochs, monitor, "min", strategy,
                                    custom_objects={"bits_per_code": bits_metric})
     if finished:
         return None
     with strategy.scope():
         if not done:
-            model = build_prior(config)
+            model = build_prior(config, grid)
             rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
-                                 config.prior_epochs, len(train_codes), config.prior_batch_size)
+                                 epochs, len(train["levels"]), config.prior_batch_size)
             model.compile(optimizer=keras.optimizers.Adam(rate),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=[bits_metric], jit_compile=False)
-    fit_under_strategy(model, strategy, (train_codes[:1], train_codes[:1]))
-    train = shard_by_data(tf.data.Dataset.from_tensor_slices((train_codes, train_codes)).cache().shuffle(
-        len(train_codes), seed=config.seed).batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
-    validate = None
-    if len(validate_codes):
-        validate = shard_by_data(tf.data.Dataset.from_tensor_slices((validate_codes, validate_codes)).batch(
-            config.prior_batch_size))
-    checkpoint = epoch_checkpointer("prior", run_dir, state, writer, monitor, "min")
-    model.fit(train, validation_data=validate, epochs=config.prior_epochs, initial_epoch=done, verbose=verbose,
+    training = prior_dataset(config, grid, train["codes"], train["levels"], train["flipped"])
+    sample = next(iter(prior_dataset(config, grid, train["codes"], train["levels"])))
+    fit_under_strategy(model, strategy, ({k: v[:1] for k, v in sample[0].items()}, sample[1][:1]))
+    validation = prior_dataset(config, grid, validate["codes"], validate["levels"]) if has_validation else None
+    checkpoint = epoch_checkpointer(phase, run_dir, state, writer, monitor, "min")
+    model.fit(training, validation_data=validation, epochs=epochs, initial_epoch=done, verbose=verbose,
               shuffle=False, callbacks=[checkpoint, *callbacks])
     return checkpoint
 
@@ -623,18 +666,61 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
+PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
+
+
+def phase_epochs(config: Config, phase: str) -> int:
+    return {"vqvae": config.epochs, "prior_top": config.top_prior_epochs if config.top_grid else 0,
+            "prior": config.prior_epochs}[phase]
+
+
 def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> int:
+    """The recipe: load the data, train the VQ-VAE, encode the slices, train each grid's prior, summarize."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    state = open_state(run_dir, writer, args.resume)
+    slices = load_training_data(args, config, state, run_dir, writer, progress=verbose == 1)
+    train_set, validate_set = slices.select("train"), slices.select("validate")
+    print(f"run {run_dir}: {len(train_set)} training slices ({len(set(train_set.subjects))} subjects), "
+          f"{len(validate_set)} validation slices ({len(set(validate_set.subjects))} subjects), "
+          f"preset {args.preset}, {strategy.num_replicas_in_sync} replica(s)", flush=True)
+    callbacks = [keras.callbacks.TensorBoard(run_dir / "logs")] if args.tensorboard and writer else []
+    wall_start = time.time()
 
-    from dataset import atomic_write_text, load_slices
+    announce_phase(config, state, "vqvae")
+    checkpoint = train_vqvae(config, strategy, train_set.images, validate_set.images, run_dir, state, writer,
+                             verbose, callbacks)
+    if not finish_phase(config, run_dir, state, writer, checkpoint, "vqvae", "learning_rate"):
+        return 1
+    train, validate = encode_for_priors(run_dir, config, train_set, validate_set)
+    for grid in config.code_grids:
+        phase = PRIOR_PHASES[grid]
+        announce_phase(config, state, phase)
+        checkpoint = train_prior(config, strategy, grid, train, validate, run_dir, state, writer, verbose, callbacks)
+        if not finish_phase(config, run_dir, state, writer, checkpoint, phase, "prior_learning_rate"):
+            return 1
+    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start)
+    if writer:
+        from dataset import atomic_write_text
+
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
+                     for grid in config.code_grids)
+    print(f"done: validation SSIM {summary['vqvae'].get('val_ssim', float('nan')):.4f}, prior validation "
+          f"bits/code {bits}; wrote {run_dir}\nnext: python predict.py --run {run_dir} --data {args.data}")
+    return 0
+
+
+def open_state(run_dir: Path, writer: bool, resume: bool) -> RunState:
+    """The run's state.json; on --resume, first deletes what a killed process left half-written."""
+    from dataset import atomic_write_text
 
     state = RunState(run_dir, writer)
-    if writer and args.resume:
+    if writer and resume:
         removed = clean_stale_files(run_dir, state)
         if removed:
             print(f"resume: removed {len(removed)} file(s) an interrupted process left unfinished: "
@@ -642,8 +728,15 @@ def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> in
         for phase in PHASES:  # a kill can fall between an epoch's commit and its CSV
             if state.epochs_done(phase):
                 write_history(run_dir / f"history_{phase}.csv", state.data["history"][phase], atomic_write_text)
+    return state
+
+
+def load_training_data(args, config: Config, state: RunState, run_dir: Path, writer: bool, progress: bool):
+    """The slices of --data, checked against what the run recorded (a resumed run must see the same slices)."""
+    from dataset import load_slices
+
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
-                         args.strict, progress=verbose == 1)
+                         args.strict, progress=progress)
     if args.vqvae_from is not None and not state.epochs_done("vqvae"):
         adopt_vqvae(args.vqvae_from, run_dir, state, writer, slices.fingerprint(), args.data)
     recorded = state.data.get("data_fingerprint")
@@ -654,68 +747,80 @@ def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> in
     elif recorded != slices.fingerprint():
         raise UserError(f"--resume: --data {args.data} gives other slices than the run was trained on "
                         f"({state.data.get('data', 'unknown')}); resume with the same --data or start a new --out")
-    train_set, validate_set = slices.select("train"), slices.select("validate")
-    if not len(train_set):
+    if not len(slices.select("train")):
         raise UserError(f"--data {args.data}: the train split is empty; it needs at least one subject")
-    print(f"run {run_dir}: {len(train_set)} training slices ({len(set(train_set.subjects))} subjects), "
-          f"{len(validate_set)} validation slices ({len(set(validate_set.subjects))} subjects), "
-          f"preset {args.preset}, {strategy.num_replicas_in_sync} replica(s)", flush=True)
-    if args.resume:
-        print(f"resume: {state.epochs_done('vqvae')} of {config.epochs} VQ-VAE epochs and "
-              f"{state.epochs_done('prior')} of {config.prior_epochs} PixelCNN epochs already done", flush=True)
-    callbacks = [keras.callbacks.TensorBoard(run_dir / "logs")] if args.tensorboard and writer else []
-    wall_start = time.time()
+    return slices
 
-    def finish_phase(checkpoint, phase, name, best_file, rate_key):
-        plot_history(run_dir, state) if writer else None
-        if checkpoint is not None and checkpoint.diverged:
-            done = state.epochs_done(phase)
-            kept = (f"epochs 1-{done} are saved ({run_dir / best_file} is the best of them)" if done
-                    else "no epoch of it completed, so none was saved")
-            rate = getattr(config, rate_key)
-            print(f"error: the {name} loss or weights became NaN or infinite in epoch {done + 1}, so training "
-                  f"stopped; {kept}. Train again in a new --out with a lower learning rate, "
-                  f"e.g. --set {rate_key}={rate / 10:g}", file=sys.stderr)
-            return False
+
+def announce_phase(config: Config, state: RunState, phase: str) -> None:
+    """One line before a phase: its name, its epochs, and what is already done."""
+    total, done = phase_epochs(config, phase), state.epochs_done(phase)
+    if done >= total:
+        print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
+        return
+    resumed = f", resuming after epoch {done}" if done else ""
+    print(f"{PHASE_NAMES[phase]}: {total} epochs{resumed} (the first step of a phase traces the model and is "
+          f"slow)", flush=True)
+
+
+def finish_phase(config, run_dir, state, writer, checkpoint, phase, rate_key) -> bool:
+    """Plots the curves; False with one error line when the phase diverged (its last good epoch stays saved)."""
+    if writer:
+        plot_history(run_dir, state)
+    if checkpoint is None or not checkpoint.diverged:
         return True
+    done = state.epochs_done(phase)
+    kept = (f"epochs 1-{done} are saved ({run_dir / phase_file(phase)}.keras is the best of them)" if done
+            else "no epoch of it completed, so none was saved")
+    rate = getattr(config, rate_key)
+    print(f"error: the {PHASE_NAMES[phase]} loss or weights became NaN or infinite in epoch {done + 1}, so "
+          f"training stopped; {kept}. Train again in a new --out with a lower learning rate, "
+          f"e.g. --set {rate_key}={rate / 10:g}", file=sys.stderr)
+    return False
 
-    checkpoint = train_vqvae(config, strategy, train_set.images, validate_set.images, run_dir, state, writer,
-                             verbose, callbacks)
-    if not finish_phase(checkpoint, "vqvae", "VQ-VAE", "vqvae.keras", "learning_rate"):
-        return 1
+
+def encode_for_priors(run_dir: Path, config: Config, train_set, validate_set) -> tuple[dict, dict]:
+    """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips
+    (when `prior_flip`), and of the validation slices, with each slice's level."""
+    import keras
+
     from modules import encode_all
 
     vqvae = keras.saving.load_model(run_dir / "vqvae.keras", safe_mode=True)
-    train_codes = encode_all(vqvae, train_set.images)
-    validate_codes = encode_all(vqvae, validate_set.images)
-    checkpoint = train_prior(config, strategy, train_codes, validate_codes, run_dir, state, writer, verbose,
-                             callbacks)
-    if not finish_phase(checkpoint, "prior", "PixelCNN", "pixelcnn.keras", "prior_learning_rate"):
-        return 1
+    train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,
+             "flipped": encode_all(vqvae, train_set.images[:, :, ::-1]) if config.prior_flip else None}
+    if train["flipped"] is None:
+        train["flipped"] = train["codes"]
+    return train, {"codes": encode_all(vqvae, validate_set.images), "levels": validate_set.levels}
+
+
+def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float) -> dict:
+    """summary.json: the data, the best epoch of each phase with its figures, wall times and the machine."""
+    import keras
+    import tensorflow as tf
 
     history = state.data["history"]
     best_vq = max(history["vqvae"], key=lambda row: row.get("val_ssim", row.get("ssim", 0)))
-    best_prior = min(history["prior"], key=lambda row: row.get("val_bits_per_code", row.get("bits_per_code", 99)))
-    summary = {
+    priors = {}
+    for grid in config.code_grids:
+        rows = history[PRIOR_PHASES[grid]]
+        best = min(rows, key=lambda row: row.get("val_bits_per_code", row.get("bits_per_code", 99)))
+        priors[grid] = {"epochs": len(rows), "best_epoch": best["epoch"],
+                        **{key: best[key] for key in best if "bits" in key}}
+    return {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
         "vqvae_from": state.data.get("vqvae_from"),
         "slices": {split: len(slices.select(split)) for split in ("train", "validate", "test")},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in ("train", "validate", "test")},
         "vqvae": {"epochs": len(history["vqvae"]), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
-        "prior": {"epochs": len(history["prior"]), "best_epoch": best_prior["epoch"],
-                  **{key: best_prior[key] for key in best_prior if "bits" in key}},
-        "wall_seconds": {phase: sum(row["seconds"] for row in history[phase]) for phase in PHASES},
-        "this_session_seconds": round(time.time() - wall_start, 1),
+        "priors": priors,
+        "wall_seconds": {phase: round(sum(row["seconds"] for row in history[phase]), 1) for phase in PHASES},
+        "this_session_seconds": round(session_seconds, 1),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "tensorflow": tf.__version__, "keras": keras.__version__,
                     "replicas": strategy.num_replicas_in_sync},
     }
-    if writer:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    print(f"done: validation SSIM {best_vq.get('val_ssim', float('nan')):.4f} (epoch {best_vq['epoch']}), prior "
-          f"{best_prior.get('val_bits_per_code', float('nan')):.3f} bits/code; wrote {run_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -545,7 +545,8 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
                                  len(train_images), config.batch_size)
             model.compile(optimizer=keras.optimizers.Adam(rate), jit_compile=False)
     fit_under_strategy(model, strategy, train_images[:1, ..., None])
-    train = shard_by_data(make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed))
+    train = make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed)
+    train = shard_by_data(random_flips(train, config.seed) if config.flip_augment else train)
     validate = None
     if len(validate_images):
         validate = shard_by_data(make_tf_dataset(validate_images, config.batch_size, shuffle=False))
@@ -553,6 +554,19 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
     model.fit(train, validation_data=validate, epochs=config.epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
     return checkpoint
+
+
+def random_flips(batches, seed: int):
+    """Each image of each (b, h, w, 1) batch left-right flipped with probability 1/2, seeded and drawn anew each
+    epoch: the scans are atlas-registered and nearly symmetric, so a flipped slice is a plausible new one."""
+    import tensorflow as tf
+
+    def flip(images, draw):
+        chosen = tf.random.stateless_uniform(tf.shape(images)[:1], seed=tf.stack([draw, 0])) < 0.5
+        return tf.where(chosen[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip(batches, draws).map(flip)
 
 
 def bits_metric(codes, logits):

@@ -347,14 +347,17 @@ class VQVAE(keras.Model):
 
     def build(self, input_shape=None):
         size, grid, latent = self.cfg.image_size, self.cfg.code_grid, self.cfg.latent_dim
-        self.encoder.build((None, size, size, 1))
+        shapes = [(self.encoder, (None, size, size, 1)),
+                  (self.decoder, (None, grid, grid, latent * len(self.cfg.code_grids)))]
         if self.two_level:
             top = self.cfg.top_grid
-            self.top_encoder.build((None, grid, grid, self.cfg.residual_filters))
-            self.top_to_bottom.build((None, top, top, latent))
-            self.bottom_in.build((None, grid, grid, self.cfg.residual_filters + latent))
-            self.top_to_decoder.build((None, top, top, latent))
-        self.decoder.build((None, grid, grid, latent * len(self.cfg.code_grids)))
+            shapes += [(self.top_encoder, (None, grid, grid, self.cfg.residual_filters)),
+                       (self.top_to_bottom, (None, top, top, latent)),
+                       (self.bottom_in, (None, grid, grid, self.cfg.residual_filters + latent)),
+                       (self.top_to_decoder, (None, top, top, latent))]
+        for layer, shape in shapes:
+            if not layer.built:  # an eager call may have built some already
+                layer.build(shape)
         self.built = True
 
     def get_config(self):
@@ -490,7 +493,12 @@ class PixelCNN(keras.Model):
         self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits")
 
     def call(self, inputs):
-        hidden = self.first(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes))
+        return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs)
+
+    def logits_from_one_hot(self, one_hot, inputs):
+        """Logits for (b, g, g, num_codes) one-hot (or soft) code grids; differentiable in them (the causality
+        tests take gradients here). `inputs` carries no condition for this prior."""
+        hidden = self.first(one_hot)
         for layer in self.body:
             hidden = layer(hidden)
         return self.head(hidden)
@@ -854,8 +862,14 @@ class GatedPixelCNN(keras.Model):
         return ops.concatenate(parts, axis=-1)
 
     def call(self, inputs, training=False):
+        return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs,
+                                        training)
+
+    def logits_from_one_hot(self, one_hot, inputs, training=False):
+        """Logits for (b, side, side, num_codes) one-hot (or soft) code grids under the conditions in `inputs`;
+        differentiable in both (the causality tests take gradients here)."""
         condition = self.condition_map(inputs)
-        vertical = horizontal = ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes)
+        vertical = horizontal = one_hot
         for block in self.blocks:
             vertical, horizontal = block(vertical, horizontal, condition, training=training)
         return self.output_logits(horizontal)

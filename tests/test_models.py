@@ -1,6 +1,6 @@
-"""The models: shapes of the seed table, the quantizer's gradients and diagnostics, causality of both priors (and
-the gated one's missing blind spot), the fast samplers' exactness and seeding, and save/reload equality in a fresh
-process."""
+"""The models: shapes of the seed table and of the two-level default, the quantizer's gradients and diagnostics,
+causality of every prior kind (and the gated one's missing blind spot), the conditions the gated priors read, the
+fast samplers' exactness and seeding, generation, and save/reload equality in a fresh process."""
 
 import os
 import subprocess
@@ -16,7 +16,8 @@ import tensorflow as tf  # noqa: E402
 
 from hyperparameters import make_config  # noqa: E402
 from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
-                     PixelCNNSampler, VectorQuantizer, build_prior, causal_mask, sampler_for, save_model)
+                     PixelCNNSampler, Run, VectorQuantizer, build_prior, causal_mask, generate, prior_bits_per_code,
+                     prior_inputs, sampler_for, save_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,15 +38,40 @@ def test_seed_preset_layer_shapes_match_the_report_table():
     assert (prior.first.mask_type, prior.first.kernel_size, prior.first.filters) == ("A", 7, 128)
     assert names == ["ResidualBlock", "MaskedConv2D"] * 3 + ["ResidualBlock"]
     assert all(layer.kernel_size == 1 and layer.mask_type == "B" for layer in prior.body[1::2])
-    assert prior(np.zeros((2, 8, 8), np.int32)).shape == (2, 8, 8, 16)
+    assert prior(prior_inputs(np.zeros((2, 8, 8), np.int32))).shape == (2, 8, 8, 16)
 
 
-def test_default_preset_has_16_codes_on_a_64x64_grid():
+def test_default_preset_has_two_grids_of_16_codes():
     config = make_config("default")
     model = VQVAE(config.to_dict())
-    out = model.forward(np.random.rand(2, 128, 128, 1).astype("float32"))
-    assert out["indices"].shape == (2, 64, 64) and out["reconstructions"].shape == (2, 128, 128, 1)
-    assert config.num_codes == 16
+    images = np.random.default_rng(0).random((2, 128, 128, 1)).astype("float32")
+    codes = {grid: np.asarray(value) for grid, value in model.encode(images).items()}
+    assert codes["top"].shape == (2, 16, 16) and codes["bottom"].shape == (2, 64, 64)
+    assert model.quantizer.num_codes == model.quantizer_top.num_codes == 16
+    np.testing.assert_allclose(np.asarray(model.decode_codes(codes)), np.asarray(model(images)), atol=1e-5)
+
+
+def test_the_decoder_reads_the_top_codes():
+    """Changing only the top codes changes the decoded slice: the top grid is no dead branch."""
+    model = VQVAE(make_config("default").to_dict())
+    codes = {grid: np.asarray(value) for grid, value in
+             model.encode(np.random.default_rng(0).random((1, 128, 128, 1)).astype("float32")).items()}
+    shifted = {**codes, "top": (codes["top"] + 1) % 16}
+    assert np.abs(np.asarray(model.decode_codes(shifted)) - np.asarray(model.decode_codes(codes))).max() > 1e-4
+
+
+def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
+    from hyperparameters import Config
+
+    values = make_config("seed").to_dict()
+    for key in ("top_filters", "top_strides", "top_prior_filters", "top_prior_residual_blocks",
+                "top_prior_dilations", "top_prior_epochs", "prior_condition_filters", "prior_condition_on_level",
+                "prior_dropout", "prior_level_dropout", "prior_flip", "flip_augment", "prior_lr_schedule"):
+        values.pop(key)
+    values["config_version"] = 1
+    config = Config.from_dict(values)
+    assert config.code_grids == ("bottom",) and not config.prior_condition_on_level
+    assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
 def hand_made_quantizer(codebook="loss"):
@@ -102,115 +128,163 @@ def test_causal_mask(kind):
     assert mask[2, 2] == (kind == "B")
 
 
-PRIORS = {"seed": ("seed", []), "blocks": ("default", ["prior_layout=blocks"]), "gated": ("default", [])}
+# kind: (preset, overrides, grid); small grids keep the gradient tests fast
+SMALL_TWO_LEVEL = ["image_size=32", "prior_filters=16", "top_prior_filters=16", "prior_condition_filters=8"]
+PRIORS = {"seed": ("seed", ["image_size=256", "prior_filters=16"], "bottom"),
+          "gated_top": ("default", SMALL_TWO_LEVEL, "top"),
+          "gated_bottom": ("default", SMALL_TWO_LEVEL, "bottom")}
 
 
-def random_prior(kind, overrides=()):
+def random_prior(kind):
     """The prior of PRIORS[kind] with random weights everywhere, biases too, so that no path is silently zero."""
-    preset, base = PRIORS[kind]
-    config = make_config(preset, [*base, *overrides])
-    prior = build_prior(config)
+    preset, overrides, grid = PRIORS[kind]
+    config = make_config(preset, overrides)
+    prior = build_prior(config, grid)
     for weight in prior.weights:
         weight.assign(np.random.default_rng(len(weight.path)).normal(0, 0.2, weight.shape))
     return config, prior
 
 
-def influence_on(prior, config, row, col):
+def conditions(prior, count, seed=0):
+    """Random levels (one unknown) and top codes for `count` grids of `prior`."""
+    rng = np.random.default_rng(seed)
+    levels = rng.random(count).astype("float32")
+    levels[0] = np.nan
+    top_side = prior.cfg.top_grid
+    top = rng.integers(0, 16, (count, top_side, top_side)).astype("int32") if getattr(prior, "takes_top", 0) else None
+    return prior_inputs(levels=levels if getattr(prior, "level_conditioned", False) else None, top=top)
+
+
+def influence_on(prior, row, col):
     """How much each grid position's code moves the logits at (row, col): the gradient's size, flat raster order."""
-    grid = config.code_grid
-    one_hot = tf.constant(np.random.default_rng(0).random((1, grid, grid, config.num_codes)), tf.float32)
+    side = prior.side
+    one_hot = tf.constant(np.random.default_rng(0).random((1, side, side, 16)), tf.float32)
+    inputs = {**conditions(prior, 1), "codes": np.zeros((1, side, side), np.int32)}
     with tf.GradientTape() as tape:
         tape.watch(one_hot)
-        target = tf.reduce_sum(prior.logits_from_one_hot(one_hot)[0, row, col])
+        target = tf.reduce_sum(prior.logits_from_one_hot(one_hot, inputs)[0, row, col])
     return np.abs(tape.gradient(target, one_hot).numpy()[0]).sum(axis=-1).ravel()
 
 
 @pytest.mark.parametrize("kind", PRIORS)
 def test_prior_logits_depend_only_on_earlier_positions(kind):
-    config, prior = random_prior(kind, ["prior_filters=16"])
-    grid = config.code_grid
-    assert isinstance(prior, GatedPixelCNN) == (kind == "gated")
-    for row, col in [(0, 0), (grid // 2, grid // 2), (grid - 1, grid - 1), (1, grid - 1)]:
-        influence = influence_on(prior, config, row, col)
-        position = row * grid + col
+    config, prior = random_prior(kind)
+    side = prior.side
+    assert isinstance(prior, GatedPixelCNN) == kind.startswith("gated")
+    for row, col in [(0, 0), (side // 2, side // 2), (side - 1, side - 1), (1, side - 1)]:
+        influence = influence_on(prior, row, col)
+        position = row * side + col
         assert (influence[position:] == 0).all(), f"logits at {(row, col)} see their own or later positions"
         if position > 0:
             assert influence[position - 1] > 0, "the previous position must be visible"
 
 
 def test_gated_prior_has_no_blind_spot_where_the_masked_one_has():
-    """On a 16x16 grid every earlier position reaches the logits at (15, 8) through the gated prior; through the
-    masked prior the row just above, right of column 11, does not (the blind spot of van den Oord et al., 2016)."""
-    small = ["prior_filters=8", "image_size=32"]
-    config, gated = random_prior("gated", small)
-    grid = config.code_grid
-    position = (grid - 1) * grid + grid // 2
-    assert (influence_on(gated, config, grid - 1, grid // 2)[:position] > 0).all()
-    config, masked = random_prior("blocks", small)
-    influence = influence_on(masked, config, grid - 1, grid // 2).reshape(grid, grid)
-    assert (influence[grid - 2, grid - 4:] == 0).all() and (influence[grid - 2, :grid - 4] > 0).all()
+    """Every earlier position reaches the logits at the bottom row's centre through the gated prior; through the
+    masked prior some do not (the blind spot of van den Oord et al., 2016)."""
+    _, gated = random_prior("gated_bottom")
+    side = gated.side
+    position = (side - 1) * side + side // 2
+    assert (influence_on(gated, side - 1, side // 2)[:position] > 0).all()
+    _, masked = random_prior("seed")
+    side = masked.side
+    position = (side - 1) * side + side // 2
+    assert (influence_on(masked, side - 1, side // 2)[:position] == 0).any()
+
+
+def test_gated_priors_read_the_level_and_the_bottom_one_the_top_codes():
+    _, prior = random_prior("gated_bottom")
+    codes = np.random.default_rng(1).integers(0, 16, (3, prior.side, prior.side)).astype("int32")
+    base = conditions(prior, 3)
+    logits = lambda inputs: np.asarray(prior({**inputs, "codes": codes}))  # noqa: E731
+    reference = logits(base)
+    other_level = {**base, "levels": np.array([0.3, 0.1, 0.9], np.float32)}  # the first was unknown
+    assert np.abs(logits(other_level) - reference)[0].max() > 1e-4
+    other_top = {**base, "top": (base["top"] + 1) % 16}
+    assert np.abs(logits(other_top) - reference).max() > 1e-4
 
 
 @pytest.mark.parametrize("kind", PRIORS)
 def test_fast_sampler_gives_the_full_networks_logits(kind):
-    config, prior = random_prior(kind, ["prior_filters=32"])
+    config, prior = random_prior(kind)
     sampler = sampler_for(prior)
-    assert isinstance(sampler, GatedPixelCNNSampler if kind == "gated" else PixelCNNSampler)
-    codes, logits = sampler.sample(4, seed=3, return_logits=True)
-    np.testing.assert_allclose(logits, prior(codes).numpy(), atol=1e-4)
-    forced, forced_logits = sampler.sample(4, seed=9, prefix=codes, return_logits=True)
+    assert isinstance(sampler, GatedPixelCNNSampler if kind.startswith("gated") else PixelCNNSampler)
+    given = conditions(prior, 4)
+    codes, logits = sampler.sample(4, seed=3, return_logits=True, **given)
+    np.testing.assert_allclose(logits, prior({**given, "codes": codes}).numpy(), atol=1e-4)
+    forced, forced_logits = sampler.sample(4, seed=9, prefix=codes, return_logits=True, **given)
     np.testing.assert_array_equal(forced, codes)
     np.testing.assert_allclose(forced_logits, logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["seed", "gated"])
+@pytest.mark.parametrize("kind", ["seed", "gated_bottom"])
 def test_sampler_is_reproducible_from_its_seed(kind):
-    config, prior = random_prior(kind, ["prior_filters=16", "image_size=32"])
+    config, prior = random_prior(kind)
     sampler = sampler_for(prior)
-    first, again, other = (sampler.sample(6, seed=seed) for seed in (1, 1, 2))
+    given = conditions(prior, 6)
+    first, again, other = (sampler.sample(6, seed=seed, **given) for seed in (1, 1, 2))
     np.testing.assert_array_equal(first, again)
     assert (first != other).any()
-    grid = config.code_grid
-    assert first.shape == (6, grid, grid) and first.min() >= 0 and first.max() < 16
+    assert first.shape == (6, prior.side, prior.side) and first.min() >= 0 and first.max() < 16
+
+
+def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
+    config = make_config("default", SMALL_TWO_LEVEL)
+    vqvae = VQVAE(config.to_dict())
+    vqvae.build()
+    run = Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids})
+    images = generate(run, [0.2, np.nan, 0.7], seed=4)
+    assert images.shape == (3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    np.testing.assert_array_equal(images, generate(run, [0.2, np.nan, 0.7], seed=4))
+    bits = prior_bits_per_code(run, images, [0.2, np.nan, 0.7])
+    assert set(bits) == {"top", "bottom"} and all(0 < value < 8 for value in bits.values())
 
 
 def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path):
-    config = make_config("seed", ["prior_filters=16"])
-    vqvae = VQVAE(config.to_dict(), name="vqvae")
-    vqvae.build()
-    vqvae.compile(optimizer="adam")
-    images = np.random.default_rng(0).random((6, 128, 128, 1)).astype("float32")
-    vqvae.fit(images, epochs=1, batch_size=3, verbose=0)  # EMA statistics and codebook are no longer initial
-    prior = build_prior(config)
-    gated = build_prior(make_config("default", ["prior_filters=8"]), name="gated")
-    save_model(vqvae, tmp_path / "vqvae.keras")
-    save_model(prior, tmp_path / "pixelcnn.keras")
-    save_model(gated, tmp_path / "gated.keras")
-    codes = vqvae.encode(images).numpy()
+    """Both presets' VQ-VAEs (one grid and two) and all three prior kinds, with their conditions."""
+    images = np.random.default_rng(0).random((6, 32, 32, 1)).astype("float32")
+    expected = {}
+    for preset, overrides in (("seed", ["image_size=32", "prior_filters=16", "encoder_strides=2,2",
+                                        "encoder_filters=8,8", "decoder_strides=2,2", "decoder_filters=8,8"]),
+                              ("default", SMALL_TWO_LEVEL)):
+        config = make_config(preset, overrides)
+        vqvae = VQVAE(config.to_dict(), name="vqvae")
+        vqvae.build()
+        vqvae.compile(optimizer="adam")
+        vqvae.fit(images, epochs=1, batch_size=3, verbose=0)  # EMA statistics and codebook are no longer initial
+        save_model(vqvae, tmp_path / f"{preset}_vqvae.keras")
+        codes = {grid: np.asarray(value) for grid, value in vqvae.encode(images).items()}
+        expected[f"{preset}_vqvae"] = np.asarray(vqvae(images))
+        for grid in config.code_grids:
+            prior = build_prior(config, grid)
+            save_model(prior, tmp_path / f"{preset}_{grid}.keras")
+            inputs = prior_inputs(codes[grid], np.linspace(0, 1, 6).astype("float32"),
+                                  codes.get("top") if grid == "bottom" else None)
+            np.savez(tmp_path / f"{preset}_{grid}_inputs.npz", **inputs)
+            expected[f"{preset}_{grid}"] = np.asarray(prior(inputs))
     np.save(tmp_path / "images.npy", images)
-    np.save(tmp_path / "codes.npy", codes)
     script = (
-        "import sys, numpy as np, keras\n"
+        "import sys, glob, os, numpy as np, keras\n"
         "sys.path.insert(0, sys.argv[2])\n"
         "import modules\n"
         "d = sys.argv[1]\n"
-        "v = keras.saving.load_model(d + '/vqvae.keras', safe_mode=True)\n"
-        "p = keras.saving.load_model(d + '/pixelcnn.keras', safe_mode=True)\n"
-        "np.save(d + '/out_recon.npy', np.asarray(v(np.load(d + '/images.npy'))))\n"
-        "np.save(d + '/out_codes.npy', np.asarray(v.encode(np.load(d + '/images.npy'))))\n"
-        "np.save(d + '/out_logits.npy', np.asarray(p(np.load(d + '/codes.npy'))))\n"
-        "g = keras.saving.load_model(d + '/gated.keras', safe_mode=True)\n"
-        "np.save(d + '/out_gated.npy', np.asarray(g(np.zeros((2, 64, 64), np.int32))))\n")
+        "for path in glob.glob(d + '/*.keras'):\n"
+        "    name = os.path.basename(path)[:-6]\n"
+        "    model = keras.saving.load_model(path, safe_mode=True)\n"
+        "    if name.endswith('vqvae'):\n"
+        "        out = model(np.load(d + '/images.npy'))\n"
+        "    else:\n"
+        "        out = model(dict(np.load(d + '/' + name + '_inputs.npz')))\n"
+        "    np.save(d + '/out_' + name + '.npy', np.asarray(out))\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path), str(ROOT)], check=True,
                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    np.testing.assert_array_equal(np.load(tmp_path / "out_recon.npy"), np.asarray(vqvae(images)))
-    np.testing.assert_array_equal(np.load(tmp_path / "out_codes.npy"), codes)
-    np.testing.assert_array_equal(np.load(tmp_path / "out_logits.npy"), np.asarray(prior(codes)))
-    np.testing.assert_array_equal(np.load(tmp_path / "out_gated.npy"), np.asarray(gated(np.zeros((2, 64, 64)))))
+    assert len(expected) == 5
+    for name, values in expected.items():
+        np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), values, err_msg=name)
 
 
 def test_masked_conv_rejects_unknown_mask_type():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mask_type"):
         MaskedConv2D("C", 4, 3)
 
 

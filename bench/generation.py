@@ -1,13 +1,14 @@
-"""Generation speed: seconds to sample 64 code grids with the PixelCNN and decode them to 128x128 slices.
+"""Generation speed: seconds to sample 64 slices (every code grid of the run) and decode them to 128x128 slices.
 
     python bench/generation.py [--run pretrained] [--num 64] [--repeats 5]
 
-Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over the g*g code positions, calling
-`model.predict` on the whole batch once per position and drawing that position's code. Project:
-modules.sampler_for(prior), one compiled loop that computes only what the new position needs. Same weights, same
-batch, same process. The project figure is the median of --repeats runs after one run that traces the loop
-(reported as 'first call'). The baseline costs one identical full `predict` per position (about 20 minutes for a
-64x64 grid), so it is timed on the first --baseline-positions positions and scaled to the grid.
+Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over each grid's code positions (the
+top grid first, then the bottom one given it), calling `model.predict` on the whole batch once per position and
+drawing that position's code. Project: modules.generate, one compiled loop per grid that computes only what the
+new position needs. Same weights, same batch, same levels, same process. The project figure is the median of
+--repeats runs after one run that traces the loops (reported as 'first call'). The baseline costs one identical
+full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
+--baseline-positions positions and scaled to the grid.
 """
 
 import argparse
@@ -21,25 +22,30 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, build_prior, load_run, sampler_for
+from modules import VQVAE, Run, build_prior, generate, load_run, prior_inputs
 
 
-def baseline_sample(prior, vqvae, num, grid, seed, positions):
-    """The example's loop over the first `positions` positions (all g*g of them for a full sample)."""
-    codes = np.zeros((num, grid, grid), np.int32)
+def baseline_seconds(run, levels, seed, positions):
+    """Seconds of the example's loop for a whole sample: each grid timed on its first `positions` positions and
+    scaled to all of them (every position costs the same full predict), plus the decoding."""
     rng = np.random.default_rng(seed)
-    for position in range(positions):
-        row, col = divmod(position, grid)
-        logits = prior.predict(codes, verbose=0)[:, row, col]
-        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        codes[:, row, col] = [rng.choice(len(p), p=p) for p in probabilities]
-    if positions == grid * grid:
-        return np.asarray(vqvae.decode_codes(codes))
-
-
-def project_sample(sampler, vqvae, num, seed):
-    return np.asarray(vqvae.decode_codes(sampler.sample(num, 1.0, seed)))
+    codes, seconds = {}, 0.0
+    for grid in run.config.code_grids:
+        prior = run.priors[grid]
+        side = prior.side
+        codes[grid] = np.zeros((len(levels), side, side), np.int32)
+        inputs = prior_inputs(codes[grid], levels if prior.level_conditioned else None,
+                              codes.get("top") if grid == "bottom" else None)
+        timed_positions = min(positions, side * side)
+        start = time.perf_counter()
+        for position in range(timed_positions):
+            row, col = divmod(position, side)
+            logits = prior.predict(inputs, verbose=0)[:, row, col]
+            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+            codes[grid][:, row, col] = [rng.choice(len(p), p=p) for p in probabilities]
+        seconds += (time.perf_counter() - start) * side * side / timed_positions
+    return seconds + timed(lambda: run.vqvae.decode_codes(codes))
 
 
 def timed(function):
@@ -50,14 +56,13 @@ def timed(function):
 
 def models(preset, run):
     if run is not None and (run / "config.json").exists():
-        config, vqvae, priors = load_run(run)
-        prior = priors["bottom"]
-        if config.code_grid == make_config(preset).code_grid:
-            return config, vqvae, prior, f"trained weights of {run}"
+        loaded = load_run(run)
+        if loaded.config.code_grids == make_config(preset).code_grids:
+            return loaded, f"trained weights of {run}"
     config = make_config(preset)
-    vqvae, prior = VQVAE(config.to_dict()), build_prior(config)
+    vqvae = VQVAE(config.to_dict())
     vqvae.build()
-    return config, vqvae, prior, "random weights"
+    return Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids}), "random weights"
 
 
 def main():
@@ -74,20 +79,20 @@ def main():
     args = parser.parse_args()
     rows = []
     for preset in args.presets.split(","):
-        config, vqvae, prior, weights = models(preset, args.run if preset == "default" else None)
-        grid = config.code_grid
-        sampler = sampler_for(prior)
-        first = timed(lambda: project_sample(sampler, vqvae, args.num, 0))
-        ours = median([timed(lambda: project_sample(sampler, vqvae, args.num, seed))
-                       for seed in range(1, args.repeats + 1)])
-        positions = min(grid * grid, args.baseline_positions)
-        base = median([timed(lambda: baseline_sample(prior, vqvae, args.num, grid, seed, positions))
-                       for seed in range(args.baseline_repeats)]) * grid * grid / positions
-        measured = "all" if positions == grid * grid else f"{positions} of {grid * grid}, scaled"
-        rows.append([preset, f"{grid}x{grid}", weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}",
+        run, weights = models(preset, args.run if preset == "default" else None)
+        levels = np.linspace(0.2, 0.8, args.num).astype(np.float32)
+        first = timed(lambda: generate(run, levels, 1.0, 0))
+        ours = median([timed(lambda: generate(run, levels, 1.0, seed)) for seed in range(1, args.repeats + 1)])
+        sides = [run.priors[grid].side for grid in run.config.code_grids]
+        base = median([baseline_seconds(run, levels, seed, args.baseline_positions)
+                       for seed in range(args.baseline_repeats)])
+        grids = " + ".join(f"{side}x{side}" for side in sides)
+        scaled = any(side * side > args.baseline_positions for side in sides)
+        measured = f"first {args.baseline_positions} positions per grid, scaled" if scaled else "all"
+        rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}",
                      f"{base / ours:.0f}x"])
     print(f"Generating {args.num} decoded slices, seconds; {machine()}; TensorFlow {tf.__version__}")
-    print_table(["preset", "code grid", "weights", "baseline: predict per position", "OASISVQ first call",
+    print_table(["preset", "code grids", "weights", "baseline: predict per position", "OASISVQ first call",
                  f"OASISVQ (median of {args.repeats})", "speed-up"], rows)
 
 

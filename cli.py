@@ -13,19 +13,36 @@ DEFAULT_PRETRAINED = PROJECT_ROOT / "pretrained"
 OFFICIAL_OASIS_URL = "https://download.nrg.wustl.edu/data/"
 
 
+# Why each script's --split defaults to what it does (printed in its --help).
+SPLIT_REASONS = {"test": "the held-out subjects no run was trained or validated on",
+                 "all": "every slice of the source", "train": "the subjects runs are trained on",
+                 "validate": "the subjects runs are validated on"}
+
+
 class UserError(Exception):
     """Bad input or usage: reported as one line on stderr with exit code 2, never as a traceback."""
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_data: str | None, default_split: str) -> None:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value reported as one `error:` line and exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_data: str | None, default_split: str | None) -> None:
+    """--data, --cache and the download flags; --split too unless `default_split` is None (a script that always
+    reads a fixed split)."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=default_data, required=default_data is None,
                        help="where slices come from: 'oasis' (official OASIS-1 discs, downloaded and cached), "
                             "'oasis2' (OASIS-2 RAW archives), or a folder of volumes (.nii, .nii.gz, .hdr/.img) "
                             "or 2D images (.png, .jpg, .tif), including the course keras_png_slices_data layout"
                             + (f" (default: {default_data})" if default_data else ""))
-    group.add_argument("--split", default=default_split, choices=["train", "validate", "test", "all"],
-                       help=f"which subject-level split of the source (default: {default_split})")
+    if default_split is not None:
+        group.add_argument("--split", default=default_split, choices=["train", "validate", "test", "all"],
+                           help=f"which subject-level split of the source (default: {default_split}, "
+                                f"{SPLIT_REASONS[default_split]})")
     group.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                        help="where downloads and preprocessed slices are kept (default: data/ in the project)")
     group.add_argument("--oasis-url", default=OFFICIAL_OASIS_URL,
@@ -38,12 +55,45 @@ def add_data_args(parser: argparse.ArgumentParser, default_data: str | None, def
                        help="stop at the first unreadable file instead of skipping it with a warning")
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser,
+                    seed_help: str = "seed for everything random (default: the preset's)") -> None:
     group = parser.add_argument_group("hyperparameters")
     group.add_argument("--preset", default="default", help="named hyperparameter preset: default or seed")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one hyperparameter (repeatable), e.g. --set epochs=10 --set batch_size=64")
-    group.add_argument("--seed", type=int, default=None, help="seed for everything random (default: the preset's)")
+    group.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
+def config_from_args(args, extra_overrides: list[str] = ()):
+    """The Config of --preset and --set (then `extra_overrides`); UserError with the one-line reason."""
+    from hyperparameters import make_config
+
+    try:
+        return make_config(args.preset, [*args.overrides, *extra_overrides])
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    """--no-progress, the same flag in every script: plain lines instead of progress bars (as in a log file)."""
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: plain lines (one per epoch in train.py), as in a log file")
+
+
+def check_output_path(path: Path | None, flag: str, folder: bool = False) -> None:
+    """UserError before any work when `path` can never be written: a file stands where a folder must be, the
+    folder is not writable, or (for a file) a folder has its name."""
+    if path is None:
+        return
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; choose another path")
 
 
 def parse_discs(text: str) -> list[int]:
@@ -86,3 +136,12 @@ def configure_tensorflow() -> None:
       128 code grids) and trains 1.7x faster with this setting."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "1")
+
+
+def shown_path(path) -> str:
+    """A path as reports and JSON files show it: as the user gave it, but relative to the project when it lies in
+    it (defaults such as pretrained/ are absolute), so that no report names a folder of this machine for them."""
+    path = Path(path)
+    if path.is_absolute() and path.is_relative_to(PROJECT_ROOT):
+        return str(path.relative_to(PROJECT_ROOT))
+    return str(path)

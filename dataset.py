@@ -31,7 +31,6 @@ import socket
 import ssl
 import sys
 import tarfile
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +43,7 @@ import numpy as np
 from cli import (OFFICIAL_OASIS_URL, UserError, add_config_args, add_data_args, configure_tensorflow, parse_discs,
                  run_main)
 from hyperparameters import Config, make_config
+from rundir import atomic_write, atomic_write_text
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -66,36 +66,6 @@ OFFLINE_ADVICE = ("download and extract the OASIS archives yourself and pass --d
 
 class DataError(UserError):
     """A data source, file or download that cannot be used; the message names it and says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic writes: a kill at any moment leaves the old file or the new one, never a truncated file that loads.
-# ---------------------------------------------------------------------------------------------------------------
-
-def atomic_write(path: Path, write) -> None:
-    """Calls `write(file_object)` on a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UserError(f"cannot write to {path.parent}: {error.strerror}; choose a writable folder") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda out: out.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Presets
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,16 +190,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_value(text: str, current: Any) -> Any:
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """`text` as a value of the type of `current`; ValueError saying what `key` expects."""
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes"):
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"expected true or false, got {text!r}")
+        raise ValueError(f"{key} expects true or false, got {text!r}")
     if isinstance(current, list):
-        return [int(part) for part in text.split(",") if part.strip()]
-    return type(current)(text)
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"{key} expects a comma-separated list of integers like 32,64, got {text!r}") from None
+    try:
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"{key} expects {KIND_NAMES[type(current)]}, got {text!r}") from None
 
 
 def make_config(preset: str = "default", overrides: list[str] | None = None) -> Config:
@@ -206,14 +217,18 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     config = Config(**PRESETS[preset])
+    names = [f.name for f in dataclasses.fields(Config)]
     for item in overrides or []:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not hasattr(config, key) or key.startswith("_"):
-            names = ", ".join(f.name for f in dataclasses.fields(Config))
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {names}")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=10")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; hyperparameters.py lists the keys"
+            raise ValueError(f"--set {item!r}: unknown key {key!r}{hint}")
         try:
-            setattr(config, key, _parse_value(text.strip(), getattr(config, key)))
+            setattr(config, key, _parse_value(key, text.strip(), getattr(config, key)))
         except ValueError as error:
             raise ValueError(f"--set {item!r}: {error}") from None
     validate(config)

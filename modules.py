@@ -12,8 +12,6 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import keras
 import tensorflow as tf
@@ -21,6 +19,8 @@ from keras import layers, ops
 
 from hyperparameters import Config
 from measures import bits_per_code, ssim
+# a loaded run: generate() takes one; load_run and save_model stay importable from here (the models' front door)
+from rundir import Run, load_run, save_model  # noqa: F401
 
 PACKAGE = "oasisvq"
 
@@ -979,47 +979,8 @@ def sampler_for(prior: keras.Model) -> Sampler:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run directories
+# Generating with a loaded run (rundir.load_run)
 # ---------------------------------------------------------------------------------------------------------------
-
-def save_model(model: keras.Model, path) -> None:
-    """Saves `model` to `path` (.keras) atomically: a temporary file beside it, flushed, then a rename."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    try:
-        model.save(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def weights_only_copy(model: keras.Model) -> keras.Model:
-    """A fresh, uncompiled copy of a VQVAE or PixelCNN with the same weights (no optimizer state to ship)."""
-    copy = type(model).from_config(model.get_config())
-    copy.build()
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-class Run(NamedTuple):
-    """A trained run, loaded: its config, its VQ-VAE and its priors by code grid ("top" for the coarse grid of a
-    two-level model, "bottom" for the fine grid, the only one of a single-level model); no priors when loaded
-    with need_prior=False."""
-    config: Config
-    vqvae: keras.Model
-    priors: dict
-
-    @property
-    def level_conditioned(self) -> bool:
-        """Whether the priors take the axial level of the slice to generate (predict.py --level)."""
-        return any(getattr(prior, "level_conditioned", False) for prior in self.priors.values())
-
 
 def generate(run: Run, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom grid
@@ -1041,51 +1002,3 @@ def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:
     return {grid: mean_bits_per_code(run.priors[grid], prior_inputs(codes[grid], levels, codes.get("top")
                                                                      if grid == "bottom" else None))
             for grid in run.config.code_grids}
-
-
-PRIOR_FILES = {"top": "pixelcnn_top", "bottom": "pixelcnn"}
-
-
-def load_run(run_dir, need_prior: bool = True) -> Run:
-    """(Config, VQVAE, PixelCNN or None) of a run directory; UserError naming the file for anything unusable."""
-    import json
-    from pathlib import Path
-
-    from cli import UserError
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not run_dir.is_dir():
-        raise UserError(f"--run {run_dir}: no such run directory; train one with python train.py --out {run_dir}")
-    from hyperparameters import validate, vqvae_differences
-
-    try:
-        values = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{config_path}: missing; is {run_dir} a run directory made by train.py?") from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{config_path}: cannot be read ({type(error).__name__}); the run directory is damaged, "
-                        f"retrain or restore it") from None
-    try:
-        config = Config.from_dict(values)
-        validate(config)
-    except (ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"{config_path}: {error}; this run was made by an incompatible version, retrain it") from None
-    names = ["vqvae"] + ([PRIOR_FILES[grid] for grid in config.code_grids] if need_prior else [])
-    models = []
-    for name in names:
-        path = run_dir / f"{name}.keras"
-        if not path.exists():
-            raise UserError(f"{path}: missing; the run did not finish its {name} phase (python train.py --resume "
-                            f"--out {run_dir})")
-        try:
-            model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        except Exception as error:  # Keras raises many types for truncated or foreign files
-            raise UserError(f"{path}: cannot be loaded ({type(error).__name__}); the file is damaged or from "
-                            f"another version, retrain or restore it") from None
-        saved = Config.from_dict(getattr(model, "config_dict", config.to_dict())).to_dict()
-        # a VQ-VAE reused by train.py --vqvae-from keeps the prior fields of the run it was trained in
-        if (vqvae_differences(saved, config.to_dict()) if name == "vqvae" else saved != config.to_dict()):
-            raise UserError(f"{path}: its hyperparameters differ from {config_path}; the run directory is mixed")
-        models.append(model)
-    return Run(config, models[0], dict(zip(config.code_grids, models[1:])))

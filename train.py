@@ -1,22 +1,23 @@
-"""Trains the VQ-VAE on the training split, then the PixelCNN prior on the code grids of that split.
+"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid on the codes of that split.
 
     python train.py                                         # default preset on the official OASIS-1 download
     python train.py --data ../shared/data/oasis1-mni-volumes --out runs/mni
     python train.py --resume --out runs/mni                 # continue an interrupted run
     python train.py --data ... --vqvae-from runs/mni --out runs/mni-prior2   # a new prior on a trained VQ-VAE
 
-The run directory receives config.json, vqvae.keras and pixelcnn.keras (best epoch by validation, weights only),
-history_vqvae.csv, history_prior.csv, curve plots and summary.json; checkpoints/ holds the last completed epoch of
-each phase (with optimizer state) so that --resume never redoes a finished epoch.
+Read `main` and `train_run` top to bottom: check every input, load the data, create the run directory, train the
+VQ-VAE, encode the slices, train the priors, summarize. What the run directory holds, and how each file is
+written, is rundir.py's business; checkpoints/ keeps the last completed epoch of each phase (with optimizer state)
+so that --resume never redoes a finished epoch.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -27,22 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, add_config_args, add_data_args, configure_tensorflow, run_main
-from hyperparameters import Config, make_config, vqvae_differences
+from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_progress_arg, check_output_path,
+                 config_from_args, configure_tensorflow, run_main)
+from hyperparameters import Config, vqvae_differences
+from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
-PHASES = ("vqvae", "prior_top", "prior")  # a single-grid run has no prior_top epochs
-PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}
 PROCESS_START = time.time()
+PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the VQ-VAE, then the PixelCNN prior over its codes.")
-    add_data_args(parser, default_data="oasis", default_split="train")
-    add_config_args(parser)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="train.py", description="Train the VQ-VAE on the train split (validated on the "
+                            "validate split), then the PixelCNN prior over its codes.")
+    add_data_args(parser, default_data="oasis", default_split=None)
+    add_config_args(parser, seed_help="seed for everything random: initial weights, shuffling, flips, codebook "
+                                      "restarts, dropout (default: the preset's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory to write (default: runs/<timestamp>)")
     parser.add_argument("--epochs", type=int, help="VQ-VAE epochs (default: the preset's)")
-    parser.add_argument("--prior-epochs", type=int, help="PixelCNN epochs (default: the preset's)")
+    parser.add_argument("--prior-epochs", type=int, help="PixelCNN epochs, of each prior (default: the preset's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last completed epoch")
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
@@ -52,29 +56,251 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
     parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to RUN_DIR/logs")
+    add_progress_arg(parser)
     parser.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None,
-                        help="Keras output: 0 silent, 1 progress bars, 2 one line per epoch "
-                             "(default: 1 on a terminal, else 2)")
+                        help="Keras output, the older spelling: 0 silent, 1 progress bars, 2 one line per epoch "
+                             "(= --no-progress) (default: 1 on a terminal, else 2)")
     return parser
 
 
-def resolve_config(args) -> Config:
-    overrides = list(args.overrides)
-    for flag, keys in ((args.epochs, ["epochs"]), (args.prior_epochs, ["prior_epochs", "top_prior_epochs"]),
-                       (args.seed, ["seed"])):
-        if flag is not None:
-            overrides += [f"{key}={flag}" for key in keys]
+def main(argv: list[str] | None = None) -> int:
+    """Every input is checked (flags, run directory, data) before anything is created or TensorFlow starts."""
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    chief = is_chief(tf_config() if args.strategy == "multiworker" else None)
+    run = check_run_dir(args, config, chief)
+    source = check_vqvae_source(args.vqvae_from, config) if args.vqvae_from is not None else None
+    verbose = keras_verbosity(args)
+    slices = load_training_data(args, config, run, source, progress=verbose == 1)
+    configure_tensorflow()
+    strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+    # a non-chief worker writes all its files into a scratch folder that nobody reads (RunDir.worker_scratch)
+    work = run if chief else run.worker_scratch(config, args.resume)
+    code = 1
     try:
-        config = make_config(args.preset, overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+        state = open_run_dir(args, config, work, source, slices, create=chief and not args.resume)
+        code = train_run(args, config, work, state, slices, strategy, verbose)
+        return code
+    except KeyboardInterrupt:
+        code = 130
+        return 130
+    finally:
+        clean_up(run, work, code)
+
+
+def clean_up(run: RunDir, work: RunDir, code: int) -> None:
+    """After training: a worker's scratch folder goes; a run folder this process made goes too when it failed
+    before any epoch finished (nothing in it is worth keeping, and it would only be in the way of a retry)."""
+    if work is not run:
+        shutil.rmtree(work.path, ignore_errors=True)
+    removed = code != 0 and run.remove_if_unfinished()
+    if code == 130:
+        print("\ninterrupted: " + (f"no epoch had finished, so {run} was removed" if removed else
+                                    f"completed epochs are saved; continue with python train.py --resume --out "
+                                    f"{run} (and the same flags)"), file=sys.stderr)
+
+
+def resolve_config(args) -> Config:
+    """The Config of --preset, --set and the flags that set hyperparameters; UserError naming the flag at fault."""
+    for flag, value in (("--epochs", args.epochs), ("--prior-epochs", args.prior_epochs)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    flags = ((args.epochs, ["epochs"]), (args.prior_epochs, ["prior_epochs", "top_prior_epochs"]),
+             (args.seed, ["seed"]))
+    config = config_from_args(args, [f"{key}={value}" for value, keys in flags if value is not None for key in keys])
     for key in ("epochs", "prior_epochs", "top_prior_epochs", "batch_size", "prior_batch_size"):
         if getattr(config, key) < 1:
-            raise UserError(f"{key} is {getattr(config, key)}; it must be at least 1")
+            raise UserError(f"--set {key}={getattr(config, key)}: {key} must be at least 1")
     if not math.isfinite(config.learning_rate) or not math.isfinite(config.prior_learning_rate):
-        raise UserError("learning_rate and prior_learning_rate must be finite numbers")
+        raise UserError("--set: learning_rate and prior_learning_rate must be finite numbers")
     return config
 
+
+def keras_verbosity(args) -> int:
+    """Keras' `verbose`: --verbose as given; else 2 (one line per epoch) with --no-progress or when the output is
+    not a terminal, 1 (progress bars) on a terminal."""
+    if args.verbose is not None:
+        return args.verbose
+    return 2 if args.no_progress or not sys.stdout.isatty() else 1
+
+
+@contextmanager
+def about(flag: str, advice: str = ""):
+    """Prefixes a UserError raised inside with the flag it concerns (and appends `advice`)."""
+    try:
+        yield
+    except UserError as error:
+        raise UserError(f"{flag}: {error}" + (f"; {advice}" if advice else "")) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking the inputs: nothing is created before all of them pass
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_run_dir(args, config: Config, chief: bool) -> RunDir:
+    """The run directory: --resume needs a run made with the same hyperparameters; a new run needs a folder that
+    can be made and holds no finished epoch (a run that failed before its first epoch never blocks a retry)."""
+    if args.resume and args.out is None:
+        raise UserError("--resume needs --out RUN_DIR, the run directory to continue")
+    run = RunDir(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.resume:
+        if not run.config_path.exists():
+            raise UserError(f"--resume: {run.config_path} does not exist; there is no run to resume in {run}")
+        with about("--resume", "the run cannot be resumed, start a new --out"):
+            saved = run.read_config().to_dict()
+            RunState(run)
+        given = config.to_dict()
+        changed = sorted(key for key in set(saved) | set(given) if saved.get(key) != given.get(key))
+        if changed:
+            raise UserError(f"--resume: the command line gives other hyperparameters than {run.config_path} "
+                            f"({', '.join(changed)}); repeat the original flags or start a new --out")
+        return run
+    if chief and run.holds_finished_epoch():  # a non-chief may find the chief's run on a shared disk
+        raise UserError(f"--out {run} already holds a run; use --resume to continue it or choose another --out")
+    check_output_path(run.path, "--out", folder=True)
+    return run
+
+
+def check_vqvae_source(path: Path, config: Config) -> RunState:
+    """The state of the run `path` (--vqvae-from); UserError unless its VQ-VAE phase finished with `config`'s VQ-VAE
+    and data hyperparameters (everything but prior_* and temperature)."""
+    source = RunDir(path)
+    for required in (source.config_path, source.model_path("vqvae"), source.state_path):
+        if not required.is_file():
+            raise UserError(f"--vqvae-from {source}: {required} is missing; give a run directory made by train.py "
+                            f"whose VQ-VAE phase finished")
+    with about(f"--vqvae-from {source}"):
+        saved, state = source.read_config(), RunState(source)
+    differ = vqvae_differences(saved.to_dict(), config.to_dict())
+    if differ:
+        raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "
+                        f"({', '.join(differ)}); give the same --preset and --set values except prior_*")
+    if state.epochs_done("vqvae") < config.epochs:
+        raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {state.epochs_done('vqvae')} of {config.epochs} "
+                        f"epochs; finish it first with python train.py --resume --out {source}")
+    return state
+
+
+def load_training_data(args, config: Config, run: RunDir, source: RunState | None, progress: bool):
+    """The slices of --data, checked against what the run (on --resume) or --vqvae-from's run was trained on."""
+    from dataset import load_slices
+
+    slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
+                         args.strict, progress=progress)
+    fingerprint = slices.fingerprint()
+    if source is not None and source.data.get("data_fingerprint") != fingerprint:
+        raise UserError(f"--vqvae-from {source.run}: its VQ-VAE was trained on other slices "
+                        f"({source.data.get('data')}) than --data {args.data}; give the same --data")
+    recorded = RunState(run).data if args.resume else {}
+    if recorded.get("data_fingerprint") not in (None, fingerprint):
+        raise UserError(f"--resume: --data {args.data} gives other slices than the run was trained on "
+                        f"({recorded.get('data', 'unknown')}); resume with the same --data or start a new --out")
+    if not len(slices.select("train")):
+        raise UserError(f"--data {args.data}: the train split is empty; it needs at least one subject")
+    return slices
+
+
+def open_run_dir(args, config: Config, run: RunDir, source: RunState | None, slices, create: bool) -> RunState:
+    """The run's state: a new run directory made (`create`), or on --resume the files a killed process left
+    half-written removed; then --vqvae-from's VQ-VAE adopted and the data recorded, where not done yet."""
+    if create:
+        run.create(config)
+    state = RunState(run, fresh=not args.resume)
+    if args.resume:
+        removed = state.remove_stale_files()
+        if removed:
+            print(f"resume: removed {len(removed)} file(s) an interrupted process left unfinished: "
+                  f"{', '.join(sorted(removed))}", flush=True)
+        state.rewrite_histories()
+    if source is not None and not state.epochs_done("vqvae"):
+        state.adopt_vqvae(source)
+    if state.data.get("data_fingerprint") is None:
+        state.record_data(slices.fingerprint(), str(args.data))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+def train_run(args, config: Config, run: RunDir, state: RunState, slices, strategy, verbose: int) -> int:
+    """Trains the VQ-VAE, encodes the slices, trains each grid's prior, writes the summary; 1 when a phase's loss
+    turned NaN or infinite."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    train_set, validate_set = slices.select("train"), slices.select("validate")
+    print(f"run {run}: {len(train_set)} training slices ({len(set(train_set.subjects))} subjects), "
+          f"{len(validate_set)} validation slices ({len(set(validate_set.subjects))} subjects), "
+          f"preset {args.preset}, {strategy.num_replicas_in_sync} replica(s)", flush=True)
+    fit = {"strategy": strategy, "state": state, "verbose": verbose,
+           "callbacks": [keras.callbacks.TensorBoard(run.logs)] if args.tensorboard else []}
+    wall_start = time.time()
+
+    announce_phase(config, state, "vqvae")
+    if not finished_finitely(config, state, "vqvae", train_vqvae(config, train_set.images, validate_set.images,
+                                                                   **fit)):
+        return 1
+    train, validate = encode_for_priors(run, config, train_set, validate_set)
+    for grid in config.code_grids:
+        announce_phase(config, state, PRIOR_PHASES[grid])
+        if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(config, grid, train, validate,
+                                                                                 **fit)):
+            return 1
+
+    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start)
+    run.write_summary(summary)
+    bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
+                     for grid in config.code_grids)
+    print(f"done: validation SSIM {summary['vqvae'].get('val_ssim', float('nan')):.4f}, prior validation "
+          f"bits/code {bits}; wrote {run}\nnext: python predict.py --run {run} --data {args.data}")
+    return 0
+
+
+def phase_epochs(config: Config, phase: str) -> int:
+    return {"vqvae": config.epochs, "prior_top": config.top_prior_epochs if config.top_grid else 0,
+            "prior": config.prior_epochs}[phase]
+
+
+def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
+    """(the metric that picks a phase's best epoch, "max" or "min"): SSIM for the VQ-VAE, bits per code for a
+    prior; on the validation split when there is one."""
+    metric, mode = ("ssim", "max") if phase == "vqvae" else ("bits_per_code", "min")
+    return ("val_" + metric if validated else metric), mode
+
+
+def announce_phase(config: Config, state: RunState, phase: str) -> None:
+    """One line before a phase: its name, its epochs, and what is already done."""
+    total, done = phase_epochs(config, phase), state.epochs_done(phase)
+    if done >= total:
+        print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
+    elif done:
+        print(f"resume: {done} of {total} {PHASE_NAMES[phase]} epochs done, continuing with epoch {done + 1} (its "
+              f"first step traces the model and is slow)", flush=True)
+    else:
+        print(f"{PHASE_NAMES[phase]}: {total} epochs (the first step of a phase traces the model and is slow)",
+              flush=True)
+
+
+def finished_finitely(config: Config, state: RunState, phase: str, checkpoint) -> bool:
+    """Plots the curves; False with one error line when the phase diverged (its last good epoch stays saved)."""
+    plot_history(state)
+    if checkpoint is None or not checkpoint.diverged:
+        return True
+    done, rate_key = state.epochs_done(phase), "learning_rate" if phase == "vqvae" else "prior_learning_rate"
+    kept = (f"epochs 1-{done} are saved ({state.run.model_path(phase)} is the best of them); train again in a new "
+            f"--out" if done else "no epoch of it completed, so none was saved; train again")
+    print(f"error: the {PHASE_NAMES[phase]} loss or weights became NaN or infinite in epoch {done + 1}, so "
+          f"training stopped; {kept} with a lower learning rate, e.g. --set {rate_key}="
+          f"{getattr(config, rate_key) / 10:g}", file=sys.stderr)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tf.distribute
+# ---------------------------------------------------------------------------------------------------------------
 
 def tf_config() -> dict:
     """The cluster of --strategy multiworker, from the TF_CONFIG environment variable; UserError when unusable."""
@@ -91,15 +317,6 @@ def tf_config() -> dict:
     return spec
 
 
-def writes_run_dir(args) -> bool:
-    """False for a multi-worker non-chief, known from TF_CONFIG before TensorFlow starts (see is_chief)."""
-    if args.strategy != "multiworker":
-        return True
-    spec = tf_config()
-    kind, index = spec["task"]["type"], int(spec["task"]["index"])
-    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in spec["cluster"])
-
-
 def make_strategy(name: str):
     import tensorflow as tf
 
@@ -109,15 +326,6 @@ def make_strategy(name: str):
     if name == "mirrored" or (name == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-def is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
 
 
 def shard_by_data(dataset):
@@ -152,102 +360,6 @@ def fit_under_strategy(model, strategy, sample) -> None:
             setattr(model, name, step)
 
 
-def worker_scratch(run_dir: Path, resume: bool, config: Config) -> Path:
-    """A non-chief worker's run directory: a temporary folder that nobody reads, removed at exit. The worker trains
-    in step with the chief and saves what the chief saves (it reads its best VQ-VAE back to encode the prior's
-    codes). To resume it starts from a copy of the chief's committed files, so --out must be visible to every
-    worker at the same path (a shared filesystem)."""
-    import shutil
-    import tempfile
-
-    scratch = Path(tempfile.mkdtemp(prefix="oasisvq-worker-"))
-    (scratch / "checkpoints").mkdir()
-    if not resume:
-        (scratch / "config.json").write_text(config.to_json())
-        return scratch
-    names = ["config.json", "vqvae.keras", "pixelcnn.keras", "pixelcnn_top.keras", "checkpoints/state.json",
-             "checkpoints/vqvae_last.keras", "checkpoints/prior_last.keras"]
-    state_path = run_dir / "checkpoints" / "state.json"
-    if state_path.exists():
-        names += [f"checkpoints/{name}" for name in json.loads(state_path.read_text()).get("checkpoint", {}).values()]
-    for name in names:
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, scratch / name)
-    return scratch
-
-
-class RunState:
-    """`checkpoints/state.json`, the commit record of a run: the history rows of each phase's completed epochs, the
-    checkpoint file that holds the last of them, and which epoch the best-model file holds.
-
-    An epoch counts as done only once state.json names it. Its checkpoint (`checkpoints/<phase>_epochNNN.keras`,
-    with optimizer state) is written before that and the best-model file after, so a kill at any moment leaves
-    either the old epoch or the new one complete; `repair_best` finishes an interrupted best-model write on resume.
-    """
-
-    def __init__(self, run_dir: Path, writer: bool):
-        self.run_dir = run_dir
-        self.path = run_dir / "checkpoints" / "state.json"
-        self.writer = writer
-        self.data = {"history": {phase: [] for phase in PHASES}, "checkpoint": {}, "best_saved": {}}
-        if self.path.exists():
-            try:
-                stored = json.loads(self.path.read_text())
-                if not isinstance(stored.get("history"), dict):
-                    raise ValueError("no history")
-            except (ValueError, AttributeError):
-                raise UserError(f"--resume: {self.path} is damaged; the run cannot be resumed, start a new "
-                                f"--out") from None
-            self.data.update(stored)
-            for phase in PHASES:
-                self.data["history"].setdefault(phase, [])
-            self.data.setdefault("checkpoint", {})
-            self.data.setdefault("best_saved", {})
-
-    def epochs_done(self, phase: str) -> int:
-        return len(self.data["history"][phase])
-
-    def checkpoint_path(self, phase: str) -> Path:
-        """The committed last-epoch checkpoint (`<phase>_last.keras` in runs made before epoch-named ones)."""
-        name = self.data["checkpoint"].get(phase, f"{phase}_last.keras")
-        return self.run_dir / "checkpoints" / name
-
-    def best_epoch(self, phase: str, monitor: str, mode: str) -> int | None:
-        rows = [row for row in self.data["history"][phase] if monitor in row]
-        if not rows:
-            return None
-        pick = max if mode == "max" else min
-        return pick(rows, key=lambda row: row[monitor])["epoch"]
-
-    def save(self) -> None:
-        from dataset import atomic_write_text
-
-        if self.writer:
-            atomic_write_text(self.path, json.dumps(self.data, indent=1))
-
-
-def is_temporary(path: Path) -> bool:
-    """A half-written file of an atomic write (dataset.atomic_write, modules.save_model, the curve plots)."""
-    return path.name.startswith(".") and ".tmp" in path.name
-
-
-def clean_stale_files(run_dir: Path, state: RunState) -> list[str]:
-    """Deletes what a killed process left behind: temporary files, and epoch checkpoints state.json does not name.
-    None of them is ever read: a resume trusts only files that state.json commits."""
-    removed = []
-    committed = {state.checkpoint_path(phase).name for phase in PHASES if state.epochs_done(phase)}
-    for folder in (run_dir, run_dir / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            stale = is_temporary(path) or (
-                folder.name == "checkpoints" and path.suffix == ".keras" and path.name not in committed)
-            if stale and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
-    return removed
-
-
 @contextmanager
 def sigint_deferred():
     """Holds back Ctrl-C while an epoch is being committed, then raises it: an interrupt never splits an epoch's
@@ -268,18 +380,19 @@ def sigint_deferred():
                 raise KeyboardInterrupt
 
 
-def weights_are_finite(model) -> bool:
-    import numpy as np
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training a phase
+# ---------------------------------------------------------------------------------------------------------------
+
+def weights_are_finite(model) -> bool:
     return all(np.isfinite(weight).all() for weight in model.get_weights())
 
 
-def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
-    """A callback that commits each finished epoch (see RunState), or stops training when it is not finite."""
+def epoch_checkpointer(phase: str, state: RunState, monitor: str, mode: str):
+    """A callback that commits each finished epoch (RunState.commit_epoch), or stops training when it is not
+    finite."""
     import keras
-
-    from dataset import atomic_write_text
-    from modules import save_model, weights_only_copy
 
     class EpochCheckpoint(keras.callbacks.Callback):
         def __init__(self):
@@ -292,227 +405,38 @@ def epoch_checkpointer(phase, run_dir, state, writer, monitor, mode):
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {key: float(value) for key, value in (logs or {}).items()}
-            if self.diverged or not all(math.isfinite(value) for value in logs.values()) \
-                    or not weights_are_finite(self.model):
-                self.diverged = True
-                self.model.stop_training = True
+            if self.diverged or not all(map(math.isfinite, logs.values())) or not weights_are_finite(self.model):
+                self.diverged = self.model.stop_training = True
                 return
-            seconds = time.perf_counter() - self.epoch_start
             # elapsed: wall time since this process started (data loading and tracing included), for time-to-quality
-            row = {"epoch": epoch + 1, **logs, "seconds": round(seconds, 2),
+            row = {"epoch": epoch + 1, **logs, "seconds": round(time.perf_counter() - self.epoch_start, 2),
                    "elapsed": round(time.time() - PROCESS_START, 2)}
-            history = state.data["history"][phase]
-            best = [r[monitor] for r in history if monitor in r]
-            improved = monitor in logs and (not best or (logs[monitor] > max(best) if mode == "max"
-                                                         else logs[monitor] < min(best)))
-            best_path = run_dir / f"{phase_file(phase)}.keras"
+            best = state.best_row(phase, monitor, mode)
+            improved = monitor in logs and (best is None or (logs[monitor] > best[monitor] if mode == "max"
+                                                             else logs[monitor] < best[monitor]))
             with sigint_deferred():
-                checkpoint = run_dir / "checkpoints" / f"{phase}_epoch{epoch + 1:03d}.keras"
-                previous = state.checkpoint_path(phase)
-                if writer:
-                    save_model(self.model, checkpoint)
-                history.append(row)
-                state.data["checkpoint"][phase] = checkpoint.name
-                state.save()  # the commit: from here on, this epoch is done
-                if writer:
-                    if improved or not best_path.exists():
-                        save_model(weights_only_copy(self.model), best_path)
-                        state.data["best_saved"][phase] = epoch + 1
-                        state.save()
-                    write_history(run_dir / f"history_{phase}.csv", history, atomic_write_text)
-                    if previous != checkpoint:
-                        previous.unlink(missing_ok=True)
+                state.commit_epoch(phase, row, self.model, improved)
 
         def on_batch_end(self, batch, logs=None):
             if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
-                self.diverged = True
-                self.model.stop_training = True
+                self.diverged = self.model.stop_training = True
 
     return EpochCheckpoint()
 
 
-def load_checkpoint(state: RunState, phase: str, custom_objects=None):
-    """The committed last-epoch model of `phase` (with its optimizer); UserError when it is missing or damaged."""
-    import keras
-
-    path = state.checkpoint_path(phase)
-    if not path.exists():
-        raise UserError(f"--resume: {path} is missing, but {state.path.name} records "
-                        f"{state.epochs_done(phase)} completed {phase} epoch(s); the run cannot be resumed, "
-                        f"start a new --out")
-    try:
-        return keras.saving.load_model(path, safe_mode=True, custom_objects=custom_objects)
-    except Exception as error:  # Keras raises many types for truncated or foreign files
-        raise UserError(f"--resume: {path} cannot be loaded ({type(error).__name__}); the checkpoint is damaged, "
-                        f"start a new --out") from None
-
-
-def needs_repair(state: RunState, phase: str, monitor: str, mode: str) -> bool:
-    """Whether a kill interrupted a best-model write: the committed last epoch is the best one, but the best-model
-    file does not hold it yet."""
-    best = state.best_epoch(phase, monitor, mode)
-    return state.writer and best is not None and best == state.epochs_done(phase) and (
-        state.data["best_saved"].get(phase) != best
-        or not (state.run_dir / f"{phase_file(phase)}.keras").exists())
-
-
-def repair_best(state: RunState, phase: str, model, monitor: str, mode: str) -> None:
-    """Finishes an interrupted best-model write (see needs_repair) from the committed checkpoint `model`."""
-    from modules import save_model, weights_only_copy
-
-    if needs_repair(state, phase, monitor, mode):
-        save_model(weights_only_copy(model), state.run_dir / f"{phase_file(phase)}.keras")
-        state.data["best_saved"][phase] = state.epochs_done(phase)
-        state.save()
-
-
-def phase_file(phase: str) -> str:
-    return {"vqvae": "vqvae", "prior_top": "pixelcnn_top", "prior": "pixelcnn"}[phase]
-
-
-def write_history(path: Path, rows: list[dict], write_text) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [",".join(columns)] + [",".join(str(row.get(key, "")) for key in columns) for row in rows]
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def plot_history(run_dir: Path, state: RunState) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = {"vqvae": [("loss", "loss"), ("ssim", "SSIM"), ("perplexity", "code perplexity")],
-              "prior_top": [("bits_per_code", "top prior, bits per code")],
-              "prior": [("bits_per_code", "bits per code")]}
-    for phase, metrics in panels.items():
-        rows = state.data["history"][phase]
-        if not rows:
-            continue
-        figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
-        epochs = [row["epoch"] for row in rows]
-        for axis, (key, title) in zip(axes[0], metrics):
-            for prefix, label in (("", "train"), ("val_", "validation")):
-                values = [row.get(prefix + key) for row in rows]
-                if any(value is not None for value in values):
-                    axis.plot(epochs, values, label=label)
-            axis.set_title(title)
-            axis.set_xlabel("epoch")
-            axis.legend()
-            axis.grid(alpha=0.3)
-        figure.tight_layout()
-        tmp = run_dir / f".{phase}_curves.tmp.png"
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, run_dir / f"{phase}_curves.png")
-        plt.close(figure)
-
-
-def check_run_dir(args, config: Config) -> Path:
-    """The run directory, checked before TensorFlow starts: --resume needs a run made with the same
-    hyperparameters; a new run needs a folder that holds no run and can be created."""
-    if args.resume and args.out is None:
-        raise UserError("--resume needs --out RUN_DIR, the run directory to continue")
-    run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    config_path = run_dir / "config.json"
-    if args.resume:
-        if not config_path.exists():
-            raise UserError(f"--resume: {config_path} does not exist; there is no run to resume in {run_dir}")
-        try:
-            saved = Config.from_dict(json.loads(config_path.read_text())).to_dict()
-        except (ValueError, TypeError, AttributeError, OSError):
-            raise UserError(f"--resume: {config_path} is not a valid config; the run directory is damaged") \
-                from None
-        if saved != config.to_dict():
-            changed = sorted(key for key in set(saved) | set(config.to_dict())
-                             if saved.get(key) != config.to_dict().get(key))
-            raise UserError(f"--resume: the command line gives other hyperparameters than {config_path} "
-                            f"({', '.join(changed)}); repeat the original flags or start a new --out")
-        return run_dir
-    if writes_run_dir(args) and config_path.exists():  # a later non-chief may find the chief's run on a shared disk
-        raise UserError(f"--out {run_dir} already holds a run; use --resume to continue it or choose another --out")
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise UserError(f"--out {run_dir}: {existing} is a file, not a folder; choose another --out")
-    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir}: {existing} is not writable; choose a writable folder")
-    return run_dir
-
-
-def check_vqvae_source(source: Path, config: Config) -> None:
-    """UserError unless `source` (--vqvae-from) is a run whose VQ-VAE phase finished with `config`'s VQ-VAE and data
-    hyperparameters (everything but prior_* and temperature)."""
-    for path in (source / "config.json", source / "vqvae.keras", source / "checkpoints" / "state.json"):
-        if not path.is_file():
-            raise UserError(f"--vqvae-from {source}: {path} is missing; give a run directory made by train.py whose "
-                            f"VQ-VAE phase finished")
-    try:
-        saved = json.loads((source / "config.json").read_text())
-        done = len(json.loads((source / "checkpoints" / "state.json").read_text())["history"]["vqvae"])
-    except (ValueError, KeyError, TypeError, OSError):
-        raise UserError(f"--vqvae-from {source}: its config.json or checkpoints/state.json cannot be read; the run "
-                        f"directory is damaged") from None
-    differ = vqvae_differences(saved, config.to_dict())
-    if differ:
-        raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "
-                        f"({', '.join(differ)}); give the same --preset and --set values except prior_*")
-    if done < config.epochs:
-        raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {done} of {config.epochs} epochs; finish it "
-                        f"first with python train.py --resume --out {source}")
-
-
-def adopt_vqvae(source: Path, run_dir: Path, state: "RunState", writer: bool, fingerprint: str, data) -> None:
-    """Copies the finished VQ-VAE phase of `source` (best model, last checkpoint, history) into this run and commits
-    it in state.json, so that training goes straight to the prior; UserError if `source` saw other data."""
-    import shutil
-
-    from dataset import atomic_write, atomic_write_text
-
-    stored = json.loads((source / "checkpoints" / "state.json").read_text())
-    if stored.get("data_fingerprint") != fingerprint:
-        raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained on other slices ({stored.get('data')}) "
-                        f"than --data {data}; give the same --data")
-    checkpoint = stored["checkpoint"]["vqvae"]
-    if writer:
-        for name in ("vqvae.keras", f"checkpoints/{checkpoint}"):
-            with open(source / name, "rb") as original:
-                atomic_write(run_dir / name, lambda out: shutil.copyfileobj(original, out))
-    state.data["history"]["vqvae"] = stored["history"]["vqvae"]
-    state.data["checkpoint"]["vqvae"] = checkpoint
-    state.data["best_saved"]["vqvae"] = stored["best_saved"].get("vqvae")
-    state.data["data_fingerprint"] = stored["data_fingerprint"]
-    state.data["data"] = stored["data"]
-    state.data["vqvae_from"] = str(source)
-    state.save()
-    if writer:
-        write_history(run_dir / "history_vqvae.csv", state.data["history"]["vqvae"], atomic_write_text)
-
-
-def create_run_dir(run_dir: Path, resume: bool, config: Config, writer: bool) -> None:
-    from dataset import atomic_write_text
-
-    if resume or not writer:
-        return
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--out {run_dir}: cannot create it ({error.strerror}); choose a writable folder") from None
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(f"--out {run_dir}: not writable; choose a writable folder")
-    atomic_write_text(run_dir / "config.json", config.to_json())
-
-
-def resume_phase(state, phase, total_epochs, monitor, mode, strategy, custom_objects=None):
+def resume_phase(state: RunState, phase: str, total_epochs: int, monitor: str, mode: str, strategy,
+                 custom_objects=None):
     """(model, finished) for a phase about to train: its last checkpoint (None before the first epoch), after
     rewriting a best model that a kill left behind; finished when all its epochs are already done."""
     done = state.epochs_done(phase)
-    if done >= total_epochs and not needs_repair(state, phase, monitor, mode):
+    if done >= total_epochs and not state.needs_repair(phase, monitor, mode):
         return None, True
     model = None
     if done:
-        with strategy.scope():
-            model = load_checkpoint(state, phase, custom_objects=custom_objects)
-        repair_best(state, phase, model, monitor, mode)
+        with strategy.scope(), about("--resume", "the run cannot be resumed, start a new --out"):
+            model = state.load_checkpoint(phase, custom_objects=custom_objects)
+        if state.needs_repair(phase, monitor, mode):
+            state.save_best(phase, model, done)
     return model, done >= total_epochs
 
 
@@ -526,15 +450,16 @@ def learning_rate(rate: float, schedule: str, floor: float, epochs: int, example
     return keras.optimizers.schedules.CosineDecay(rate, epochs * steps, alpha=floor)
 
 
-def train_vqvae(config, strategy, train_images, validate_images, run_dir, state, writer, verbose, callbacks):
+def train_vqvae(config, train_images, validate_images, strategy, state, verbose, callbacks):
+    """Trains (or resumes) the VQ-VAE; returns its epoch checkpointer, or None when it had already finished."""
     import keras
 
     from dataset import make_tf_dataset
     from modules import VQVAE
 
     done = state.epochs_done("vqvae")
-    monitor = "val_ssim" if len(validate_images) else "ssim"
-    model, finished = resume_phase(state, "vqvae", config.epochs, monitor, "max", strategy)
+    monitor, mode = phase_monitor("vqvae", len(validate_images) > 0)
+    model, finished = resume_phase(state, "vqvae", config.epochs, monitor, mode, strategy)
     if finished:
         return None
     with strategy.scope():
@@ -550,7 +475,7 @@ def train_vqvae(config, strategy, train_images, validate_images, run_dir, state,
     validate = None
     if len(validate_images):
         validate = shard_by_data(make_tf_dataset(validate_images, config.batch_size, shuffle=False))
-    checkpoint = epoch_checkpointer("vqvae", run_dir, state, writer, monitor, "max")
+    checkpoint = epoch_checkpointer("vqvae", state, monitor, mode)
     model.fit(train, validation_data=validate, epochs=config.epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
     return checkpoint
@@ -619,7 +544,7 @@ def augment(pair, draw, flip: bool, level_dropout: float):
     return chosen
 
 
-def train_prior(config, strategy, grid, train, validate, run_dir, state, writer, verbose, callbacks):
+def train_prior(config, grid, train, validate, strategy, state, verbose, callbacks):
     """Trains the prior of code grid `grid` on `train` = {"codes", "flipped", "levels"} (codes by grid), validated
     on `validate` = {"codes", "levels"}; returns its epoch checkpointer, or None when it had already finished."""
     import keras
@@ -630,8 +555,8 @@ def train_prior(config, strategy, grid, train, validate, run_dir, state, writer,
     epochs = config.top_prior_epochs if grid == "top" else config.prior_epochs
     done = state.epochs_done(phase)
     has_validation = len(validate["levels"]) > 0
-    monitor = "val_bits_per_code" if has_validation else "bits_per_code"
-    model, finished = resume_phase(state, phase, epochs, monitor, "min", strategy,
+    monitor, mode = phase_monitor(phase, has_validation)
+    model, finished = resume_phase(state, phase, epochs, monitor, mode, strategy,
                                    custom_objects={"bits_per_code": bits_metric})
     if finished:
         return None
@@ -647,160 +572,20 @@ def train_prior(config, strategy, grid, train, validate, run_dir, state, writer,
     sample = next(iter(prior_dataset(config, grid, train["codes"], train["levels"])))
     fit_under_strategy(model, strategy, ({k: v[:1] for k, v in sample[0].items()}, sample[1][:1]))
     validation = prior_dataset(config, grid, validate["codes"], validate["levels"]) if has_validation else None
-    checkpoint = epoch_checkpointer(phase, run_dir, state, writer, monitor, "min")
+    checkpoint = epoch_checkpointer(phase, state, monitor, mode)
     model.fit(training, validation_data=validation, epochs=epochs, initial_epoch=done, verbose=verbose,
               shuffle=False, callbacks=[checkpoint, *callbacks])
     return checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = resolve_config(args)
-    run_dir = check_run_dir(args, config)  # bad flags fail fast, before TensorFlow starts
-    if args.vqvae_from is not None:
-        check_vqvae_source(args.vqvae_from, config)
-    configure_tensorflow()
-    import keras
-    import tensorflow as tf
-
-    strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
-    writer = is_chief(strategy)
-    create_run_dir(run_dir, args.resume, config, writer)
-    # a non-chief worker writes all its files into a scratch folder that nobody reads (see worker_scratch)
-    work_dir = run_dir if writer else worker_scratch(run_dir, args.resume, config)
-    try:
-        return train_run(args, config, work_dir, strategy, True)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved; continue with "
-              f"python train.py --resume --out {run_dir} (and the same flags)", file=sys.stderr)
-        return 130
-    finally:
-        if work_dir != run_dir:
-            import shutil
-            shutil.rmtree(work_dir, ignore_errors=True)
-
-
-PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
-
-
-def phase_epochs(config: Config, phase: str) -> int:
-    return {"vqvae": config.epochs, "prior_top": config.top_prior_epochs if config.top_grid else 0,
-            "prior": config.prior_epochs}[phase]
-
-
-def train_run(args, config: Config, run_dir: Path, strategy, writer: bool) -> int:
-    """The recipe: load the data, train the VQ-VAE, encode the slices, train each grid's prior, summarize."""
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    state = open_state(run_dir, writer, args.resume)
-    slices = load_training_data(args, config, state, run_dir, writer, progress=verbose == 1)
-    train_set, validate_set = slices.select("train"), slices.select("validate")
-    print(f"run {run_dir}: {len(train_set)} training slices ({len(set(train_set.subjects))} subjects), "
-          f"{len(validate_set)} validation slices ({len(set(validate_set.subjects))} subjects), "
-          f"preset {args.preset}, {strategy.num_replicas_in_sync} replica(s)", flush=True)
-    callbacks = [keras.callbacks.TensorBoard(run_dir / "logs")] if args.tensorboard and writer else []
-    wall_start = time.time()
-
-    announce_phase(config, state, "vqvae")
-    checkpoint = train_vqvae(config, strategy, train_set.images, validate_set.images, run_dir, state, writer,
-                             verbose, callbacks)
-    if not finish_phase(config, run_dir, state, writer, checkpoint, "vqvae", "learning_rate"):
-        return 1
-    train, validate = encode_for_priors(run_dir, config, train_set, validate_set)
-    for grid in config.code_grids:
-        phase = PRIOR_PHASES[grid]
-        announce_phase(config, state, phase)
-        checkpoint = train_prior(config, strategy, grid, train, validate, run_dir, state, writer, verbose, callbacks)
-        if not finish_phase(config, run_dir, state, writer, checkpoint, phase, "prior_learning_rate"):
-            return 1
-    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start)
-    if writer:
-        from dataset import atomic_write_text
-
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
-                     for grid in config.code_grids)
-    print(f"done: validation SSIM {summary['vqvae'].get('val_ssim', float('nan')):.4f}, prior validation "
-          f"bits/code {bits}; wrote {run_dir}\nnext: python predict.py --run {run_dir} --data {args.data}")
-    return 0
-
-
-def open_state(run_dir: Path, writer: bool, resume: bool) -> RunState:
-    """The run's state.json; on --resume, first deletes what a killed process left half-written."""
-    from dataset import atomic_write_text
-
-    state = RunState(run_dir, writer)
-    if writer and resume:
-        removed = clean_stale_files(run_dir, state)
-        if removed:
-            print(f"resume: removed {len(removed)} file(s) an interrupted process left unfinished: "
-                  f"{', '.join(sorted(removed))}", flush=True)
-        for phase in PHASES:  # a kill can fall between an epoch's commit and its CSV
-            if state.epochs_done(phase):
-                write_history(run_dir / f"history_{phase}.csv", state.data["history"][phase], atomic_write_text)
-    return state
-
-
-def load_training_data(args, config: Config, state: RunState, run_dir: Path, writer: bool, progress: bool):
-    """The slices of --data, checked against what the run recorded (a resumed run must see the same slices)."""
-    from dataset import load_slices
-
-    slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
-                         args.strict, progress=progress)
-    if args.vqvae_from is not None and not state.epochs_done("vqvae"):
-        adopt_vqvae(args.vqvae_from, run_dir, state, writer, slices.fingerprint(), args.data)
-    recorded = state.data.get("data_fingerprint")
-    if recorded is None:
-        state.data["data_fingerprint"] = slices.fingerprint()
-        state.data["data"] = str(args.data)
-        state.save()
-    elif recorded != slices.fingerprint():
-        raise UserError(f"--resume: --data {args.data} gives other slices than the run was trained on "
-                        f"({state.data.get('data', 'unknown')}); resume with the same --data or start a new --out")
-    if not len(slices.select("train")):
-        raise UserError(f"--data {args.data}: the train split is empty; it needs at least one subject")
-    return slices
-
-
-def announce_phase(config: Config, state: RunState, phase: str) -> None:
-    """One line before a phase: its name, its epochs, and what is already done."""
-    total, done = phase_epochs(config, phase), state.epochs_done(phase)
-    if done >= total:
-        print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
-        return
-    resumed = f", resuming after epoch {done}" if done else ""
-    print(f"{PHASE_NAMES[phase]}: {total} epochs{resumed} (the first step of a phase traces the model and is "
-          f"slow)", flush=True)
-
-
-def finish_phase(config, run_dir, state, writer, checkpoint, phase, rate_key) -> bool:
-    """Plots the curves; False with one error line when the phase diverged (its last good epoch stays saved)."""
-    if writer:
-        plot_history(run_dir, state)
-    if checkpoint is None or not checkpoint.diverged:
-        return True
-    done = state.epochs_done(phase)
-    kept = (f"epochs 1-{done} are saved ({run_dir / phase_file(phase)}.keras is the best of them)" if done
-            else "no epoch of it completed, so none was saved")
-    rate = getattr(config, rate_key)
-    print(f"error: the {PHASE_NAMES[phase]} loss or weights became NaN or infinite in epoch {done + 1}, so "
-          f"training stopped; {kept}. Train again in a new --out with a lower learning rate, "
-          f"e.g. --set {rate_key}={rate / 10:g}", file=sys.stderr)
-    return False
-
-
-def encode_for_priors(run_dir: Path, config: Config, train_set, validate_set) -> tuple[dict, dict]:
+def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> tuple[dict, dict]:
     """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips
     (when `prior_flip`), and of the validation slices, with each slice's level."""
     import keras
 
     from modules import encode_all
 
-    vqvae = keras.saving.load_model(run_dir / "vqvae.keras", safe_mode=True)
+    vqvae = keras.saving.load_model(run.model_path("vqvae"), safe_mode=True)
     train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,
              "flipped": encode_all(vqvae, train_set.images[:, :, ::-1]) if config.prior_flip else None}
     if train["flipped"] is None:
@@ -808,28 +593,56 @@ def encode_for_priors(run_dir: Path, config: Config, train_set, validate_set) ->
     return train, {"codes": encode_all(vqvae, validate_set.images), "levels": validate_set.levels}
 
 
+def plot_history(state: RunState) -> None:
+    """<phase>_curves.png of every phase with epochs: loss, SSIM and perplexity; bits per code."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {"vqvae": [("loss", "loss"), ("ssim", "SSIM"), ("perplexity", "code perplexity")],
+              "prior_top": [("bits_per_code", "top prior, bits per code")],
+              "prior": [("bits_per_code", "bits per code")]}
+    for phase, metrics in panels.items():
+        rows = state.history(phase)
+        if not rows:
+            continue
+        figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+        epochs = [row["epoch"] for row in rows]
+        for axis, (key, title) in zip(axes[0], metrics):
+            for prefix, label in (("", "train"), ("val_", "validation")):
+                values = [row.get(prefix + key) for row in rows]
+                if any(value is not None for value in values):
+                    axis.plot(epochs, values, label=label)
+            axis.set_title(title)
+            axis.set_xlabel("epoch")
+            axis.legend()
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        state.run.write_curves(phase, figure)
+        plt.close(figure)
+
+
 def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float) -> dict:
-    """summary.json: the data, the best epoch of each phase with its figures, wall times and the machine."""
+    """summary.json: the data (as given), the best epoch of each phase with its figures, wall times, the machine."""
     import keras
     import tensorflow as tf
 
-    history = state.data["history"]
-    best_vq = max(history["vqvae"], key=lambda row: row.get("val_ssim", row.get("ssim", 0)))
+    validated = len(slices.select("validate")) > 0
+    best_vq = state.best_row("vqvae", *phase_monitor("vqvae", validated))
     priors = {}
     for grid in config.code_grids:
-        rows = history[PRIOR_PHASES[grid]]
-        best = min(rows, key=lambda row: row.get("val_bits_per_code", row.get("bits_per_code", 99)))
-        priors[grid] = {"epochs": len(rows), "best_epoch": best["epoch"],
+        best = state.best_row(PRIOR_PHASES[grid], *phase_monitor(PRIOR_PHASES[grid], validated))
+        priors[grid] = {"epochs": state.epochs_done(PRIOR_PHASES[grid]), "best_epoch": best["epoch"],
                         **{key: best[key] for key in best if "bits" in key}}
     return {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
         "vqvae_from": state.data.get("vqvae_from"),
         "slices": {split: len(slices.select(split)) for split in ("train", "validate", "test")},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in ("train", "validate", "test")},
-        "vqvae": {"epochs": len(history["vqvae"]), "best_epoch": best_vq["epoch"],
+        "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
         "priors": priors,
-        "wall_seconds": {phase: round(sum(row["seconds"] for row in history[phase]), 1) for phase in PHASES},
+        "wall_seconds": {phase: round(sum(row["seconds"] for row in state.history(phase)), 1) for phase in PHASES},
         "this_session_seconds": round(session_seconds, 1),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "tensorflow": tf.__version__, "keras": keras.__version__,

@@ -6,7 +6,11 @@ tests that read the real OASIS subset use the `shared_data` fixture, which skips
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,12 +115,86 @@ def write_jpeg(path: Path, image: np.ndarray) -> Path:
     return path
 
 
+def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, size: int = 64) -> Path:
+    """`subjects` x `per_subject` 8-bit PNG slices named OAS1_000N_MR1_slice_K.png: a bright textured ellipse
+    ("brain") with a darker inner ellipse ("ventricles") on black, different per subject and slice."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    for subject in range(1, subjects + 1):
+        rng = np.random.default_rng(subject)
+        for index in range(per_subject):
+            width, height = 0.6 + 0.1 * rng.random(), 0.75 + 0.1 * rng.random()
+            radius = np.sqrt((rows / height) ** 2 + (cols / width) ** 2)
+            image = np.clip((1 - radius) * 6, 0, 1) * (
+                0.7 + 0.15 * np.sin(5 * rows + rng.uniform(0, 6)) * np.cos(4 * cols + index))
+            image[np.sqrt((rows / 0.25) ** 2 + (cols / (0.15 + 0.05 * index)) ** 2) < 1] *= 0.3
+            pixels = Image.fromarray(np.round(image * 255).astype(np.uint8))
+            pixels.save(folder / f"OAS1_{subject:04d}_MR1_slice_{index}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+# The `seed` preset (the founding report's architecture) at small batches: about 20 s for 2 + 2 epochs on 2 cores.
+SEED_FLAGS = ["--preset", "seed", "--epochs", "2", "--prior-epochs", "2", "--set", "batch_size=8",
+              "--set", "prior_batch_size=8"]
+RUN_FILES = ["config.json", "vqvae.keras", "pixelcnn.keras", "history_vqvae.csv", "history_prior.csv",
+             "vqvae_curves.png", "prior_curves.png", "summary.json"]
+
+
 def subprocess_env() -> dict[str, str]:
-    """The environment for running a project script as a subprocess: quiet TensorFlow, project on the path."""
+    """The environment for running a project script as a subprocess: quiet TensorFlow, unbuffered output, the
+    project on the path, and no TF_CONFIG from the caller's shell (a test sets its own)."""
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("TF_CONFIG", None)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def run_script(script: str, *args, timeout: float = 300, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` (SCRIPT in the project root), from `cwd`; the finished process, text stdout/stderr."""
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / script), *map(str, args)], cwd=cwd,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_script(script: str, *args, log: Path) -> subprocess.Popen:
+    """Starts `python SCRIPT ARGS` in the background, stdout and stderr into `log`.out / `log`.err."""
+    with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:  # the child keeps its own copies
+        return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=PROJECT_ROOT, env=subprocess_env(),
+                                stdout=stdout, stderr=stderr, text=True, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """A suite started in the background (as CI may start it) has SIGINT ignored, and children inherit that: the
+    scripts under test get the default Ctrl-C behaviour back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def assert_clean_usage_error(result, *words: str) -> str:
+    """Exit 2 with exactly one line on stderr that mentions each of `words`, and no traceback."""
+    stderr = result.stderr.strip()
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    for word in words:
+        assert word in stderr, (word, stderr)
+    return stderr
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def state_of(run: Path) -> dict:
+    """A run's checkpoints/state.json."""
+    return json.loads((run / "checkpoints" / "state.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,3 +229,23 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real OASIS data not available: {folder.resolve()} is absent (see ../shared/data/README.md)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, run directory) of one 2 + 2 epoch seed-preset run, trained once per test session with --data
+    given relative to the project root, as users give it, and into a folder that an earlier attempt left with a
+    config.json and a state.json but no finished epoch (which must not block the run)."""
+    base = tmp_path_factory.mktemp("seed_run")
+    data = make_brain_slices(base / "slices")
+    run = base / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"left": "by a run that failed before its first epoch"}')
+    (run / "checkpoints" / "state.json").write_text(json.dumps(
+        {"history": {"vqvae": [], "prior": []}, "checkpoint": {}, "best_saved": {}}))
+    (run / "checkpoints" / "vqvae_epoch001.keras").write_bytes(b"never committed")
+    result = run_script("train.py", "--data", os.path.relpath(data, PROJECT_ROOT), "--cache", base / "cache",
+                        "--out", run, *SEED_FLAGS, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return data, run

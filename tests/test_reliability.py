@@ -2,8 +2,8 @@
 bad --resume / --out flags, damaged or mismatched run directories given to similarity.py and predict.py, a loss
 that turns NaN, files written atomically, reproducible seeds, and model files loaded in Keras safe mode.
 
-Scripts run as real subprocesses on tiny synthetic PNG slices (see test_train.py); the interrupted runs use the
-`seed` preset shrunk with --set so that an epoch takes a fraction of a second.
+Scripts run as real subprocesses on tiny synthetic PNG slices (conftest.make_brain_slices); the interrupted runs use
+the `seed` preset shrunk with --set so that an epoch takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from test_train import (RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices,  # noqa: E402
-                        read_history, run_script, start_script, trained)  # noqa: F401  (trained is a fixture)
+from conftest import (RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices, read_history,  # noqa: E402
+                      run_script, start_script, state_of)
 
 EPOCHS, PRIOR_EPOCHS = 20, 12
 SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--set", "encoder_filters=8,8,16,16",
@@ -35,10 +35,6 @@ SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--s
 def small_flags(data: Path, cache: Path, out: Path, epochs: int = EPOCHS, prior_epochs: int = PRIOR_EPOCHS):
     return ["--data", data, "--cache", cache, "--out", out, "--epochs", str(epochs),
             "--prior-epochs", str(prior_epochs), *SMALL_MODEL]
-
-
-def state_of(run: Path) -> dict:
-    return json.loads((run / "checkpoints" / "state.json").read_text())
 
 
 def wait_for_epochs(process, run: Path, phase: str, count: int, log: Path, timeout: float = 300) -> None:
@@ -213,14 +209,16 @@ def test_same_seed_gives_identical_first_epoch_losses(sigkill_run, sigint_run):
 
 @pytest.fixture
 def hand_made_run(tmp_path):
-    """A run directory holding only the config.json of `SMALL_MODEL` with 20 + 12 epochs."""
+    """A run directory holding the config.json of `SMALL_MODEL` with 20 + 12 epochs, and a state.json that commits
+    one VQ-VAE epoch."""
     from hyperparameters import make_config
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    overrides = SMALL_MODEL[5::2] + [f"epochs={EPOCHS}", f"prior_epochs={PRIOR_EPOCHS}",
-                                                      "seed=3"]
+    overrides = SMALL_MODEL[5::2] + [f"epochs={EPOCHS}", f"prior_epochs={PRIOR_EPOCHS}", "seed=3"]
     (run / "config.json").write_text(make_config("seed", overrides).to_json())
+    (run / "checkpoints" / "state.json").write_text(json.dumps(
+        {"history": {"vqvae": [{"epoch": 1, "loss": 0.5}]}, "checkpoint": {"vqvae": "vqvae_epoch001.keras"}}))
     return run
 
 
@@ -231,7 +229,7 @@ def test_resume_with_other_hyperparameters_is_refused(hand_made_run, tmp_path):
     result = run_script("train.py", "--data", tmp_path, "--out", hand_made_run, "--preset", "default", "--resume",
                         "--epochs", str(EPOCHS), "--prior-epochs", str(PRIOR_EPOCHS), "--seed", "3")
     assert_clean_usage_error(result, "--resume", "config.json", "encoder_filters")
-    assert sorted(path.name for path in hand_made_run.rglob("*")) == ["checkpoints", "config.json"]
+    assert sorted(path.name for path in hand_made_run.rglob("*")) == ["checkpoints", "config.json", "state.json"]
 
 
 @pytest.mark.parametrize("case", ["nonexistent", "empty", "no --out"])
@@ -265,6 +263,45 @@ def test_impossible_hyperparameters_are_refused(setting, tmp_path):
                         "--set", setting)
     assert_clean_usage_error(result, setting.split("=")[0])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "foo=1"], "unknown key 'foo'"),
+    (["--set", "epoch=3"], "unknown key 'epoch'; did you mean 'epochs'?"),
+    (["--set", "epochs=abc"], "epochs expects an integer, got 'abc'"),
+    (["--set", "encoder_filters=32,x"], "encoder_filters expects a comma-separated list of integers"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--prior-epochs", "-2"], "--prior-epochs must be at least 1"),
+    (["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+])
+def test_bad_flag_values_are_one_line_naming_the_flag(flags, message):
+    assert_clean_usage_error(run_script("train.py", *flags), message)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "empty folder"])
+def test_bad_data_creates_no_run_directory(case, tmp_path):
+    """--data is checked before --out, or the default runs/<timestamp>/, is created."""
+    data = tmp_path / "slices"
+    if case == "empty folder":
+        data.mkdir()
+    explicit = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", tmp_path / "run")
+    assert_clean_usage_error(explicit, "--data")
+    default = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", cwd=tmp_path)
+    assert_clean_usage_error(default, "--data")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_folder_without_a_finished_epoch_does_not_block_a_retry(tmp_path):
+    """A failed attempt's config.json and empty state.json: the retry's error is its own (here: the --data), never
+    "already holds a run", and the folder is untouched until the retry's input is good."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints" / "state.json").write_text('{"history": {"vqvae": [], "prior": []}}')
+    result = run_script("train.py", "--data", tmp_path / "typo", "--cache", tmp_path / "cache", "--out", run)
+    stderr = assert_clean_usage_error(result, "--data")
+    assert "already holds" not in stderr
+    assert sorted(path.name for path in run.rglob("*")) == ["checkpoints", "config.json", "state.json"]
 
 
 def test_resume_with_other_data_is_refused(trained, tmp_path):
@@ -378,15 +415,16 @@ def test_bad_run_directories_as_real_processes(trained, tmp_path):
     import subprocess
     import sys
 
-    from test_train import ROOT, script_env
+    from conftest import PROJECT_ROOT, subprocess_env
 
     data, seed_dir = trained
     processes = {}
     for case in ("truncated vqvae.keras", "Lambda layer (safe mode)"):
         run, words = build_bad_run(case, seed_dir, tmp_path)
         script, argv = bad_run_command(case, run, data, tmp_path)
-        processes[case] = (subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=ROOT, env=script_env(),
-                                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE), words)
+        processes[case] = (subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=PROJECT_ROOT,
+                                            env=subprocess_env(), text=True, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE), words)
     for case, (process, words) in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         assert_clean_usage_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
@@ -442,18 +480,19 @@ def test_load_run_always_uses_safe_mode(trained, monkeypatch):
 # A loss that turns NaN, and atomic writes
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_learning_rate_1e9_stops_with_a_clear_message_and_exit_1(tmp_path):
-    """The seed preset diverges in its first epoch at this rate; nothing NaN may be saved as a model."""
-    data, out = make_brain_slices(tmp_path / "slices"), tmp_path / "run"
-    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", out, *SEED_FLAGS,
-                        "--epochs", "3", "--set", "learning_rate=1e9")
+def test_learning_rate_1e9_stops_with_a_clear_message_and_exit_1_and_leaves_no_run(tmp_path):
+    """The seed preset diverges in its first epoch at this rate; nothing NaN may be saved as a model, and the
+    default run folder (runs/<timestamp>/ under the working directory), with no epoch in it, is removed."""
+    data = make_brain_slices(tmp_path / "slices")
+    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", *SEED_FLAGS, "--epochs", "3",
+                        "--set", "learning_rate=1e9", cwd=tmp_path)
     assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr
+    assert "run runs/" in result.stdout  # the run folder existed while training
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "NaN or infinite" in errors[0] and "learning_rate=1e+08" in errors[0], errors
     assert "none was saved" in errors[0]
-    assert not (out / "vqvae.keras").exists() and not list((out / "checkpoints").glob("*.keras"))
-    assert state_of(out)["history"]["vqvae"] == []
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.fixture(scope="module")
@@ -468,13 +507,17 @@ def poisoned_prior_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("poisoned")
     data, out = make_brain_slices(base / "slices"), base / "run"
     poison = tf.Variable(False, trainable=False)
-    replaced = []
-    real_replace, real_checkpointer = os.replace, train.epoch_checkpointer
+    replaced, flushed = [], set()
+    real_replace, real_fsync, real_checkpointer = os.replace, os.fsync, train.epoch_checkpointer
     real_step = modules.PixelCNN.train_step
 
     def spy_replace(source, destination, *args, **kwargs):
-        replaced.append(Path(destination).resolve())
+        replaced.append((Path(source).resolve(), Path(destination).resolve()))
         return real_replace(source, destination, *args, **kwargs)
+
+    def spy_fsync(fd):
+        flushed.add(Path(os.readlink(f"/proc/self/fd/{fd}")).resolve())
+        return real_fsync(fd)
 
     def checkpointer(phase, *args):
         callback = real_checkpointer(phase, *args)
@@ -496,10 +539,11 @@ def poisoned_prior_run(tmp_path_factory):
     stderr = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
         patch.setattr(os, "replace", spy_replace)
+        patch.setattr(os, "fsync", spy_fsync)
         patch.setattr(train, "epoch_checkpointer", checkpointer)
         patch.setattr(modules.PixelCNN, "train_step", poisoned_step)
         code = train.main([str(flag) for flag in small_flags(data, base / "cache", out, 2, 4)] + ["--verbose", "0"])
-    return {"code": code, "stderr": stderr.getvalue(), "out": out, "replaced": set(replaced)}
+    return {"code": code, "stderr": stderr.getvalue(), "out": out, "replaced": replaced, "flushed": flushed}
 
 
 def test_nan_in_the_prior_stops_with_exit_1_and_keeps_the_last_good_checkpoint(poisoned_prior_run):
@@ -523,15 +567,17 @@ def test_nan_in_the_prior_stops_with_exit_1_and_keeps_the_last_good_checkpoint(p
     assert all(np.isfinite(weight).all() for weight in checkpoint.get_weights())
 
 
-def test_every_run_file_arrives_by_atomic_rename(poisoned_prior_run):
-    """Each file train.py leaves in the run directory was written to a temporary name and renamed into place."""
+def test_every_run_file_is_flushed_to_disk_then_renamed_into_place(poisoned_prior_run):
+    """Each file train.py leaves in the run directory (curve plots included) was written to a temporary name,
+    fsynced, and renamed into place."""
     out = poisoned_prior_run["out"]
     files = [path.resolve() for path in out.rglob("*") if path.is_file()]
     assert {path.name for path in files} >= {"config.json", "state.json", "vqvae.keras", "pixelcnn.keras",
                                              "history_vqvae.csv", "history_prior.csv", "vqvae_curves.png"}
-    not_renamed = [str(path.relative_to(out.resolve())) for path in files
-                   if path not in poisoned_prior_run["replaced"]]
-    assert not not_renamed
+    renamed = {destination: source for source, destination in poisoned_prior_run["replaced"]}
+    assert [str(path.relative_to(out.resolve())) for path in files if path not in renamed] == []
+    not_flushed = [path.name for path in files if renamed[path] not in poisoned_prior_run["flushed"]]
+    assert not_flushed == []
     assert not [path.name for path in files if ".tmp" in path.name]
 
 

@@ -1,118 +1,32 @@
 """The happy path of the command-line pipeline on tiny synthetic data: train.py makes a complete run directory,
-similarity.py scores it, predict.py reconstructs and generates with it.
+similarity.py scores it, predict.py reconstructs and generates with it; and what train.py's command line offers.
 
 Each script runs as a real subprocess from the project root, as a user would run it. The run is made once per
-test session (`seed_run`) and shared with tests/test_reliability.py, which imports the helpers below.
+test session (the `trained` fixture of conftest.py) and shared with tests/test_reliability.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import (PROJECT_ROOT, RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices,
+                      read_history, run_script, state_of)
 
-# The `seed` preset (the founding report's architecture) at small batches: about 20 s for 2 + 2 epochs on 2 cores.
-SEED_FLAGS = ["--preset", "seed", "--epochs", "2", "--prior-epochs", "2", "--set", "batch_size=8",
-              "--set", "prior_batch_size=8"]
-RUN_FILES = ["config.json", "vqvae.keras", "pixelcnn.keras", "history_vqvae.csv", "history_prior.csv",
-             "vqvae_curves.png", "prior_curves.png", "summary.json"]
+ROOT = PROJECT_ROOT
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers (also used by test_reliability.py)
-# ---------------------------------------------------------------------------------------------------------------
-
-def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, size: int = 64) -> Path:
-    """`subjects` x `per_subject` 8-bit PNG slices named OAS1_000N_MR1_slice_K.png: a bright textured ellipse
-    ("brain") with a darker inner ellipse ("ventricles") on black, different per subject and slice."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, cols = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    for subject in range(1, subjects + 1):
-        rng = np.random.default_rng(subject)
-        for index in range(per_subject):
-            width, height = 0.6 + 0.1 * rng.random(), 0.75 + 0.1 * rng.random()
-            radius = np.sqrt((rows / height) ** 2 + (cols / width) ** 2)
-            image = np.clip((1 - radius) * 6, 0, 1) * (
-                0.7 + 0.15 * np.sin(5 * rows + rng.uniform(0, 6)) * np.cos(4 * cols + index))
-            image[np.sqrt((rows / 0.25) ** 2 + (cols / (0.15 + 0.05 * index)) ** 2) < 1] *= 0.3
-            pixels = Image.fromarray(np.round(image * 255).astype(np.uint8))
-            pixels.save(folder / f"OAS1_{subject:04d}_MR1_slice_{index}.png")
-    return folder
-
-
-def script_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("TF_CONFIG", None)
-    return env
-
-
-def run_script(script: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` from the project root; returns the finished process with text stdout/stderr."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=script_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start_script(script: str, *args, log: Path) -> subprocess.Popen:
-    """Starts `python SCRIPT ARGS` in the background, stdout and stderr into `log`.out / `log`.err."""
-    with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:  # the child keeps its own copies
-        return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=script_env(),
-                                stdout=stdout, stderr=stderr, text=True, preexec_fn=default_sigint)
-
-
-def default_sigint() -> None:
-    """A suite started in the background (as CI may start it) has SIGINT ignored, and children inherit that: the
-    scripts under test get the default Ctrl-C behaviour back."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def assert_clean_usage_error(result, *words: str) -> str:
-    """Exit 2 with exactly one line on stderr that mentions each of `words`, and no traceback."""
-    stderr = result.stderr.strip()
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], stderr[-2000:])
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, stderr
-    assert len(stderr.splitlines()) == 1, stderr
-    for word in words:
-        assert word in stderr, (word, stderr)
-    return stderr
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-_RUNS: dict[str, tuple[Path, Path]] = {}
-
-
-def seed_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, run directory) of one 2 + 2 epoch seed-preset run, trained once per test session."""
-    if "seed" not in _RUNS:
-        base = tmp_path_factory.mktemp("seed_run")
-        data = make_brain_slices(base / "slices")
-        run = base / "run"
-        result = run_script("train.py", "--data", data, "--cache", base / "cache", "--out", run, *SEED_FLAGS)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "Traceback" not in result.stderr
-        _RUNS["seed"] = (data, run)
-    return _RUNS["seed"]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return seed_run(tmp_path_factory)
+def absolute_strings(value) -> list[str]:
+    """Every string in a parsed JSON value that is an absolute path."""
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in absolute_strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in absolute_strings(item)]
+    return [value] if isinstance(value, str) and os.path.isabs(value) else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,17 +40,17 @@ def test_train_writes_a_complete_run_directory(trained):
     for name in RUN_FILES:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     config = json.loads((run / "config.json").read_text())
-    assert config == make_config("seed", ["batch_size=8", "prior_batch_size=8", "epochs=2",
-                                          "prior_epochs=2"]).to_dict()
+    assert config == make_config("seed", ["batch_size=8", "prior_batch_size=8", "epochs=2", "prior_epochs=2",
+                                          "top_prior_epochs=2"]).to_dict()
     for phase in ("vqvae", "prior"):
         rows = read_history(run / f"history_{phase}.csv")
         assert [row["epoch"] for row in rows] == ["1", "2"]
         assert all(np.isfinite(float(row["loss"])) for row in rows)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["vqvae"]["epochs"] == 2 and summary["prior"]["epochs"] == 2
+    assert summary["vqvae"]["epochs"] == 2 and summary["priors"]["bottom"]["epochs"] == 2
     assert sum(summary["slices"].values()) == 12
     # the checkpoints folder holds exactly the committed last epoch of each phase, and nothing half-written
-    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    state = state_of(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
         ["state.json", state["checkpoint"]["vqvae"], state["checkpoint"]["prior"]])
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
@@ -180,14 +94,15 @@ def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path)
     data, source = trained
     gated = ["--set", "prior_layout=gated", "--set", "prior_filters=16"]
     run = tmp_path / "gated"
+    relative_source = os.path.relpath(source, PROJECT_ROOT)  # as users type it; the run records it so
     result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", run, "--vqvae-from",
-                        source, *SEED_FLAGS, *gated)
+                        relative_source, *SEED_FLAGS, *gated)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
     assert read_history(run / "history_vqvae.csv") == read_history(source / "history_vqvae.csv")
     assert [row["epoch"] for row in read_history(run / "history_prior.csv")] == ["1", "2"]
     assert json.loads((run / "config.json").read_text())["prior_layout"] == "gated"
-    assert json.loads((run / "summary.json").read_text())["vqvae_from"] == str(source)
+    assert json.loads((run / "summary.json").read_text())["vqvae_from"] == relative_source
     out = tmp_path / "predictions"
     result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -203,3 +118,39 @@ def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path)
     moved = run_script("train.py", "--data", fewer, "--cache", tmp_path / "cache", "--out", tmp_path / "other",
                        "--vqvae-from", source, *SEED_FLAGS)
     assert_clean_usage_error(moved, "--vqvae-from", "--data")
+
+
+def test_a_folder_a_failed_run_left_without_a_finished_epoch_is_started_over(trained):
+    """The `trained` run went into a folder that held a failed attempt's config.json, state.json (no epoch) and an
+    uncommitted checkpoint: the run started over there instead of asking for --resume."""
+    from hyperparameters import CONFIG_VERSION
+
+    _, run = trained
+    assert json.loads((run / "config.json").read_text())["config_version"] == CONFIG_VERSION
+    assert [row["epoch"] for row in state_of(run)["history"]["vqvae"]] == [1, 2]
+
+
+def test_run_files_record_paths_as_given_never_absolute(trained):
+    data, run = trained
+    given = os.path.relpath(data, PROJECT_ROOT)
+    summary, state = json.loads((run / "summary.json").read_text()), state_of(run)
+    assert summary["data"] == given and state["data"] == given
+    for name in ("summary.json", "config.json", "checkpoints/state.json"):
+        assert absolute_strings(json.loads((run / name).read_text())) == [], name
+
+
+def test_help_offers_no_split_flag_and_one_progress_flag():
+    """train.py always trains on the train split and validates on the validate split: --split would do nothing."""
+    help_text = run_script("train.py", "--help").stdout
+    assert "--split" not in help_text and "--no-progress" in help_text and "--verbose" in help_text
+    assert "everything random" in help_text
+    assert_clean_usage_error(run_script("train.py", "--split", "test"), "unrecognized arguments: --split")
+
+
+@pytest.mark.parametrize("flags, verbose", [([], 1), (["--no-progress"], 2), (["--verbose", "2"], 2),
+                                            (["--verbose", "0"], 0)])
+def test_no_progress_gives_one_line_per_epoch_and_verbose_stays_its_alias(flags, verbose, monkeypatch):
+    import train
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # on a terminal, progress bars are the default
+    assert train.keras_verbosity(train.build_parser().parse_args(flags)) == verbose

@@ -22,10 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, make_slice, subprocess_env, write_png
-
-RUN_FILES = ("config.json", "vqvae.keras", "pixelcnn.keras", "history_vqvae.csv", "history_prior.csv",
-             "summary.json")
+from conftest import PROJECT_ROOT, RUN_FILES, make_brain_slices, make_slice, subprocess_env
 TINY = ["--preset", "seed", "--epochs", "1", "--prior-epochs", "1", "--set", "batch_size=8",
         "--set", "prior_batch_size=8", "--verbose", "0"]
 
@@ -161,12 +158,7 @@ def test_mirrored_uneven_and_empty_replica_batches(mirrored_report, codebook):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """12 brain-like 64x64 PNGs, 2 slices of each of 6 subjects: 4 train (8 slices), 1 validate, 1 test."""
-    folder = tmp_path_factory.mktemp("tiny") / "slices"
-    for subject in range(1, 7):
-        for index in range(2):
-            write_png(folder / f"OAS1_{subject:04d}_MR1_slice_{index}.png",
-                      make_slice((64, 64), seed=10 * subject + index))
-    return folder
+    return make_brain_slices(tmp_path_factory.mktemp("tiny") / "slices")
 
 
 def free_ports(count: int) -> list[int]:

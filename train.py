@@ -185,6 +185,8 @@ def load_training_data(args, config: Config, run: RunDir, source: RunState | Non
     """The slices of --data, checked against what the run (on --resume) or --vqvae-from's run was trained on."""
     from dataset import load_slices
 
+    print(f"data: --data {args.data}, its train split to train on and its validate split to validate on; run "
+          f"directory {run}", flush=True)
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
                          args.strict, progress=progress)
     fingerprint = slices.fingerprint()

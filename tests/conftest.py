@@ -202,11 +202,6 @@ def state_of(run: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def project_root() -> Path:
-    return PROJECT_ROOT
-
-
-@pytest.fixture
 def config():
     """The default preset's config (the data section is what dataset.py uses)."""
     from hyperparameters import make_config

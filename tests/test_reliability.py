@@ -452,7 +452,7 @@ def test_the_lambda_file_would_run_code_outside_safe_mode(tmp_path):
     marker = tmp_path / "ran"
     lambda_model(tmp_path / "lambda.keras", marker)
     assert not marker.exists()
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="deserialization of a `Lambda` layer"):
         keras.saving.load_model(tmp_path / "lambda.keras", safe_mode=True)
     assert not marker.exists()
     keras.saving.load_model(tmp_path / "lambda.keras", safe_mode=False)

@@ -87,7 +87,9 @@ def test_predict_writes_figures_samples_and_generation_json(trained, tmp_path):
     assert [path.name for path in samples] == [f"sample_{index:03d}.png" for index in range(4)]
     assert Image.open(samples[0]).size == (128, 128)
     report = json.loads((out / "generation.json").read_text())
-    assert report["num"] == 4 and report["split"] == "all" and np.isfinite(report["prior_bits_per_code"])
+    assert report["num"] == 4 and report["split"] == "all"
+    assert list(report["prior_bits_per_code"]) == ["bottom"]  # by code grid; the seed preset has one
+    assert np.isfinite(report["prior_bits_per_code"]["bottom"])
 
 
 def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path):

@@ -1,226 +1,519 @@
-"""Reconstructs real slices and generates new ones with a trained run.
+"""Generates new brain slices with a trained run, and measures how real they look.
 
     python predict.py                                   # the shipped pretrained run, 16 generated slices
-    python predict.py --run runs/mni --data ../shared/data/oasis1-mni-volumes --split test --num 32
+    python predict.py --data ../shared/data/oasis1-mni-volumes --split test --num 256 --seed 0
+    python predict.py --run runs/mni --level 0.6 --sweep 8
 
-Writes into --out: `reconstructions.png` (original, reconstruction, code map, error for N slices of the split),
-`generated.png` (a grid of N slices sampled from the PixelCNN prior and decoded), `generated/sample_NNN.png`
-(each one), and `generation.json` with the generation-quality figures:
-- prior NLL in bits per code on the split's codes (lower is better; log2(16) = 4 bits is a uniform guess);
-- nearest-training-slice SSIM of generated slices against the same for real held-out slices (samples as close to
-  real anatomy as unseen real brains are, and not copies of training slices when clearly below 1);
-- diversity: mean pairwise SSIM among generated slices against the same among real slices;
-- brain-shaped fraction: the share of slices whose tissue is one piece with an intact outline (see brain_shaped),
-  for generated slices (always) and real held-out ones (with data).
-Without --data, the data the run was trained on is used when it is on this machine; otherwise only generation runs.
+Writes into --out: `generated.png` (a grid of the generated slices), `generated/sample_NNN.png` (each one, 128x128
+grayscale), with data `reconstructions.png` (original, reconstruction, code maps, error, for up to 16 slices of
+the split), with --sweep `sweep.png`, and `generation.json` with every figure (null where skipped, with the
+reason under "skipped"):
+- classifier two-sample test: out-of-fold AUC of a small CNN telling generated slices from real training slices
+  (0.5 = indistinguishable, 1 = always told apart), beside the same test of real held-out slices against the same
+  training slices (the control: what real brains the run never saw score); folds grouped by subject, so that the
+  CNN cannot recognise a subject from its neighbouring slices (measures.classifier_auc);
+- level check: mean absolute error of a CNN's predicted axial level of generated slices against the level asked
+  for, beside its error on real held-out slices (level-conditioned runs on data with levels);
+- nearest-training-slice SSIM of generated and of real held-out slices (samples as close to real anatomy as unseen
+  real brains are, and not copies of training slices when clearly below 1);
+- diversity: mean pairwise SSIM among generated and among real slices (lower is more varied);
+- brain-shaped fraction: slices whose tissue is one piece with an intact outline (measures.brain_shaped);
+- the prior's bits per code on the split's codes, per code grid (4 bits is a uniform guess over 16 codes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from cli import DEFAULT_PRETRAINED, PROJECT_ROOT, UserError, add_data_args, configure_tensorflow, run_main
-from similarity import check_output_path, save_figure
+from cli import (DEFAULT_PRETRAINED, PROJECT_ROOT, ArgumentParser, UserError, add_data_args, add_progress_arg,
+                 check_output_path, configure_tensorflow, run_main, shown_path)
+
+CHUNK = 64  # slices generated per sampler call: a progress bar moves, and memory stays flat for any --num
+SHOWN = 16  # slices in reconstructions.png
+SWEEP_COLUMNS = 4  # real and generated slices per level in sweep.png
+FOLDS = 5  # of the classifier two-sample test, fewer when a side has fewer subjects
+SWEEP_STREAM = 2 ** 31 - 1  # the sweep's seed stream, one no generation chunk uses
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Reconstruct slices of a split and generate new brain slices.")
+    parser = ArgumentParser(
+        description="Generate new brain slices with a trained run and measure how real they look. Writes into "
+                    "--out: generated.png (a grid), generated/sample_NNN.png (each slice, 128x128 grayscale), "
+                    "with data reconstructions.png (up to 16 slices of the split), with --sweep sweep.png, and "
+                    "generation.json: the realism figures (classifier two-sample AUC against training slices "
+                    "beside its real held-out control, level error, nearest-training SSIM, pairwise SSIM, "
+                    "brain-shaped fraction, bits per code; explained at the top of predict.py).",
+        epilog="Without --data, the data the run was trained on is used when that folder is on this machine (the "
+               "first line printed says so); otherwise only generation runs and the figures that need real slices "
+               "are skipped.")
     parser.add_argument("--run", type=Path, default=DEFAULT_PRETRAINED,
                         help="run directory made by train.py (default: the shipped pretrained/ run)")
     add_data_args(parser, default_data="", default_split="test")
-    parser.add_argument("--num", type=int, default=16, help="slices to reconstruct and to generate (default: 16)")
+    parser.add_argument("--num", type=int, default=16,
+                        help="slices to generate, and real slices of the split to compare them with (default: 16; "
+                             "the figures are noisy on so few, use 256 for a table)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature: below 1 is more conservative, above 1 more varied "
                              "(default: the run's, 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    parser.add_argument("--level", type=float, default=None,
+                        help="axial level of every generated slice, 0.0 (lowest slice of a volume) to 1.0 "
+                             "(highest); needs a level-conditioned run. Without it levels are drawn from the "
+                             "training split's levels, or unknown when the data has none")
+    parser.add_argument("--sweep", type=int, default=None, metavar="N",
+                        help=f"also write sweep.png: N levels evenly from the lowest to the highest level of the "
+                             f"split's real slices, one row each, {SWEEP_COLUMNS} real held-out slices of the "
+                             f"nearest levels beside {SWEEP_COLUMNS} generated at that level")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the sampler and the realism figures: which real slices are compared and "
+                             "shown, the levels drawn, the classifiers' training (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("predictions"),
-                        help="folder for the figures, PNGs and generation.json (default: predictions/)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="folder for the figures and generation.json (default: predictions/); its generated/ "
+                             "subfolder is replaced as a whole, so it only ever holds this call's samples")
+    add_progress_arg(parser)
     return parser
 
 
-def training_source(run_dir: Path) -> str | None:
-    """The --data a run was trained on, when that source is a folder present on this machine."""
-    try:
-        data = json.loads((run_dir / "summary.json").read_text())["data"]
-    except (OSError, ValueError, KeyError):
-        return None
-    for candidate in (Path(data), PROJECT_ROOT / data):
-        if candidate.is_dir():
-            return str(candidate)
-    return None
-
-
-def pairwise_ssim(first: np.ndarray, second: np.ndarray, batch: int = 512) -> np.ndarray:
-    """(len(first), len(second)) SSIM matrix of [0, 1] slices."""
-    from measures import ssim
-
-    rows = []
-    for image in first:
-        scores = [np.asarray(ssim(np.broadcast_to(image, second[start:start + batch].shape)[..., None],
-                                  second[start:start + batch, ..., None]))
-                  for start in range(0, len(second), batch)]
-        rows.append(np.concatenate(scores))
-    return np.stack(rows)
-
-
-def brain_shaped(image: np.ndarray, tissue: float, min_share: float = 0.98, min_solidity: float = 0.9) -> bool:
-    """Whether a [0, 1] slice's tissue (pixels above `tissue`, holes filled) is one piece with an intact outline: its
-    largest connected piece holds at least `min_share` of it and fills at least `min_solidity` of its convex hull.
-    Of the 1,857 slices of the shared MNI volumes, 99% of the middle 60% of each volume pass, 75% of all (the lowest
-    and highest slices, where the brain is small, often fall apart into pieces); a sample whose outline breaks off,
-    frays or splits fails."""
-    from scipy import ndimage
-    from skimage.morphology import convex_hull_image
-
-    mask = ndimage.binary_fill_holes(image > tissue)
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return False
-    sizes = ndimage.sum(mask, labels, range(1, count + 1))
-    largest = labels == int(np.argmax(sizes)) + 1
-    return sizes.max() / sizes.sum() >= min_share and largest.sum() / convex_hull_image(largest).sum() >= min_solidity
-
-
-def brain_shaped_fraction(images: np.ndarray, tissue: float) -> float:
-    return float(np.mean([brain_shaped(image, tissue) for image in images]))
-
-
-def mean_off_diagonal(matrix: np.ndarray) -> float:
-    mask = ~np.eye(len(matrix), dtype=bool)
-    return float(matrix[mask].mean()) if mask.any() else float("nan")
-
-
-def save_grid(path: Path, images: np.ndarray, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.4), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image in zip(axes.flat, images):
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    save_figure(figure, path, 100)
-    plt.close(figure)
-
-
-def save_reconstructions(path: Path, images, reconstructions, codes, ssim_values, num_codes: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(len(images), 4, figsize=(8, 2.1 * len(images)), squeeze=False)
-    for row, (image, reconstruction, code, value) in enumerate(zip(images, reconstructions, codes, ssim_values)):
-        panels = [(image, "original", "gray", (0, 1)), (reconstruction, f"reconstruction, SSIM {value:.3f}", "gray",
-                  (0, 1)), (code, f"code map ({code.shape[0]}x{code.shape[1]})", "tab20", (0, num_codes - 1)),
-                  (np.abs(image - reconstruction), "|error|", "magma", (0, 0.3))]
-        for axis, (picture, title, cmap, (low, high)) in zip(axes[row], panels):
-            axis.imshow(picture, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
-            axis.set_title(title, fontsize=8)
-            axis.axis("off")
-    figure.tight_layout()
-    save_figure(figure, path, 90)
-    plt.close(figure)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_arguments(args) -> None:
+    """UserError for flag values no run could honour, before anything is read."""
     if args.num < 1:
         raise UserError("--num must be at least 1")
     if args.temperature is not None and not 0 < args.temperature < float("inf"):
         raise UserError("--temperature must be a positive number")
+    if args.level is not None and not 0.0 <= args.level <= 1.0:
+        raise UserError(f"--level {args.level}: must be between 0.0 (the lowest axial slice of a volume) and 1.0 "
+                        f"(the highest)")
+    if args.sweep is not None and args.sweep < 2:
+        raise UserError(f"--sweep {args.sweep}: give at least 2 levels")
     check_output_path(args.out, "--out", folder=True)
-    configure_tensorflow()
+
+
+class Source(NamedTuple):
+    """Where the real slices come from: `path` to read, `shown` as the user (or the run) gave it, and whether it
+    was found `automatic`ally, as the run's training data."""
+    path: str
+    shown: str
+    automatic: bool
+
+
+def find_source(args) -> Source | None:
+    """--data, or else the data the run was trained on when that folder is on this machine (as the run recorded
+    it, or relative to the project, where train.py runs); None when neither."""
+    if args.data:
+        return Source(args.data, args.data, False)
+    try:
+        data = json.loads((args.run / "summary.json").read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for candidate in (Path(data), PROJECT_ROOT / data):
+        if candidate.is_dir():
+            return Source(str(candidate), data, True)
+    return None
+
+
+def announce(args, source: Source | None) -> None:
+    """The first line: which run, which data and split, and where the data came from."""
+    if source is None:
+        data = "no data (--data not given and the run's training data is not on this machine): generation only"
+    else:
+        origin = " (found automatically: the data this run was trained on)" if source.automatic else ""
+        data = f"data {source.shown}{origin}, split {args.split}"
+    print(f"run {shown_path(args.run)}; {data}; {plural(args.num, 'slice')}, seed {args.seed}", flush=True)
+
+
+def check_run(run, args) -> None:
+    """UserError when --level or --sweep asks a run that cannot take a level."""
+    if (args.level is not None or args.sweep) and not run.level_conditioned:
+        flag = "--level" if args.level is not None else "--sweep"
+        raise UserError(f"{flag}: run {shown_path(args.run)} is not level-conditioned, its priors ignore the level; "
+                        f"train one with python train.py (the default preset, prior_condition_on_level=true) "
+                        f"and pass it with --run")
+
+
+def sub_seed(seed: int, stream: int) -> int:
+    """The seed of stream `stream` of --seed: stream 0 is --seed itself (so --num 64 or fewer samples exactly
+    modules.generate(run, levels, temperature, seed)); others are hashed from both, far from any seed + small offset
+    that generate uses inside."""
+    return seed if stream == 0 else int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def generate_slices(run, levels: np.ndarray, temperature: float, seed: int, progress: bool) -> np.ndarray:
+    """(len(levels), h, w) generated slices, CHUNK at a time (chunk i seeded with sub_seed(seed, i))."""
+    from tqdm import tqdm
+
+    from modules import generate
+
+    chunks = []
+    with tqdm(total=len(levels), desc="generating", unit="slice", disable=not progress, file=sys.stderr) as bar:
+        for index, start in enumerate(range(0, len(levels), CHUNK)):
+            if not progress:
+                print(f"generating slices {start + 1}-{min(start + CHUNK, len(levels))} of {len(levels)}",
+                      file=sys.stderr, flush=True)
+            chunks.append(generate(run, levels[start:start + CHUNK], temperature, sub_seed(seed, index)))
+            bar.update(len(chunks[-1]))
+    return np.concatenate(chunks)
+
+
+def remove(path: Path) -> None:
+    """Deletes a file or a folder with its contents, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_samples(folder: Path, images: np.ndarray) -> None:
+    """Each slice as `folder`/sample_NNN.png (8-bit grayscale). They are written into a fresh hidden folder beside
+    it, which then replaces `folder` whole: `folder` never holds two calls' samples, and a killed call leaves the
+    previous set (and a hidden leftover that the next call removes)."""
     from PIL import Image
 
-    from dataset import atomic_write, atomic_write_text, load_slices
-    from modules import encode_all, load_run, mean_bits_per_code, sampler_for
-    from similarity import reconstruct, slice_scores
+    staging, previous = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
+    for leftover in (staging, previous):
+        remove(leftover)
+    staging.mkdir()
+    digits = max(3, len(str(len(images) - 1)))
+    for index, image in enumerate(images):
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(staging / f"sample_{index:0{digits}d}.png")
+    if folder.exists() or folder.is_symlink():
+        folder.rename(previous)
+    staging.rename(folder)
+    remove(previous)
 
-    config, vqvae, priors = load_run(args.run)
-    pixelcnn = priors["bottom"]
-    temperature = args.temperature or config.temperature
+
+def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """(levels, summary): --level for every slice; else levels drawn from the training split's known levels;
+    else NaN (unknown)."""
+    known = np.array([]) if real is None else real.train.levels[np.isfinite(real.train.levels)]
+    if args.level is not None:
+        levels, source = np.full(args.num, args.level, np.float32), "--level"
+    elif len(known):
+        levels, source = rng.choice(known, args.num).astype(np.float32), "drawn from the training split's levels"
+    else:
+        levels, source = np.full(args.num, np.nan, np.float32), "unknown (no data with levels)"
+    if not run.level_conditioned:
+        source += ", ignored: the run is not level-conditioned"
+    finite = levels[np.isfinite(levels)]
+    summary = {"source": source, "known": int(len(finite))}
+    if len(finite):
+        summary.update(min=round(float(finite.min()), 4), median=round(float(np.median(finite)), 4),
+                       max=round(float(finite.max()), 4))
+    return levels, summary
+
+
+class Real(NamedTuple):
+    """The real slices generated ones are measured against: `split`, every slice of --split (bits per code);
+    `slices`, `levels` and `subjects`, up to --num of them, drawn (the "real" of every figure); `train`, the
+    training split; `reference` and `reference_subjects`, up to --num training slices, drawn, what the classifier
+    tests tell generated and held-out slices from."""
+    split: object
+    slices: np.ndarray
+    levels: np.ndarray
+    subjects: np.ndarray
+    train: object
+    reference: np.ndarray
+    reference_subjects: np.ndarray
+
+
+def real_slices(args, everything, rng: np.random.Generator) -> Real:
+    """Draws the real slices (seeded by `rng`); UserError for an empty split."""
+    split, train = everything.select(args.split), everything.select("train")
+    if not len(split):
+        raise UserError(f"--split {args.split}: no slices of the data in this split; try --split all")
+    picks = np.sort(rng.choice(len(split), min(args.num, len(split)), replace=False))
+    reference = np.sort(rng.choice(len(train), min(args.num, len(train)), replace=False))
+    return Real(split, split.images[picks], split.levels[picks], split.subjects[picks], train,
+                train.images[reference], train.subjects[reference])
+
+
+# What each figure needs, and why it is skipped without: checked in this order.
+NEEDS = {"classifier_auc_generated_vs_train": ("data", "train", "groups"),
+         "classifier_auc_heldout_vs_train": ("data", "train", "held-out", "groups", "held-out groups"),
+         "level_mae_generated": ("data", "level", "train"),
+         "level_mae_real_heldout": ("data", "level", "train", "held-out"),
+         "nearest_train_ssim_generated": ("data", "train"),
+         "nearest_train_ssim_real_heldout": ("data", "train", "held-out"),
+         "diversity_pairwise_ssim_generated": ("pairs",), "diversity_pairwise_ssim_real": ("data", "real pairs"),
+         "brain_shaped_fraction_generated": (), "brain_shaped_fraction_real": ("data",),
+         "prior_bits_per_code": ("data",), "reconstruction_ssim_mean": ("data",)}
+
+
+def skip_reasons(run, args, real: Real | None) -> dict:
+    """{need: why it is not met} for the needs of NEEDS that this call does not meet."""
+    reasons = {} if args.num >= 2 else {"pairs": "pairwise SSIM needs at least 2 slices"}
+    if real is None:
+        return {**reasons, "data": "no data: pass --data (the run's training data was not found on this machine)"}
+    if len(real.slices) < 2:
+        reasons["real pairs"] = f"pairwise SSIM needs at least 2 slices; --split {args.split} has 1"
+    if args.num < 2 or len(set(real.reference_subjects)) < 2:
+        reasons["groups"] = "the classifier test needs 2 generated slices and training slices of 2 subjects"
+    if len(set(real.subjects)) < 2:
+        reasons["held-out groups"] = f"the classifier test needs real slices of 2 subjects; --split {args.split} " \
+                                     f"has {plural(len(set(real.subjects)), 'subject')}"
+    if not len(real.train):
+        reasons["train"] = "the data has no training split to compare with"
+    if args.split in ("train", "all"):
+        reasons["held-out"] = f"--split {args.split} holds training slices; this figure needs held-out ones " \
+                              f"(--split test)"
+    if not run.level_conditioned:
+        reasons["level"] = "the run is not level-conditioned"
+    elif not np.isfinite(real.train.levels).any() or not np.isfinite(real.levels).any():
+        reasons["level"] = "the data has no axial levels"
+    return reasons
+
+
+def rounded(value: float) -> float:
+    return round(float(value), 4)
+
+
+class Scorer:
+    """The realism figures of `generated` slices (asked for at `levels`) against `real` ones (None without data):
+    `figures` holds every key of NEEDS, None where `skipped` says why, and the classifier tests' fold counts."""
+
+    def __init__(self, run, generated: np.ndarray, levels: np.ndarray, real: Real | None, args):
+        self.run, self.generated, self.levels, self.real, self.args = run, generated, levels, real, args
+        reasons = skip_reasons(run, args, real)
+        self.skipped = {key: next(reasons[need] for need in needs if need in reasons)
+                        for key, needs in NEEDS.items() if any(need in reasons for need in needs)}
+        self.figures = {**dict.fromkeys(NEEDS), "classifier_folds": None}
+
+    def wanted(self, *keys: str) -> bool:
+        return any(key not in self.skipped for key in keys)
+
+    def steps(self) -> list:
+        """[(name, method)] of the steps with at least one figure to compute."""
+        steps = [("reconstructions", self.reconstructions, ["reconstruction_ssim_mean"]),
+                 ("brain-shaped fraction", self.brain_shape, ["brain_shaped_fraction_generated"]),
+                 ("prior bits per code", self.bits, ["prior_bits_per_code"]),
+                 ("pairwise SSIM", self.diversity, ["diversity_pairwise_ssim_generated"]),
+                 ("nearest-training SSIM", self.nearest, ["nearest_train_ssim_generated"]),
+                 ("classifier two-sample test", self.classifier, ["classifier_auc_generated_vs_train"]),
+                 ("level check", self.level, ["level_mae_generated"])]
+        return [(name, method) for name, method, keys in steps if self.wanted(*keys)]
+
+    def reconstructions(self) -> None:
+        from figures import save_reconstructions
+        from measures import reconstruct, slice_scores
+        from modules import encode_all
+
+        shown = self.real.slices[:SHOWN]
+        rebuilt = reconstruct(self.run.vqvae, shown, progress=False)
+        ssim_values, _ = slice_scores(shown, rebuilt)
+        save_reconstructions(self.args.out / "reconstructions.png", shown, rebuilt, encode_all(self.run.vqvae, shown),
+                             ssim_values, self.run.config.num_codes)
+        self.figures["reconstruction_ssim_mean"] = rounded(ssim_values.mean())
+
+    def brain_shape(self) -> None:
+        from measures import brain_shaped_fraction
+
+        tissue = self.run.config.tissue_intensity
+        self.figures["brain_shaped_fraction_generated"] = rounded(brain_shaped_fraction(self.generated, tissue))
+        if self.wanted("brain_shaped_fraction_real"):
+            self.figures["brain_shaped_fraction_real"] = rounded(brain_shaped_fraction(self.real.slices, tissue))
+
+    def bits(self) -> None:
+        from modules import prior_bits_per_code
+
+        bits = prior_bits_per_code(self.run, self.real.split.images, self.real.split.levels)
+        self.figures["prior_bits_per_code"] = {grid: rounded(value) for grid, value in bits.items()}
+
+    def diversity(self) -> None:
+        from measures import mean_off_diagonal, pairwise_ssim
+
+        self.figures["diversity_pairwise_ssim_generated"] = rounded(mean_off_diagonal(
+            pairwise_ssim(self.generated, self.generated)))
+        if self.wanted("diversity_pairwise_ssim_real"):
+            self.figures["diversity_pairwise_ssim_real"] = rounded(mean_off_diagonal(
+                pairwise_ssim(self.real.slices, self.real.slices)))
+
+    def nearest(self) -> None:
+        from measures import nearest_ssim
+
+        train = self.real.train.images
+        self.figures["nearest_train_ssim_generated"] = rounded(nearest_ssim(self.generated, train).mean())
+        if self.wanted("nearest_train_ssim_real_heldout"):
+            self.figures["nearest_train_ssim_real_heldout"] = rounded(nearest_ssim(self.real.slices, train).mean())
+
+    def classifier(self) -> None:
+        """Generated slices, then real held-out ones, against the same training slices (as many, at most)."""
+        from measures import classifier_auc
+
+        real, seed = self.real, self.args.seed
+        test = classifier_auc(self.generated, real.reference, None, real.reference_subjects, FOLDS, seed)
+        self.figures["classifier_auc_generated_vs_train"] = rounded(test.auc)
+        self.figures["classifier_folds"] = {"generated_vs_train": test.folds}
+        if self.wanted("classifier_auc_heldout_vs_train"):
+            count = len(real.slices)
+            test = classifier_auc(real.slices, real.reference[:count], real.subjects, real.reference_subjects[:count],
+                                  FOLDS, seed)
+            self.figures["classifier_auc_heldout_vs_train"] = rounded(test.auc)
+            self.figures["classifier_folds"]["heldout_vs_train"] = test.folds
+
+    def level(self) -> None:
+        from measures import level_mae
+
+        train = self.real.train
+        errors = level_mae(train.images, train.levels, {"generated": (self.generated, self.levels),
+                                                        "real": (self.real.slices, self.real.levels)},
+                           seed=self.args.seed)
+        self.figures["level_mae_generated"] = rounded(errors["generated"])
+        if self.wanted("level_mae_real_heldout"):
+            self.figures["level_mae_real_heldout"] = rounded(errors["real"])
+
+    def run_steps(self, progress: bool) -> None:
+        """Every step, under a progress bar on stderr (or a line per step with progress off)."""
+        from tqdm import tqdm
+
+        steps = self.steps()
+        with tqdm(total=len(steps), desc="scoring", unit="step", disable=not progress, file=sys.stderr) as bar:
+            for name, method in steps:
+                bar.set_postfix_str(name)
+                if not progress:
+                    print(f"scoring: {name}", file=sys.stderr, flush=True)
+                method()
+                bar.update()
+
+
+def sweep_levels(real: Real | None, args) -> np.ndarray:
+    """The --sweep levels: evenly from the lowest to the highest known level of the split's slices; UserError
+    when there are none, before any generation."""
+    if real is None:
+        raise UserError("--sweep shows real slices beside generated ones: pass --data (a folder of volumes)")
+    known = real.split.levels[np.isfinite(real.split.levels)]
+    if not len(known):
+        raise UserError(f"--sweep: the slices of {args.data or 'the data'} have no axial levels (2D images do not "
+                        f"say where they were cut); pass a folder of volumes with --data")
+    return np.linspace(known.min(), known.max(), args.sweep).astype(np.float32)
+
+
+def save_sweep_figure(run, real: Real, levels: np.ndarray, temperature: float, args, progress: bool) -> None:
+    """sweep.png: per level, the split's SWEEP_COLUMNS slices of the nearest levels, and as many generated at it."""
+    from figures import save_sweep
+
+    known = np.flatnonzero(np.isfinite(real.split.levels))
+    own = real.split.levels[known]
+    rows = []
+    for level in levels:
+        nearest = known[np.argsort(np.abs(own - level), kind="stable")[:SWEEP_COLUMNS]]
+        rows.append([(real.split.images[index], real.split.levels[index])
+                     for index in sorted(nearest, key=lambda index: real.split.levels[index])])
+    generated = generate_slices(run, np.repeat(levels, SWEEP_COLUMNS), temperature,
+                                sub_seed(args.seed, SWEEP_STREAM), progress)
+    save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
+                                                                       *generated.shape[1:]),
+               f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
+               f"{temperature}, seed {args.seed}")
+
+
+# (what, (part, key), (part, key)) of each printed line of figures
+PRINTED = [("classifier two-sample AUC against training slices (0.5: indistinguishable)",
+            ("generated", "classifier_auc_generated_vs_train"),
+            ("real held-out (the control)", "classifier_auc_heldout_vs_train")),
+           ("level error, mean absolute", ("generated vs the level asked for", "level_mae_generated"),
+            ("real held-out vs their own", "level_mae_real_heldout")),
+           ("SSIM to the nearest training slice, mean", ("generated", "nearest_train_ssim_generated"),
+            ("real held-out", "nearest_train_ssim_real_heldout")),
+           ("pairwise SSIM, mean (lower: more varied)", ("generated", "diversity_pairwise_ssim_generated"),
+            ("real", "diversity_pairwise_ssim_real")),
+           ("brain-shaped fraction", ("generated", "brain_shaped_fraction_generated"),
+            ("real", "brain_shaped_fraction_real"))]
+
+
+def print_figures(report: dict) -> None:
+    """The figures of `report`, one line each, a skipped one with its reason."""
+    skipped = report["skipped"]
+    for what, *parts in PRINTED:
+        reasons = {skipped.get(key) for _, key in parts}
+        if None not in reasons and len(reasons) == 1:
+            print(f"{what}: skipped ({reasons.pop()})")
+            continue
+        print(f"{what}: " + "; ".join(f"{part} {report[key]}" if report[key] is not None
+                                      else f"{part} skipped ({skipped[key]})" for part, key in parts))
+    bits = report["prior_bits_per_code"]
+    if bits is not None:
+        print("prior bits per code on the split's codes: " + ", ".join(f"{grid} {value}"
+                                                                      for grid, value in bits.items()))
+    if report["reconstruction_ssim_mean"] is not None:
+        print(f"reconstruction SSIM of the shown slices, mean: {report['reconstruction_ssim_mean']}")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Real | None:
+    from dataset import load_slices
+
+    if source is None:
+        return None
+    everything = load_slices(source.path, run.config, args.cache, args.oasis_url, args.discs, args.delete_archives,
+                             args.strict, progress=not args.no_progress)
+    return real_slices(args, everything, rng)
+
+
+def timed(function, *arguments):
+    """(what function(*arguments) returns, seconds it took)."""
+    start = time.perf_counter()
+    return function(*arguments), time.perf_counter() - start
+
+
+def write_generated(args, generated: np.ndarray, temperature: float) -> None:
+    """generated/sample_NNN.png and the grid generated.png."""
+    from figures import save_grid
+
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "generated").mkdir(exist_ok=True)
     except OSError as error:
         raise UserError(f"--out {args.out}: cannot create it ({error.strerror}); choose a writable folder") from None
-    written = []
+    write_samples(args.out / "generated", generated)
+    level = f", level {args.level}" if args.level is not None else ""
+    save_grid(args.out / "generated.png", generated, f"{plural(len(generated), 'generated slice')} (temperature "
+                                                     f"{temperature}, seed {args.seed}{level})")
 
-    start = time.perf_counter()
-    codes = sampler_for(pixelcnn).sample(args.num, temperature, args.seed)
-    generated = np.clip(np.asarray(vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
-    seconds = time.perf_counter() - start
-    save_grid(args.out / "generated.png", generated, f"{args.num} generated slices (temperature {temperature}, "
-                                                     f"seed {args.seed})")
-    written.append(args.out / "generated.png")
-    for index, image in enumerate(generated):
-        path = args.out / "generated" / f"sample_{index:03d}.png"
-        pixels = Image.fromarray(np.round(image * 255).astype(np.uint8))
-        atomic_write(path, lambda out: pixels.save(out, format="PNG"))
-        written.append(path)
-    report = {"run": str(args.run), "num": args.num, "temperature": temperature, "seed": args.seed,
-              "generation_seconds": round(seconds, 3),
-              "brain_shaped_fraction_generated": round(brain_shaped_fraction(generated, config.tissue_intensity), 4)}
 
-    data = args.data or training_source(args.run)
-    if data:
-        everything = load_slices(data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
-                                 args.strict, progress=not args.no_progress)
-        chosen, train = everything.select(args.split), everything.select("train")
-        if not len(chosen):
-            raise UserError(f"--split {args.split}: no slices of {data} in this split; try --split all")
-        picks = np.random.default_rng(args.seed).choice(len(chosen), min(args.num, len(chosen)), replace=False)
-        picks.sort()
-        real = chosen.images[picks]
-        reconstructions = reconstruct(vqvae, real, progress=False)
-        ssim_values, _ = slice_scores(real, reconstructions)
-        save_reconstructions(args.out / "reconstructions.png", real, reconstructions,
-                             encode_all(vqvae, real), ssim_values, config.num_codes)
-        written.insert(0, args.out / "reconstructions.png")
-        split_codes = encode_all(vqvae, chosen.images)
-        bits = mean_bits_per_code(pixelcnn, split_codes)
-        report.update({"data": str(data), "split": args.split, "prior_bits_per_code": round(float(bits), 4),
-                       "reconstruction_ssim_mean": round(float(ssim_values.mean()), 4),
-                       "brain_shaped_fraction_real": round(brain_shaped_fraction(real, config.tissue_intensity), 4)})
-        if len(train) and args.split != "train":
-            nearest_generated = pairwise_ssim(generated, train.images).max(axis=1)
-            nearest_real = pairwise_ssim(real, train.images).max(axis=1)
-            report.update({
-                "nearest_train_ssim_generated": round(float(nearest_generated.mean()), 4),
-                "nearest_train_ssim_real_heldout": round(float(nearest_real.mean()), 4),
-                "diversity_pairwise_ssim_generated": round(mean_off_diagonal(pairwise_ssim(generated, generated)), 4),
-                "diversity_pairwise_ssim_real": round(mean_off_diagonal(pairwise_ssim(real, real)), 4)})
-    else:
-        print("no --data (and the run's training data is not on this machine): reconstructions and "
-              "generation-quality figures skipped; pass --data to get them", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    source = find_source(args)
+    announce(args, source)
+    configure_tensorflow()
+    from dataset import atomic_write_text
+    from modules import load_run
 
+    run = load_run(args.run)
+    check_run(run, args)
+    rng = np.random.default_rng(args.seed)
+    real = load_real(args, run, source, rng)
+    sweep = sweep_levels(real, args) if args.sweep else None
+    levels, levels_summary = requested_levels(args, run, real, rng)
+    temperature, progress = args.temperature or run.config.temperature, not args.no_progress
+    generated, generation_seconds = timed(generate_slices, run, levels, temperature, args.seed, progress)
+    write_generated(args, generated, temperature)
+    scorer = Scorer(run, generated, levels, real, args)
+    _, scoring_seconds = timed(scorer.run_steps, progress)
+    if sweep is not None:
+        save_sweep_figure(run, real, sweep, temperature, args, progress)
+    report = {"run": shown_path(args.run), "data": source and source.shown,
+              "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
+              "level_conditioned": run.level_conditioned, "num": args.num,
+              "real_slices": len(real.slices) if real else 0, "temperature": temperature, "seed": args.seed,
+              "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
+              "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}
     atomic_write_text(args.out / "generation.json", json.dumps(report, indent=2) + "\n")
-    written.append(args.out / "generation.json")
-    print(f"generated {args.num} slices in {seconds:.2f} s (temperature {temperature}, seed {args.seed})")
-    for key, label in (("prior_bits_per_code", "prior NLL on the split's codes, bits/code"),
-                       ("reconstruction_ssim_mean", "reconstruction SSIM of the shown slices"),
-                       ("nearest_train_ssim_generated", "nearest-training-slice SSIM, generated"),
-                       ("nearest_train_ssim_real_heldout", "nearest-training-slice SSIM, real held-out"),
-                       ("diversity_pairwise_ssim_generated", "mean pairwise SSIM among generated"),
-                       ("diversity_pairwise_ssim_real", "mean pairwise SSIM among real held-out"),
-                       ("brain_shaped_fraction_generated", "brain-shaped fraction, generated"),
-                       ("brain_shaped_fraction_real", "brain-shaped fraction, real")):
-        if key in report:
-            print(f"{label}: {report[key]}")
-    shown = [path for path in written if path.parent == args.out]
-    print("wrote " + ", ".join(str(path) for path in shown) + f" and {args.num} PNGs in {args.out / 'generated'}")
+    print(f"generated {plural(args.num, 'slice')} in {generation_seconds:.1f} s, scored in {scoring_seconds:.1f} s "
+          f"(temperature {temperature}, seed {args.seed}; levels {levels_summary['source']})")
+    print_figures(report)
+    written = ["reconstructions.png"] * (report["reconstruction_ssim_mean"] is not None) + ["generated.png"] + \
+        ["sweep.png"] * (sweep is not None) + ["generation.json"]
+    print("wrote " + ", ".join(str(args.out / name) for name in written)
+          + f" and {plural(args.num, 'PNG')} in {args.out / 'generated'}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""SSIM as similarity.py computes it agrees with tf.image.ssim and skimage on real and synthetic slices; the
-brain-shape check of predict.py tells an intact outline from a broken one."""
+"""SSIM and PSNR as measures.py computes them agree with tf.image.ssim and skimage on real and synthetic slices;
+similarity.py's summary has CLI.md's fields; the brain-shape check tells an intact outline from a broken one."""
 
 import os
 
@@ -8,13 +8,13 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
-from skimage.metrics import structural_similarity  # noqa: E402
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
 
 from conftest import make_slice  # noqa: E402
 from dataset import load_slices, square_and_resize  # noqa: E402
 from hyperparameters import make_config  # noqa: E402
-from measures import ssim  # noqa: E402
-from similarity import slice_scores, summarize  # noqa: E402
+from measures import brain_shaped, psnr, slice_scores, ssim  # noqa: E402
+from similarity import summarize  # noqa: E402
 
 
 def degraded(images: np.ndarray) -> np.ndarray:
@@ -46,18 +46,25 @@ def test_ssim_agrees_with_tensorflow_and_skimage_on_real_slices(shared_data, tmp
     assert_ssim_agrees(slices.images[:24])
 
 
+def test_psnr_agrees_with_skimage():
+    images = square_and_resize(np.stack([make_slice(seed=seed) for seed in range(4)]).astype(np.float32), 128)
+    others = degraded(images)
+    reference = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(images, others)]
+    np.testing.assert_allclose(psnr(images, others), reference, rtol=1e-5)
+    assert 15 < np.mean(reference) < 60  # a real comparison
+
+
 def test_identical_images_score_one_and_summary_fields():
     images = square_and_resize(np.stack([make_slice(seed=seed) for seed in range(4)]).astype(np.float32), 128)
-    values, psnr = slice_scores(images, images)
+    values, decibels = slice_scores(images, images)
     np.testing.assert_allclose(values, 1.0, atol=1e-5)
+    np.testing.assert_allclose(decibels, 120.0)  # MSE 0 is floored at 1e-12, not infinite
     summary = summarize(np.array([0.5, 0.7, 0.9]), np.array([20.0, 30.0, 40.0]))
     assert summary["n"] == 3 and summary["ssim"]["frac_above_0.6"] == pytest.approx(2 / 3)
     assert summary["ssim"]["median"] == pytest.approx(0.7) and summary["psnr"]["mean"] == pytest.approx(30.0)
 
 
 def test_brain_shaped_accepts_one_solid_outline_and_rejects_broken_ones():
-    from predict import brain_shaped
-
     rows, cols = np.meshgrid(np.linspace(-1, 1, 128), np.linspace(-1, 1, 128), indexing="ij")
     ellipse = ((rows / 0.8) ** 2 + (cols / 0.6) ** 2 < 1).astype(np.float32) * 0.7
     ellipse[(rows / 0.2) ** 2 + (cols / 0.1) ** 2 < 1] = 0.05  # dark ventricles inside are fine

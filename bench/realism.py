@@ -1,0 +1,101 @@
+"""Realism figures' cost: seconds to score 64 and 256 generated slices, each measure apart and in total.
+
+    python bench/realism.py [--run pretrained] [--sizes 64,256] [--repeats 3]
+
+On the shared MNI volumes' test split (skipped with a message when ../shared is absent): the run generates the
+largest size once (not timed), then every measure predict.py reports is timed on the first N generated slices,
+against N real test slices, N training slices (the classifier tests' reference) and all 1,182 training slices
+(nearest SSIM, level check), as predict.py --num N computes them; the level check is timed whether or not the run
+is level-conditioned (predict.py skips it for a run that is not). Each figure is the median of --repeats runs in
+this process, after one untimed run of the smallest size that compiles and traces what the measures use. The
+load average is printed before and after: another job on the cores slows every row.
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from common import ROOT, SHARED_VOLUMES, machine, median, print_table
+
+import numpy as np
+
+import measures
+from cli import DEFAULT_CACHE
+from dataset import load_slices
+from modules import generate, load_run, prior_bits_per_code
+
+
+def measure_steps(run, generated, levels, real, train, reference, seed: int = 0) -> dict:
+    """{measure: function} of every realism measure of predict.py, for N generated slices (asked for at `levels`),
+    N real test slices `real` = (images, levels, subjects) and N training slices `reference` = (images, subjects)."""
+    tissue = run.config.tissue_intensity
+    (real, real_levels, real_subjects), (reference, reference_subjects) = real, reference
+    return {
+        "brain-shaped fraction": lambda: [measures.brain_shaped_fraction(images, tissue)
+                                          for images in (generated, real)],
+        "pairwise SSIM (diversity)": lambda: [measures.mean_off_diagonal(measures.pairwise_ssim(images, images))
+                                              for images in (generated, real)],
+        "nearest-training SSIM": lambda: [measures.nearest_ssim(images, train.images) for images in (generated, real)],
+        "classifier AUC and its control": lambda: [
+            measures.classifier_auc(generated, reference, None, reference_subjects, seed=seed),
+            measures.classifier_auc(real, reference, real_subjects, reference_subjects, seed=seed)],
+        "level check": lambda: measures.level_mae(train.images, train.levels, {
+            "generated": (generated, levels), "real": (real, real_levels)}, seed=seed),
+    }
+
+
+def time_steps(steps: dict) -> dict:
+    times = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        times[name] = time.perf_counter() - start
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "pretrained", help="run that generates the slices "
+                        "(default: pretrained/); the timings hardly depend on it")
+    parser.add_argument("--sizes", default="64,256", help="numbers of generated slices to score (default: 64,256)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not SHARED_VOLUMES.is_dir():
+        print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark scores against)")
+        return
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    run = load_run(args.run)
+    slices = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
+    test, train = slices.select("test"), slices.select("train")
+    rng = np.random.default_rng(0)
+    levels = rng.choice(train.levels[np.isfinite(train.levels)], sizes[-1]).astype(np.float32)
+    generated = generate(run, levels, 1.0, 0)
+
+    def steps_for(size: int) -> dict:
+        picks = np.sort(rng.choice(len(test), min(size, len(test)), replace=False))
+        reference = np.sort(rng.choice(len(train), len(picks), replace=False))
+        return measure_steps(run, generated[:size], levels[:size],
+                             (test.images[picks], test.levels[picks], test.subjects[picks]), train,
+                             (train.images[reference], train.subjects[reference]))
+
+    time_steps(steps_for(sizes[0]))  # compiles and traces what the measures use: not kept
+    load_before = os.getloadavg()[0]
+    rows = {}
+    for size in sizes:
+        rounds = [time_steps(steps_for(size)) for _ in range(args.repeats)]
+        rows[size] = {name: median([times[name] for times in rounds]) for name in rounds[0]}
+        rows[size]["total"] = median([sum(times.values()) for times in rounds])
+    start = time.perf_counter()
+    prior_bits_per_code(run, test.images, test.levels)
+    bits = time.perf_counter() - start
+    print(f"Scoring N generated slices against N real test slices and {len(train)} training slices, seconds, median "
+          f"of {args.repeats}; {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print_table(["measure", *(f"N = {size}" for size in sizes)],
+                [[name, *(f"{rows[size][name]:.1f}" for size in sizes)] for name in rows[sizes[-1]]])
+    print(f"predict.py also computes the prior's bits per code on the {len(test)} test slices' codes: {bits:.1f} s "
+          f"(once, whatever N)")
+
+
+if __name__ == "__main__":
+    main()

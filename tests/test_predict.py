@@ -1,0 +1,85 @@
+"""predict.py end to end on the tiny seed-preset run of conftest's `trained` fixture: a second call replaces the
+first call's samples, generation.json holds every figure (or why it is skipped) with paths as the user gave them,
+and impossible --level values stop with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import PROJECT_ROOT, assert_clean_usage_error, run_script
+from test_reliability import run_in_process
+
+# Every figure of generation.json: a value, or null with the reason under "skipped".
+FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train", "level_mae_generated",
+           "level_mae_real_heldout", "nearest_train_ssim_generated", "nearest_train_ssim_real_heldout",
+           "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
+           "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
+SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
+            "temperature", "seed", "levels", "generation_seconds", "scoring_seconds", "classifier_folds"]
+
+
+@pytest.fixture(scope="module")
+def two_calls(trained, tmp_path_factory):
+    """Two predict.py calls into one --out folder, 3 then 2 slices; the second finds the run's training data itself
+    (the run recorded it relative to the project root)."""
+    data, run = trained
+    base = tmp_path_factory.mktemp("predict")
+    out = base / "out"
+    common = ["--run", run, "--cache", base / "cache", "--out", out, "--no-progress"]
+    first = run_script("predict.py", *common, "--data", data, "--num", "3", "--seed", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_sample = (out / "generated" / "sample_000.png").read_bytes()
+    second = run_script("predict.py", *common, "--num", "2", "--seed", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return out, first_sample, second, json.loads((out / "generation.json").read_text())
+
+
+def test_a_second_call_leaves_none_of_the_first_calls_samples(two_calls):
+    out, first_sample, _, report = two_calls
+    assert sorted(path.name for path in (out / "generated").iterdir()) == ["sample_000.png", "sample_001.png"]
+    assert (out / "generated" / "sample_000.png").read_bytes() != first_sample  # seed 2's, not seed 1's
+    assert report["num"] == 2
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no staging folder left
+
+
+def test_generation_json_has_every_figure_or_why_it_is_skipped(two_calls):
+    _, _, _, report = two_calls
+    assert set(FIGURES + SETTINGS + ["skipped"]) <= set(report), sorted(set(FIGURES + SETTINGS) - set(report))
+    for key in FIGURES:
+        assert (report[key] is None) == (key in report["skipped"]), key
+    assert report["nearest_train_ssim_generated"] is not None and report["brain_shaped_fraction_real"] is not None
+    assert "not level-conditioned" in report["skipped"]["level_mae_generated"]
+    assert set(report["prior_bits_per_code"]) == {"bottom"}
+
+
+def test_data_found_automatically_is_said_and_recorded_as_the_run_recorded_it(trained, two_calls):
+    data, _ = trained
+    _, _, second, report = two_calls
+    assert report["data_found_automatically"] is True
+    assert report["data"] == os.path.relpath(data, PROJECT_ROOT)  # relative, as given to train.py
+    first_line = second.stdout.splitlines()[0]
+    assert "found automatically" in first_line and report["data"] in first_line
+    assert "and 2 PNGs in" in second.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("level", ["1.5", "-0.1", "nan"])
+def test_level_out_of_range_exits_2_with_one_line(level, tmp_path):
+    result = run_script("predict.py", "--level", level, "--out", tmp_path / "out")
+    assert_clean_usage_error(result, "--level", "between 0.0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_level_with_a_run_that_is_not_level_conditioned_exits_2_saying_how_to_get_one(trained, tmp_path,
+                                                                                       monkeypatch, capfd):
+    """In this process, where TensorFlow's start-up lines on stderr have gone out before the call (in a new
+    process they come before the error line)."""
+    import modules  # noqa: F401  (imports TensorFlow)
+
+    _, run = trained
+    result = run_in_process("predict.py", ["--run", run, "--level", "0.5", "--out", tmp_path / "out"], monkeypatch,
+                            capfd)
+    assert_clean_usage_error(result, "--level", "not level-conditioned", "train.py")
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ def pyplot():
 
 def save_figure(figure, path: Path, dpi: int) -> None:
     """Writes a matplotlib figure to `path` as PNG atomically, then closes it."""
-    from dataset import atomic_write
+    from rundir import atomic_write
 
     atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
     pyplot().close(figure)

@@ -35,6 +35,7 @@ import numpy as np
 
 from cli import (DEFAULT_PRETRAINED, PROJECT_ROOT, ArgumentParser, UserError, add_data_args, add_progress_arg,
                  check_output_path, configure_tensorflow, run_main, shown_path)
+from rundir import RunDir
 
 CHUNK = 64  # slices generated per sampler call: a progress bar moves, and memory stays flat for any --num
 SHOWN = 16  # slices in reconstructions.png
@@ -109,8 +110,8 @@ def find_source(args) -> Source | None:
     if args.data:
         return Source(args.data, args.data, False)
     try:
-        data = json.loads((args.run / "summary.json").read_text())["data"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = RunDir(args.run).read_summary()["data"]
+    except (UserError, KeyError, TypeError):
         return None
     for candidate in (Path(data), PROJECT_ROOT / data):
         if candidate.is_dir():
@@ -484,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     source = find_source(args)
     announce(args, source)
     configure_tensorflow()
-    from dataset import atomic_write_text
-    from modules import load_run
+    from rundir import atomic_write_text, load_run
 
     run = load_run(args.run)
     check_run(run, args)

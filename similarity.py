@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     for path, flag in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
         check_output_path(path, flag)  # before minutes of reconstruction, not after
     configure_tensorflow()
-    from dataset import atomic_write_text, load_slices
+    from dataset import load_slices
     from figures import save_ssim_plot
     from measures import reconstruct, slice_scores
-    from modules import load_run
+    from rundir import atomic_write_text, load_run
 
     config, vqvae, _ = load_run(args.run, need_prior=False)
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, Run, build_prior, generate, load_run, prior_inputs
+from modules import VQVAE, build_prior, generate, prior_inputs
+from rundir import Run, RunDir, load_run
 
 
 def baseline_seconds(run, levels, seed, positions):
@@ -55,7 +56,7 @@ def timed(function):
 
 
 def models(preset, run):
-    if run is not None and (run / "config.json").exists():
+    if run is not None and RunDir(run).config_path.exists():
         loaded = load_run(run)
         if loaded.config.code_grids == make_config(preset).code_grids:
             return loaded, f"trained weights of {run}"

@@ -23,7 +23,8 @@ import numpy as np
 import measures
 from cli import DEFAULT_CACHE
 from dataset import load_slices
-from modules import generate, load_run, prior_bits_per_code
+from modules import generate, prior_bits_per_code
+from rundir import load_run
 
 
 def measure_steps(run, generated, levels, real, train, reference, seed: int = 0) -> dict:

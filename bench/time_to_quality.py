@@ -12,7 +12,6 @@ run's). One run: a 20-minute measurement is not repeated; README says so.
 """
 
 import argparse
-import csv
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,13 @@ import time
 from pathlib import Path
 
 from common import ROOT, SHARED_VOLUMES, machine, print_table
+from rundir import RunDir
 
 THRESHOLDS = (0.6, 0.8, 0.9, 0.95)
 
 
 def read_history(run_dir: Path):
-    with open(run_dir / "history_vqvae.csv") as handle:
-        return [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(handle)]
+    return [{key: float(value) for key, value in row.items() if value} for row in RunDir(run_dir).read_history("vqvae")]
 
 
 def main():
@@ -50,11 +49,11 @@ def main():
         process = subprocess.Popen(command)
         while process.poll() is None:
             time.sleep(1)
-            done = (run_dir / "history_vqvae.csv").exists() and read_history(run_dir)
+            done = read_history(run_dir)
             if args.stop_at is not None and done and max(row.get("val_ssim", 0) for row in done) >= args.stop_at:
                 process.terminate()
                 process.wait()
-        if process.returncode not in (0, -15) or not (run_dir / "history_vqvae.csv").exists():
+        if process.returncode not in (0, -15) or not RunDir(run_dir).history_path("vqvae").exists():
             sys.exit(f"train.py failed with exit code {process.returncode}")
     history = read_history(run_dir)
     rows = []

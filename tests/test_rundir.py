@@ -181,7 +181,8 @@ def spelled_run_file_names(path: Path) -> list[str]:
 
 
 def test_no_file_but_rundir_spells_a_run_file_name():
-    sources = [path for path in PROJECT_ROOT.glob("*.py") if path.name != "rundir.py"]
-    assert {"train.py", "modules.py"} <= {path.name for path in sources}
+    sources = [path for path in [*PROJECT_ROOT.glob("*.py"), *PROJECT_ROOT.glob("bench/*.py")]
+               if path.name != "rundir.py"]
+    assert {"train.py", "predict.py", "time_to_quality.py"} <= {path.name for path in sources}
     spelled = {path.name: names for path in sources if (names := spelled_run_file_names(path))}
     assert spelled == {}

@@ -133,9 +133,14 @@ def configure_tensorflow() -> None:
     - TF_CPU_ALLOCATOR_USE_BFC=1 makes TensorFlow keep and reuse freed CPU memory. With the default allocator every
       large tensor is a fresh mmap that the kernel zero-fills page by page: measured by bench/allocator.py, an epoch
       of the default prior spends as much CPU time in the kernel as in its arithmetic (4 million page faults per
-      128 code grids) and trains 1.7x faster with this setting."""
+      128 code grids) and trains 1.7x faster with this setting;
+    - TF_ENABLE_ONEDNN_OPTS=0 turns off TensorFlow's oneDNN kernels. On CPUs with AVX-512/AMX (where TensorFlow
+      turns them on by itself) they compute wrong results for an empty per-replica batch under MirroredStrategy
+      (a convolution reads the raw image; tests/test_distribute.py fails with them) and print two log lines on
+      stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says, which breaks the one-line error contract."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def shown_path(path) -> str:

@@ -20,6 +20,9 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(PROJECT_ROOT))
+from cli import configure_tensorflow  # noqa: E402
+
+configure_tensorflow()  # before any test imports TensorFlow, in process or in the scripts it starts
 
 SMALL_SHAPE = (40, 48, 40)  # x, y, z: axial slices are the last axis
 RGB_DTYPE = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])

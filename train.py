@@ -13,6 +13,7 @@ so that --resume never redoes a finished epoch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -525,8 +526,9 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
         dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.from_tensor_slices(mirrored)).cache().shuffle(
             len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
+        # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
         dataset = tf.data.Dataset.zip(dataset, draws).map(
-            lambda pair, draw: augment(pair, draw, config.prior_flip, config.prior_level_dropout))
+            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout))
     return shard_by_data(dataset.map(lambda inputs: (inputs, inputs["codes"])).batch(config.prior_batch_size)
                          .prefetch(tf.data.AUTOTUNE))
 

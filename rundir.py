@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cli import UserError
-from hyperparameters import Config, validate, vqvae_differences
+from hyperparameters import PRESETS, Config, validate, vqvae_differences
 
 PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
@@ -476,7 +476,10 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
 
     run = RunDir(run_dir)
     if not run.path.is_dir():
-        raise UserError(f"--run {run.path}: no such run directory; train one with python train.py --out {run.path}")
+        # runs named after a preset (README's runs/seed) need that preset: say so in the command to copy
+        preset = f" --preset {run.path.name}" if run.path.name in PRESETS and run.path.name != "default" else ""
+        raise UserError(f"--run {run.path}: no such run directory; train one with python train.py --data FOLDER "
+                        f"--out {run.path}{preset}")
     config = run.read_config()
     phases = ["vqvae"] + ([PRIOR_PHASES[grid] for grid in config.code_grids] if need_prior else [])
     models = []

@@ -186,3 +186,13 @@ def test_no_file_but_rundir_spells_a_run_file_name():
     assert {"train.py", "predict.py", "time_to_quality.py"} <= {path.name for path in sources}
     spelled = {path.name: names for path in sources if (names := spelled_run_file_names(path))}
     assert spelled == {}
+
+
+def test_a_missing_run_named_after_a_preset_is_told_to_train_with_that_preset(tmp_path):
+    from cli import UserError
+    from rundir import load_run
+
+    with pytest.raises(UserError, match=r"python train\.py --data FOLDER --out \S*seed --preset seed$"):
+        load_run(tmp_path / "seed")
+    with pytest.raises(UserError, match=r"--out \S*mine$"):
+        load_run(tmp_path / "mine")

@@ -590,10 +590,10 @@ def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> t
     from modules import encode_all
 
     vqvae = keras.saving.load_model(run.model_path("vqvae"), safe_mode=True)
-    train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,
-             "flipped": encode_all(vqvae, train_set.images[:, :, ::-1]) if config.prior_flip else None}
-    if train["flipped"] is None:
-        train["flipped"] = train["codes"]
+    codes = encode_all(vqvae, train_set.images)
+    # without prior_flip the training pipeline pairs each grid with itself, and augment never picks the pair
+    flipped = encode_all(vqvae, train_set.images[:, :, ::-1]) if config.prior_flip else codes
+    train = {"codes": codes, "levels": train_set.levels, "flipped": flipped}
     return train, {"codes": encode_all(vqvae, validate_set.images), "levels": validate_set.levels}
 
 

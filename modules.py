@@ -465,6 +465,12 @@ def prior_inputs(codes=None, levels=None, top=None) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def grid_inputs(grid: str, codes: dict, levels) -> dict:
+    """prior_inputs for the prior of `grid` from {grid: code grids} of the same slices: its own codes, the levels,
+    and, for the bottom grid of a two-level model, the top codes it is conditioned on."""
+    return prior_inputs(codes[grid], levels, codes.get("top") if grid == "bottom" else None)
+
+
 @keras.saving.register_keras_serializable(PACKAGE)
 class PixelCNN(keras.Model):
     """The founding report's autoregressive prior p(c) = prod_i p(c_i | c_<i) over (g, g) code grids in raster
@@ -494,6 +500,10 @@ class PixelCNN(keras.Model):
 
     def call(self, inputs):
         return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs)
+
+    def condition_map(self, inputs):
+        """This prior takes no condition: a (b, 1) zero placeholder, which its sampler passes through unused."""
+        return ops.zeros((ops.shape(inputs["levels"])[0], 1))
 
     def logits_from_one_hot(self, one_hot, inputs):
         """Logits for (b, g, g, num_codes) one-hot (or soft) code grids; differentiable in them (the causality
@@ -551,8 +561,7 @@ class Sampler:
         self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
         if levels is None:
             levels = np.full(num, np.nan, np.float32)
-        condition = self.model.condition_map(prior_inputs(levels=np.asarray(levels, np.float32), top=top)) \
-            if hasattr(self.model, "condition_map") else tf.zeros((num, 1))
+        condition = self.model.condition_map(prior_inputs(levels=np.asarray(levels, np.float32), top=top))
         size = self.grid * self.grid
         if prefix is None:
             prefix_flat, prefix_length = np.zeros((num, size), np.int32), 0
@@ -999,6 +1008,5 @@ def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:
     prior of the run: {"top": ..., "bottom": ...} (a single-level run has only "bottom"). `levels` as in generate."""
     codes = encode_all(run.vqvae, images)
     levels = np.asarray(levels, np.float32).reshape(-1)
-    return {grid: mean_bits_per_code(run.priors[grid], prior_inputs(codes[grid], levels, codes.get("top")
-                                                                     if grid == "bottom" else None))
+    return {grid: mean_bits_per_code(run.priors[grid], grid_inputs(grid, codes, levels))
             for grid in run.config.code_grids}

@@ -516,13 +516,12 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
     a `prior_level_dropout` share shown with an unknown level (NaN); all seeded, and drawn anew each epoch."""
     import tensorflow as tf
 
-    from modules import prior_inputs
+    from modules import grid_inputs
 
-    columns = prior_inputs(codes[grid], np.asarray(levels, np.float32), codes["top"] if grid == "bottom" and
-                           "top" in codes else None)
+    columns = grid_inputs(grid, codes, np.asarray(levels, np.float32))
     dataset = tf.data.Dataset.from_tensor_slices(columns)
     if flipped is not None:
-        mirrored = prior_inputs(flipped[grid], None, flipped["top"] if "top" in columns else None)
+        mirrored = grid_inputs(grid, flipped, None)
         dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.from_tensor_slices(mirrored)).cache().shuffle(
             len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)

@@ -127,20 +127,31 @@ def run_main(main) -> None:
     sys.exit(code or 0)
 
 
-def configure_tensorflow() -> None:
+def configure_tensorflow(onednn: bool = False) -> None:
     """Settings every script applies before importing TensorFlow (an environment variable already set wins):
     - TF_CPP_MIN_LOG_LEVEL=2 keeps TensorFlow's C++ start-up chatter out of the output;
     - TF_CPU_ALLOCATOR_USE_BFC=1 makes TensorFlow keep and reuse freed CPU memory. With the default allocator every
       large tensor is a fresh mmap that the kernel zero-fills page by page: measured by bench/allocator.py, an epoch
       of the default prior spends as much CPU time in the kernel as in its arithmetic (4 million page faults per
       128 code grids) and trains 1.7x faster with this setting;
-    - TF_ENABLE_ONEDNN_OPTS=0 turns off TensorFlow's oneDNN kernels. On CPUs with AVX-512/AMX (where TensorFlow
-      turns them on by itself) they compute wrong results for an empty per-replica batch under MirroredStrategy
-      (a convolution reads the raw image; tests/test_distribute.py fails with them) and print two log lines on
-      stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says, which breaks the one-line error contract."""
+    - TF_ENABLE_ONEDNN_OPTS: TensorFlow's oneDNN kernels, which it turns on by itself on CPUs with AVX-512/AMX.
+      `onednn` (train.py on one device): on, because they train the priors about twice as fast there
+      (bench/onednn.py). Otherwise off: they sample slower, and under MirroredStrategy they compute wrong results
+      for an empty per-replica batch (a convolution reads the raw image; tests/test_distribute.py fails with them).
+    With oneDNN on, TensorFlow is imported here, with its stderr silenced: it prints a notice about oneDNN there at
+    import whatever TF_CPP_MIN_LOG_LEVEL says, which would break the one-line error contract."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "1")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if onednn else "0")
+    if os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1":
+        saved = os.dup(2)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
 
 
 def shown_path(path) -> str:

@@ -5,15 +5,15 @@ A `Config` is a flat, typed dataclass. Scripts pick a preset with `--preset NAME
 rebuild the models from that file, so a run always reloads with the hyperparameters it was trained with.
 
 Presets
-- `seed`: the founding report's architecture, layer for layer (8x8 code grid, 16 codes of dimension 16), trained
-  with an EMA codebook, dead-code restarts, MSE + 0.2 (1 - SSIM) and a cosine schedule: 0.668 validation SSIM on
-  the shared volumes with 16 codes, short of the 0.70 the report reached with 128.
-- `default`: what `python train.py` uses. Still 16 codes, on a 64x64 code grid (one stride-2 level, a residual
-  block), EMA codebook, trained on MSE + 0.2 (1 - SSIM) with a cosine learning-rate schedule. Its prior is a gated
-  PixelCNN (vertical and horizontal stacks, so no blind spot; dilations 1, 2, 4, 8, 16, so each code sees 34 rows
-  up and across; position features, so it knows where on the slice it is): the masked residual PixelCNN it
-  replaced (`--set prior_layout=blocks`) saw 21 rows with a blind spot and generated slices without a brain's
-  outline.
+- `seed`: the founding report's architecture, layer for layer (a single 8x8 code grid, 16 codes of dimension 16,
+  its masked PixelCNN prior), trained with an EMA codebook, dead-code restarts, MSE + 0.2 (1 - SSIM), a cosine
+  schedule and left-right flips (the recipe, not the table, is this project's): 0.649 test SSIM on the shared
+  volumes, short of the 0.70 the report reached with 128 codes.
+- `default`: what `python train.py` uses. A two-level VQ-VAE (VQ-VAE-2): a 64x64 bottom grid (one stride-2 level,
+  a residual block) and a 16x16 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
+  schedule. Its priors are conditional gated PixelCNNs (vertical and horizontal stacks, so no blind spot;
+  dilated blocks; position features; the slice's axial level): the top prior sees the whole top grid, the bottom
+  prior also takes the top codes. Dropout, flipped slices' codes and the best validation epoch regularize them.
 """
 
 from __future__ import annotations

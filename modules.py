@@ -991,16 +991,29 @@ def sampler_for(prior: keras.Model) -> Sampler:
 # Generating with a loaded run (rundir.load_run)
 # ---------------------------------------------------------------------------------------------------------------
 
+class SliceGenerator:
+    """New slices from a loaded run, call after call: each grid's sampler, and so its compiled loop, is built once
+    (the first call of a batch size traces the loops, which takes longer than sampling 64 slices; later calls reuse
+    them). generate() is the one-call form."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.samplers = {grid: sampler_for(run.priors[grid]) for grid in run.config.code_grids}
+
+    def __call__(self, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+        """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
+        grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
+        priors are not level-conditioned ignore it. The same seed gives the same slices."""
+        levels = np.asarray(levels, np.float32).reshape(-1)
+        codes = {}
+        for offset, (grid, sampler) in enumerate(self.samplers.items()):
+            codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels, top=codes.get("top"))
+        return np.clip(np.asarray(self.run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
+
+
 def generate(run: Run, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
-    """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom grid
-    given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose priors
-    are not level-conditioned ignore it. The same seed gives the same slices."""
-    levels = np.asarray(levels, np.float32).reshape(-1)
-    codes = {}
-    for offset, grid in enumerate(run.config.code_grids):
-        codes[grid] = sampler_for(run.priors[grid]).sample(len(levels), temperature, seed + offset, levels=levels,
-                                                           top=codes.get("top"))
-    return np.clip(np.asarray(run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
+    """SliceGenerator(run)(levels, temperature, seed): len(levels) new slices of a loaded run."""
+    return SliceGenerator(run)(levels, temperature, seed)
 
 
 def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:

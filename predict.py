@@ -149,15 +149,16 @@ def generate_slices(run, levels: np.ndarray, temperature: float, seed: int, prog
     """(len(levels), h, w) generated slices, CHUNK at a time (chunk i seeded with sub_seed(seed, i))."""
     from tqdm import tqdm
 
-    from modules import generate
+    from modules import SliceGenerator
 
+    generate = SliceGenerator(run)
     chunks = []
     with tqdm(total=len(levels), desc="generating", unit="slice", disable=not progress, file=sys.stderr) as bar:
         for index, start in enumerate(range(0, len(levels), CHUNK)):
             if not progress:
                 print(f"generating slices {start + 1}-{min(start + CHUNK, len(levels))} of {len(levels)}",
                       file=sys.stderr, flush=True)
-            chunks.append(generate(run, levels[start:start + CHUNK], temperature, sub_seed(seed, index)))
+            chunks.append(generate(levels[start:start + CHUNK], temperature, sub_seed(seed, index)))
             bar.update(len(chunks[-1]))
     return np.concatenate(chunks)
 

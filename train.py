@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     source = check_vqvae_source(args.vqvae_from, config) if args.vqvae_from is not None else None
     verbose = keras_verbosity(args)
     slices = load_training_data(args, config, run, source, progress=verbose == 1)
-    configure_tensorflow()
+    configure_tensorflow(onednn=args.strategy in ("auto", "one"))  # several replicas need oneDNN off
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
     # a non-chief worker writes all its files into a scratch folder that nobody reads (RunDir.worker_scratch)
     work = run if chief else run.worker_scratch(config, args.resume)

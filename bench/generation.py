@@ -4,9 +4,10 @@
 
 Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over each grid's code positions (the
 top grid first, then the bottom one given it), calling `model.predict` on the whole batch once per position and
-drawing that position's code. Project: modules.generate, one compiled loop per grid that computes only what the
-new position needs. Same weights, same batch, same levels, same process. The project figure is the median of
---repeats runs after one run that traces the loops (reported as 'first call'). The baseline costs one identical
+drawing that position's code. Project: modules.SliceGenerator (what predict.py uses), one compiled loop per grid
+that computes only what the new position needs. Same weights, same batch, same levels, same process. The project
+figure is the median of --repeats calls of one SliceGenerator after its first call, which traces the loops
+(reported as 'first call': what a one-off modules.generate costs). The baseline costs one identical
 full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
 --baseline-positions positions and scaled to the grid.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, build_prior, generate, prior_inputs
+from modules import VQVAE, SliceGenerator, build_prior, prior_inputs
 from rundir import Run, RunDir, load_run
 
 
@@ -82,8 +83,9 @@ def main():
     for preset in args.presets.split(","):
         run, weights = models(preset, args.run if preset == "default" else None)
         levels = np.linspace(0.2, 0.8, args.num).astype(np.float32)
-        first = timed(lambda: generate(run, levels, 1.0, 0))
-        ours = median([timed(lambda: generate(run, levels, 1.0, seed)) for seed in range(1, args.repeats + 1)])
+        generate = SliceGenerator(run)
+        first = timed(lambda: generate(levels, 1.0, 0))
+        ours = median([timed(lambda: generate(levels, 1.0, seed)) for seed in range(1, args.repeats + 1)])
         sides = [run.priors[grid].side for grid in run.config.code_grids]
         base = median([baseline_seconds(run, levels, seed, args.baseline_positions)
                        for seed in range(args.baseline_repeats)])

@@ -4,7 +4,7 @@
 
 Three child processes, each reporting its own peak RSS (getrusage ru_maxrss): importing TensorFlow and the
 project (the floor every script pays), one VQ-VAE training epoch on 1,024 images plus one PixelCNN epoch, and
-generating 64 decoded slices with the prior's fast sampler.
+generating 64 decoded slices with the priors' fast samplers (every code grid of the preset).
 """
 
 import argparse
@@ -20,7 +20,8 @@ sys.path.insert(0, {root!r})
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np, keras
 from hyperparameters import make_config
-from modules import VQVAE, build_prior, sampler_for
+from modules import VQVAE, SliceGenerator, build_prior, grid_inputs
+from rundir import Run
 from dataset import make_tf_dataset
 config = make_config({preset!r})
 task = {task!r}
@@ -31,11 +32,15 @@ if task == "train":
     model.fit(make_tf_dataset(images, config.batch_size, shuffle=True), epochs=1, verbose=0)
     prior = build_prior(config)
     prior.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    codes = np.random.default_rng(0).integers(0, 16, (1024, config.code_grid, config.code_grid))
-    prior.fit(codes, codes, batch_size=config.prior_batch_size, epochs=1, verbose=0)
+    rng = np.random.default_rng(0)
+    codes = {{grid: rng.integers(0, 16, (1024, side, side))
+             for grid, side in (("top", config.top_grid), ("bottom", config.code_grid)) if side}}
+    inputs = grid_inputs("bottom", codes, rng.random(1024).astype("float32"))
+    prior.fit(inputs, inputs["codes"], batch_size=config.prior_batch_size, epochs=1, verbose=0)
 elif task == "generate":
     model = VQVAE(config.to_dict()); model.build()
-    model.decode_codes(sampler_for(build_prior(config)).sample(64))
+    priors = {{grid: build_prior(config, grid) for grid in config.code_grids}}
+    SliceGenerator(Run(config, model, priors))(np.linspace(0.2, 0.8, 64))
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 """
 

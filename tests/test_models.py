@@ -16,8 +16,8 @@ import tensorflow as tf  # noqa: E402
 
 from hyperparameters import make_config  # noqa: E402
 from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
-                     PixelCNNSampler, Run, VectorQuantizer, build_prior, causal_mask, generate, prior_bits_per_code,
-                     prior_inputs, sampler_for, save_model)
+                     PixelCNNSampler, Run, SliceGenerator, VectorQuantizer, build_prior, causal_mask, generate,
+                     prior_bits_per_code, prior_inputs, sampler_for, save_model)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,6 +236,9 @@ def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     images = generate(run, [0.2, np.nan, 0.7], seed=4)
     assert images.shape == (3, 32, 32) and images.min() >= 0 and images.max() <= 1
     np.testing.assert_array_equal(images, generate(run, [0.2, np.nan, 0.7], seed=4))
+    reused = SliceGenerator(run)  # predict.py's form: samplers built once, the same slices from the same seeds
+    assert (reused([0.2, np.nan, 0.7], seed=5) != images).any()
+    np.testing.assert_array_equal(reused([0.2, np.nan, 0.7], seed=4), images)
     bits = prior_bits_per_code(run, images, [0.2, np.nan, 0.7])
     assert set(bits) == {"top", "bottom"} and all(0 < value < 8 for value in bits.values())
 

@@ -156,3 +156,15 @@ def test_no_progress_gives_one_line_per_epoch_and_verbose_stays_its_alias(flags,
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # on a terminal, progress bars are the default
     assert train.keras_verbosity(train.build_parser().parse_args(flags)) == verbose
+
+
+def test_training_on_one_device_turns_onednn_on_and_keeps_its_notice_off_stderr():
+    """TensorFlow prints a notice about its oneDNN kernels on stderr at import, whatever TF_CPP_MIN_LOG_LEVEL says;
+    train.py (one device) turns them on for their speed, and nothing of that reaches the user's stderr."""
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    code = ("import os, cli; cli.configure_tensorflow(onednn=True); import tensorflow; "
+            "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "1" and result.stderr == ""

@@ -1,0 +1,100 @@
+"""TensorFlow's oneDNN CPU kernels off and on: seconds per training step of each model, and to generate 64 slices.
+
+    python bench/onednn.py [--preset default] [--rounds 2]
+
+TF_ENABLE_ONEDNN_OPTS is read when TensorFlow starts, so each setting runs in its own fresh process, and a round
+runs both, in an order that alternates from round to round. Each child times, on random data of the real shapes
+and with random weights (the speed does not depend on them): a VQ-VAE training step (batch_size images), a
+training step of each prior (prior_batch_size code grids), and a steady-state SliceGenerator call for 64 slices
+(after the call that traces the loops). Figures are medians over steps and rounds. cli.configure_tensorflow turns
+oneDNN on for train.py on one device and off everywhere else, from these figures.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from common import ROOT, machine, median, print_table
+
+TASKS = {"vqvae": "VQ-VAE training step", "prior_top": "top prior training step",
+         "prior": "bottom prior training step", "generate": "generate 64 slices"}
+
+
+def child(preset: str) -> dict:
+    """Runs in a fresh process: {task: [seconds, ...]}."""
+    import time
+
+    import keras
+    import numpy as np
+
+    from hyperparameters import make_config
+    from modules import VQVAE, SliceGenerator, build_prior, grid_inputs
+    from rundir import Run
+
+    config = make_config(preset)
+    rng = np.random.default_rng(0)
+
+    def step_seconds(model, batch, steps=5):
+        model.train_on_batch(*batch)  # traces
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            model.train_on_batch(*batch)
+            times.append(time.perf_counter() - start)
+        return times
+
+    vqvae = VQVAE(config.to_dict())
+    vqvae.build()
+    vqvae.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+    images = rng.random((config.batch_size, config.image_size, config.image_size, 1)).astype("float32")
+    seconds = {"vqvae": step_seconds(vqvae, (images,))}
+    batch = config.prior_batch_size
+    codes = {grid: rng.integers(0, config.num_codes, (batch, side, side)).astype("int32")
+             for grid, side in zip(("top", "bottom"), (config.top_grid, config.code_grid)) if side}
+    priors = {}
+    for grid in config.code_grids:
+        priors[grid] = build_prior(config, grid)
+        priors[grid].compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False,
+                             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        inputs = grid_inputs(grid, codes, rng.random(batch).astype("float32"))
+        seconds["prior" if grid == "bottom" else "prior_top"] = step_seconds(priors[grid], (inputs, inputs["codes"]))
+    generate = SliceGenerator(Run(config, vqvae, priors))
+    levels = np.linspace(0.2, 0.8, 64).astype("float32")
+    generate(levels, 1.0, 0)
+    seconds["generate"] = []
+    for seed in range(1, 4):
+        start = time.perf_counter()
+        generate(levels, 1.0, seed)
+        seconds["generate"].append(time.perf_counter() - start)
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.preset)))
+        return
+    seconds = {setting: {task: [] for task in TASKS} for setting in ("0", "1")}
+    for round_index in range(args.rounds):
+        for setting in ("0", "1") if round_index % 2 == 0 else ("1", "0"):
+            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting}
+            output = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset], env=env,
+                                    check=True, capture_output=True, text=True).stdout
+            for task, values in json.loads(output.strip().splitlines()[-1]).items():
+                seconds[setting][task] += values
+    rows = []
+    for task, label in TASKS.items():
+        off, on = median(seconds["0"][task]), median(seconds["1"][task])
+        rows.append([label, f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}x"])
+    print(f"oneDNN off and on, seconds (median), preset {args.preset}, {args.rounds} round(s); {machine()}")
+    print_table(["task", "oneDNN off", "oneDNN on", "speed-up with oneDNN"], rows)
+
+
+if __name__ == "__main__":
+    main()

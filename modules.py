@@ -817,7 +817,7 @@ class GatedPixelCNN(keras.Model):
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
     and on the condition (tests check both with gradients). For `default`: top 16x16 with 64 filters, 7 blocks, a
-    view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid); bottom 64x64 with 32 filters, 5 blocks.
+    view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid); bottom 64x64 with 48 filters, 5 blocks.
     """
 
     def __init__(self, config: dict, grid: str = "bottom", **kwargs):

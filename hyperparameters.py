@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 2
 
 
 @dataclass
@@ -86,9 +86,6 @@ class Config:
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 1, 2])
     top_prior_epochs: int = 30
     prior_condition_filters: int = 32
-    # how the top-code features reach the 64x64 bottom grid: "transposed" (a stride-4 transposed convolution, so each
-    # of the 16 positions under a top code gets its own map of it) or "nearest" (copies; runs of config version 2)
-    prior_condition_upsampling: str = "transposed"
     prior_condition_on_level: bool = True
     # regularization: seven training subjects are few, and an unregularized prior overfits within a few epochs
     prior_dropout: float = 0.1  # on each gated block's residual branch
@@ -144,12 +141,11 @@ class Config:
 
 
 def migrate(values: dict[str, Any]) -> dict[str, Any]:
-    """A config dict of an older CONFIG_VERSION, rewritten to mean the same in the current one, a version at a time.
+    """A config dict of an older CONFIG_VERSION, rewritten to mean the same in the current one.
 
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
-    "constant" where absent. Version 2: its bottom priors copied the top-code features to the bottom grid
-    (prior_condition_upsampling "nearest")."""
+    "constant" where absent."""
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -158,8 +154,6 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
         for key in ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
                     "prior_condition_filters"):
             values.setdefault(key, getattr(defaults, key))
-    if values.get("config_version") == 2:
-        values.update(prior_condition_upsampling="nearest", config_version=3)
     return values
 
 
@@ -268,9 +262,6 @@ def validate(config: Config) -> None:
     for key in ("lr_schedule", "prior_lr_schedule"):
         if getattr(config, key) not in ("cosine", "constant"):
             raise ValueError(f"{key} must be 'cosine' or 'constant', not {getattr(config, key)!r}")
-    if config.prior_condition_upsampling not in ("transposed", "nearest"):
-        raise ValueError(f"prior_condition_upsampling must be transposed or nearest, not "
-                         f"{config.prior_condition_upsampling!r}")
     if config.prior_layout not in ("gated", "seed"):
         raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):

@@ -810,9 +810,7 @@ class GatedPixelCNN(keras.Model):
     - position features: where on the slice each code lies (the brain sits at a fixed place in atlas space);
     - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
     - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
-      the bottom grid by a transposed convolution with stride = kernel = 4 (each of the 16 bottom positions under a
-      top code gets its own map of it: where in the 4x4 cell it lies) and refined by one more 3x3 conv, so each
-      bottom code knows the layout around it.
+      the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
 
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
@@ -840,9 +838,7 @@ class GatedPixelCNN(keras.Model):
             keras.Input((cfg.top_grid, cfg.top_grid, cfg.num_codes)),
             layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
             layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
-            layers.Conv2DTranspose(cfg.prior_condition_filters, self.side // cfg.top_grid,
-                                   strides=self.side // cfg.top_grid, activation="relu")
-            if cfg.prior_condition_upsampling == "transposed" else layers.UpSampling2D(self.side // cfg.top_grid),
+            layers.UpSampling2D(self.side // cfg.top_grid),
             layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
         ], name="top_stack") if self.takes_top else None
         self.blocks = [GatedBlock(self.filters, cfg.prior_first_kernel, first=True, dropout=cfg.prior_dropout,

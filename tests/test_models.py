@@ -74,15 +74,6 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_version_2_configs_load_with_top_features_copied_to_the_bottom_grid():
-    from hyperparameters import Config
-
-    values = make_config("default").to_dict()
-    values.pop("prior_condition_upsampling")
-    values["config_version"] = 2
-    assert Config.from_dict(values).prior_condition_upsampling == "nearest"
-
-
 def hand_made_quantizer(codebook="loss"):
     quantizer = VectorQuantizer(num_codes=4, code_dim=2, beta=0.25, codebook=codebook)
     quantizer.build((None, 2))
@@ -162,20 +153,6 @@ def conditions(prior, count, seed=0):
     top_side = prior.cfg.top_grid
     top = rng.integers(0, 16, (count, top_side, top_side)).astype("int32") if getattr(prior, "takes_top", 0) else None
     return prior_inputs(levels=levels if getattr(prior, "level_conditioned", False) else None, top=top)
-
-
-@pytest.mark.parametrize("upsampling, distinct", [("transposed", True), ("nearest", False)])
-def test_the_bottom_prior_knows_where_under_its_top_code_a_position_lies(upsampling, distinct):
-    """Positions (5, 5) and (6, 6) lie inside the 4x4 cell under one top code, away from its edges: copied top
-    features (nearest) give them the same top-code condition whatever the weights; the transposed convolution gives
-    each position of the cell a map of its own."""
-    config = make_config("default", SMALL_TWO_LEVEL + [f"prior_condition_upsampling={upsampling}"])
-    prior = build_prior(config, "bottom")
-    for weight in prior.weights:
-        weight.assign(np.random.default_rng(len(weight.path)).normal(0, 0.2, weight.shape))
-    top = np.random.default_rng(0).integers(0, 16, (1, config.top_grid, config.top_grid))
-    features = np.asarray(prior.top_stack(tf.one_hot(top, 16)))
-    assert (np.abs(features[0, 5, 5] - features[0, 6, 6]).max() > 1e-4) == distinct
 
 
 def influence_on(prior, row, col):

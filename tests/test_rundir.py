@@ -155,7 +155,7 @@ def test_remove_if_unfinished_removes_only_folders_it_made(tmp_path):
 @pytest.mark.parametrize("text, match", [
     (None, r"config\.json: missing"),
     ('{"image_size": 12', r"config\.json: cannot be read \(JSONDecodeError\)"),
-    ('{"config_version": 99}', r"config\.json: config version 99 is not 3"),
+    ('{"config_version": 99}', r"config\.json: config version 99 is not 2"),
 ])
 def test_read_config_names_the_file_and_the_fault(text, match, tmp_path):
     from cli import UserError

@@ -135,8 +135,9 @@ def configure_tensorflow(onednn: bool = False) -> None:
       of the default prior spends as much CPU time in the kernel as in its arithmetic (4 million page faults per
       128 code grids) and trains 1.7x faster with this setting;
     - TF_ENABLE_ONEDNN_OPTS: TensorFlow's oneDNN kernels, which it turns on by itself on CPUs with AVX-512/AMX.
-      `onednn` (train.py on one device): on, because they train the priors about twice as fast there
-      (bench/onednn.py). Otherwise off: they sample slower, and under MirroredStrategy they compute wrong results
+      `onednn` (train.py on one device): on, because real training epochs run faster with them on this CPU
+      (VQ-VAE 59 s against 128 s, the first bottom-prior epoch 222 s against 267 s; README, Performance).
+      Otherwise off: they sample slower (bench/onednn.py), and under MirroredStrategy they compute wrong results
       for an empty per-replica batch (a convolution reads the raw image; tests/test_distribute.py fails with them).
     With oneDNN on, TensorFlow is imported here, with its stderr silenced: it prints a notice about oneDNN there at
     import whatever TF_CPP_MIN_LOG_LEVEL says, which would break the one-line error contract."""

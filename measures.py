@@ -9,6 +9,7 @@ Wang et al. (2004) with data_range 1, an 11x11 Gaussian window of sigma 1.5, K1 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import NamedTuple
 
@@ -260,6 +261,9 @@ def small_cnn(image_shape: tuple[int, int], output_activation: str | None = None
     return keras.Model(inputs, outputs)
 
 
+MAX_PASSES = 24  # over its training slices, for a classifier or level regressor
+
+
 class _Trainer:
     """A compiled small_cnn that can be trained afresh many times: each fit starts again from the weights that
     `restart(seed)` drew and a new optimizer state, so the folds of a classifier test, and later tests on slices of
@@ -283,7 +287,10 @@ class _Trainer:
 
     def fit(self, images, targets, steps: int, batch_size: int = 32) -> None:
         """Trains afresh on `steps` batches drawn from (n, h, w) `images` and (n,) `targets`, reshuffled each pass
-        (seeded): one Keras epoch of `steps` steps, since per-epoch overhead would dominate on a few images."""
+        (seeded): one Keras epoch of `steps` steps, since per-epoch overhead would dominate on a few images. At
+        most MAX_PASSES passes over the images: a few slices (predict.py --num 8) need no 150 steps, and the
+        tables' 256 samples and real training splits reach `steps` first."""
+        steps = min(steps, math.ceil(MAX_PASSES * len(images) / batch_size))
         self.model.set_weights(self.first_weights)
         for variable, value in zip(self.model.optimizer.variables, self.optimizer_start):
             variable.assign(value)
@@ -315,7 +322,7 @@ def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, sec
 
     Cross-validation stratified by label and grouped by (n,) `first_groups` and (m,) `second_groups` (e.g. each
     real slice's subject; None: every slice its own group), see grouped_folds: for each fold a fresh small_cnn is
-    trained on the other folds (Adam 2e-3, about `steps` batches of 32) and scores the fold; the AUC is of all
+    trained on the other folds (Adam 2e-3, about `steps` batches of 32, at most MAX_PASSES passes) and scores the fold; the AUC is of all
     n + m held-out scores together. Grouping matters: neighbouring slices of one subject are near copies, and with
     a subject on both sides of a split the CNN recognises the subject instead of judging the slice (measured on
     the shared MNI volumes: real training against real test slices scored AUC 0.99 in plain 5-fold, 0.57 grouped
@@ -343,7 +350,7 @@ def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, sec
 
 def level_mae(images: np.ndarray, levels: np.ndarray, evaluations: dict, seed: int = 0, steps: int = 400) -> dict:
     """Level check: a small CNN (sigmoid output) learns the axial level in [0, 1] from (n, h, w) slices `images`
-    with (n,) `levels` (Adam 2e-3, mean squared error, about `steps` batches of 32; slices with a NaN level are
+    with (n,) `levels` (Adam 2e-3, mean squared error, about `steps` batches of 32 or MAX_PASSES passes; slices with a NaN level are
     left out), then predicts the level of each set of `evaluations`, {name: ((m, h, w) slices, (m,) levels)}.
     Returns {name: mean absolute error of the predicted against the given levels}: the requested level for
     generated slices, the true one for real slices; NaN for a set with no known level. Seeded like classifier_auc.

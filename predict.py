@@ -18,7 +18,8 @@ reason under "skipped"):
   real brains are, and not copies of training slices when clearly below 1);
 - diversity: mean pairwise SSIM among generated and among real slices (lower is more varied);
 - brain-shaped fraction: slices whose tissue is one piece with an intact outline (measures.brain_shaped);
-- the prior's bits per code on the split's codes, per code grid (4 bits is a uniform guess over 16 codes).
+- the prior's bits per code on the codes of the real slices compared (held-out ones with the default --split test),
+  per code grid (4 bits is a uniform guess over 16 codes).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndar
 
 
 class Real(NamedTuple):
-    """The real slices generated ones are measured against: `split`, every slice of --split (bits per code);
+    """The real slices generated ones are measured against: `split`, every slice of --split (the sweep's rows);
     `slices`, `levels` and `subjects`, up to --num of them, drawn (the "real" of every figure); `train`, the
     training split; `reference` and `reference_subjects`, up to --num training slices, drawn, what the classifier
     tests tell generated and held-out slices from."""
@@ -323,7 +324,7 @@ class Scorer:
     def bits(self) -> None:
         from modules import prior_bits_per_code
 
-        bits = prior_bits_per_code(self.run, self.real.split.images, self.real.split.levels)
+        bits = prior_bits_per_code(self.run, self.real.slices, self.real.levels)
         self.figures["prior_bits_per_code"] = {grid: rounded(value) for grid, value in bits.items()}
 
     def diversity(self) -> None:
@@ -440,8 +441,8 @@ def print_figures(report: dict) -> None:
                                       else f"{part} skipped ({skipped[key]})" for part, key in parts))
     bits = report["prior_bits_per_code"]
     if bits is not None:
-        print("prior bits per code on the split's codes: " + ", ".join(f"{grid} {value}"
-                                                                      for grid, value in bits.items()))
+        print("prior bits per code on the real slices' codes: " + ", ".join(f"{grid} {value}"
+                                                                            for grid, value in bits.items()))
     if report["reconstruction_ssim_mean"] is not None:
         print(f"reconstruction SSIM of the shown slices, mean: {report['reconstruction_ssim_mean']}")
 

@@ -43,6 +43,7 @@ def measure_steps(run, generated, levels, real, train, reference, seed: int = 0)
             measures.classifier_auc(real, reference, real_subjects, reference_subjects, seed=seed)],
         "level check": lambda: measures.level_mae(train.images, train.levels, {
             "generated": (generated, levels), "real": (real, real_levels)}, seed=seed),
+        "prior bits per code": lambda: prior_bits_per_code(run, real, real_levels),
     }
 
 
@@ -87,15 +88,10 @@ def main():
         rounds = [time_steps(steps_for(size)) for _ in range(args.repeats)]
         rows[size] = {name: median([times[name] for times in rounds]) for name in rounds[0]}
         rows[size]["total"] = median([sum(times.values()) for times in rounds])
-    start = time.perf_counter()
-    prior_bits_per_code(run, test.images, test.levels)
-    bits = time.perf_counter() - start
     print(f"Scoring N generated slices against N real test slices and {len(train)} training slices, seconds, median "
           f"of {args.repeats}; {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print_table(["measure", *(f"N = {size}" for size in sizes)],
                 [[name, *(f"{rows[size][name]:.1f}" for size in sizes)] for name in rows[sizes[-1]]])
-    print(f"predict.py also computes the prior's bits per code on the {len(test)} test slices' codes: {bits:.1f} s "
-          f"(once, whatever N)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from conftest import (RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices, read_history,  # noqa: E402
                       run_script, start_script, state_of)
 
-EPOCHS, PRIOR_EPOCHS = 20, 12
+EPOCHS, PRIOR_EPOCHS = 8, 5  # enough that a kill after the first epoch of a phase lands inside it
 SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--set", "encoder_filters=8,8,16,16",
                "--set", "decoder_filters=16,16,8,8", "--set", "residual_filters=16", "--set", "prior_filters=16",
                "--set", "prior_residual_blocks=1", "--set", "batch_size=4", "--set", "prior_batch_size=4"]
@@ -209,7 +209,7 @@ def test_same_seed_gives_identical_first_epoch_losses(sigkill_run, sigint_run):
 
 @pytest.fixture
 def hand_made_run(tmp_path):
-    """A run directory holding the config.json of `SMALL_MODEL` with 20 + 12 epochs, and a state.json that commits
+    """A run directory holding the config.json of `SMALL_MODEL` with EPOCHS + PRIOR_EPOCHS epochs, and a state.json that commits
     one VQ-VAE epoch."""
     from hyperparameters import make_config
 
@@ -481,10 +481,10 @@ def test_load_run_always_uses_safe_mode(trained, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_learning_rate_1e9_stops_with_a_clear_message_and_exit_1_and_leaves_no_run(tmp_path):
-    """The seed preset diverges in its first epoch at this rate; nothing NaN may be saved as a model, and the
-    default run folder (runs/<timestamp>/ under the working directory), with no epoch in it, is removed."""
+    """The (small) seed preset diverges in its first epoch at this rate; nothing NaN may be saved as a model, and
+    the default run folder (runs/<timestamp>/ under the working directory), with no epoch in it, is removed."""
     data = make_brain_slices(tmp_path / "slices")
-    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", *SEED_FLAGS, "--epochs", "3",
+    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", *SMALL_MODEL, "--epochs", "3",
                         "--set", "learning_rate=1e9", cwd=tmp_path)
     assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr

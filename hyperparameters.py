@@ -76,7 +76,7 @@ class Config:
     # rest shared. Gated priors take each slice's axial level (0 = lowest slice of its volume, 1 = highest, or
     # unknown); a bottom prior also takes the top codes, through `prior_condition_filters` channels.
     prior_layout: str = "gated"  # "gated" (GatedPixelCNN) or "seed" (the report's masked PixelCNN)
-    prior_filters: int = 48  # 32 (12 epochs) left the bottom prior underfitted: 1.453 validation bits/code, 1.368 now
+    prior_filters: int = 48  # at 32 (12 epochs) the bottom prior underfits: 1.453 validation bits/code against 1.368
     prior_first_kernel: int = 7
     prior_residual_blocks: int = 4  # gated blocks after the first one (layout "gated"), else residual blocks
     prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # of the blocks' 3x3, cycled

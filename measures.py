@@ -322,12 +322,13 @@ def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, sec
 
     Cross-validation stratified by label and grouped by (n,) `first_groups` and (m,) `second_groups` (e.g. each
     real slice's subject; None: every slice its own group), see grouped_folds: for each fold a fresh small_cnn is
-    trained on the other folds (Adam 2e-3, about `steps` batches of 32, at most MAX_PASSES passes) and scores the fold; the AUC is of all
-    n + m held-out scores together. Grouping matters: neighbouring slices of one subject are near copies, and with
-    a subject on both sides of a split the CNN recognises the subject instead of judging the slice (measured on
-    the shared MNI volumes: real training against real test slices scored AUC 0.99 in plain 5-fold, 0.57 grouped
-    by subject). 0.5: the CNN cannot tell the two apart; 1 (or 0): it always can. Seeded by `seed` (it resets
-    Keras's global seeds, keras.utils.set_random_seed): the same inputs and seed give the same AUC on one machine.
+    trained on the other folds (Adam 2e-3, about `steps` batches of 32, at most MAX_PASSES passes over them) and
+    scores the fold; the AUC is of all n + m held-out scores together. Grouping matters: neighbouring slices of one
+    subject are near copies, and with a subject on both sides of a split the CNN recognises the subject instead of
+    judging the slice (measured on the shared MNI volumes: real training against real test slices scored AUC 0.99
+    in plain 5-fold, 0.57 grouped by subject). 0.5: the CNN cannot tell the two apart; 1 (or 0): it always can.
+    Seeded by `seed` (it resets Keras's global seeds, keras.utils.set_random_seed): the same inputs and seed give the
+    same AUC on one machine.
     """
     # groups are only compared within a label: the two sides may use the same names
     first_groups = np.arange(len(first)) if first_groups is None else np.asarray(first_groups)
@@ -350,8 +351,9 @@ def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, sec
 
 def level_mae(images: np.ndarray, levels: np.ndarray, evaluations: dict, seed: int = 0, steps: int = 400) -> dict:
     """Level check: a small CNN (sigmoid output) learns the axial level in [0, 1] from (n, h, w) slices `images`
-    with (n,) `levels` (Adam 2e-3, mean squared error, about `steps` batches of 32 or MAX_PASSES passes; slices with a NaN level are
-    left out), then predicts the level of each set of `evaluations`, {name: ((m, h, w) slices, (m,) levels)}.
+    with (n,) `levels` (Adam 2e-3, mean squared error, about `steps` batches of 32 or MAX_PASSES passes, whichever
+    is fewer; slices with a NaN level are left out), then predicts the level of each set of `evaluations`,
+    {name: ((m, h, w) slices, (m,) levels)}.
     Returns {name: mean absolute error of the predicted against the given levels}: the requested level for
     generated slices, the true one for real slices; NaN for a set with no known level. Seeded like classifier_auc.
     """

@@ -209,8 +209,8 @@ def test_same_seed_gives_identical_first_epoch_losses(sigkill_run, sigint_run):
 
 @pytest.fixture
 def hand_made_run(tmp_path):
-    """A run directory holding the config.json of `SMALL_MODEL` with EPOCHS + PRIOR_EPOCHS epochs, and a state.json that commits
-    one VQ-VAE epoch."""
+    """A run directory holding the config.json of `SMALL_MODEL` with EPOCHS + PRIOR_EPOCHS epochs, and a state.json
+    that commits one VQ-VAE epoch."""
     from hyperparameters import make_config
 
     run = tmp_path / "run"

@@ -236,10 +236,10 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
 
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
-    """The keys of two config dicts that differ, ignoring the prior's (prior_*) and sampling's (temperature): two
-    configs without differences describe the same VQ-VAE trained the same way on the same data."""
+    """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
+    (temperature): two configs without differences describe the same VQ-VAE trained the same way on the same data."""
     keys = set(first) | set(second)
-    return sorted(key for key in keys if not key.startswith("prior_") and key != "temperature"
+    return sorted(key for key in keys if not key.startswith(("prior_", "top_prior_")) and key != "temperature"
                   and first.get(key) != second.get(key))
 
 

@@ -27,6 +27,24 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (the `cpu` line of /proc/stat: user, nice, system, idle, iowait, irq,
+    softirq, steal, ...); empty where there is no /proc/stat."""
+    try:
+        return [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the CPU time between two cpu_times() that the hypervisor gave to other tenants of a shared host
+    (steal): timings taken meanwhile are that much slower. NaN where unknown."""
+    if len(before) < 8 or len(after) < 8:
+        return float("nan")
+    spent = [later - earlier for earlier, later in zip(before, after)]
+    return spent[7] / max(1, sum(spent[:8]))
+
+
 def median(values):
     return statistics.median(values)
 

@@ -1,6 +1,6 @@
 """Generation speed: seconds to sample 64 slices (every code grid of the run) and decode them to 128x128 slices.
 
-    python bench/generation.py [--run pretrained] [--num 64] [--repeats 5]
+    python bench/generation.py [--run pretrained] [--num 64] [--repeats 5] [--threads N]
 
 Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over each grid's code positions (the
 top grid first, then the bottom one given it), calling `model.predict` on the whole batch once per position and
@@ -9,14 +9,16 @@ that computes only what the new position needs. Same weights, same batch, same l
 figure is the median of --repeats calls of one SliceGenerator after its first call, which traces the loops
 (reported as 'first call': what a one-off modules.generate costs). The baseline costs one identical
 full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
---baseline-positions positions and scaled to the grid.
+--baseline-positions positions and scaled to the grid. --threads N runs the whole process with N TensorFlow
+threads per pool (the sampling loops are thousands of tiny ops, where splitting each op over the cores can cost
+more than it saves). The table's header gives the share of CPU time the host's other tenants took meanwhile.
 """
 
 import argparse
 import time
 from pathlib import Path
 
-from common import ROOT, machine, median, print_table
+from common import ROOT, cpu_times, machine, median, print_table, steal_share
 
 import keras
 import numpy as np
@@ -78,7 +80,15 @@ def main():
                         help="positions the baseline loop is timed on, then scaled to the whole grid: every "
                              "position costs one identical full predict (default 256)")
     parser.add_argument("--presets", default="seed,default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow's intra-op and inter-op thread pools both set to this size, before any "
+                             "op runs (default 0: TensorFlow's choice, as the scripts run)")
     args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    keras.utils.set_random_seed(0)
+    before = cpu_times()
     rows = []
     for preset in args.presets.split(","):
         run, weights = models(preset, args.run if preset == "default" else None)
@@ -94,11 +104,12 @@ def main():
         measured = f"first {args.baseline_positions} positions per grid, scaled" if scaled else "all"
         rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}",
                      f"{base / ours:.0f}x"])
-    print(f"Generating {args.num} decoded slices, seconds; {machine()}; TensorFlow {tf.__version__}")
+    threads = f"{args.threads} intra-op and inter-op threads" if args.threads else "TensorFlow's default threads"
+    print(f"Generating {args.num} decoded slices, seconds; {machine()}; TensorFlow {tf.__version__}, {threads}; "
+          f"{steal_share(before, cpu_times()):.0%} of the CPU time stolen by the host's other tenants meanwhile")
     print_table(["preset", "code grids", "weights", "baseline: predict per position", "OASISVQ first call",
                  f"OASISVQ (median of {args.repeats})", "speed-up"], rows)
 
 
 if __name__ == "__main__":
-    keras.utils.set_random_seed(0)
     main()

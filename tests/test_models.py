@@ -74,6 +74,19 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
+
+
+def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
+    """train.py --vqvae-from compares configs with vqvae_differences: the top prior's fields, like the bottom
+    prior's, are free; a VQ-VAE field is not."""
+    from hyperparameters import vqvae_differences
+
+    base = make_config("default").to_dict()
+    priors = make_config("default", ["top_prior_epochs=5", "top_prior_filters=32", "prior_epochs=3",
+                                     "temperature=0.9"]).to_dict()
+    assert vqvae_differences(base, priors) == []
+    assert vqvae_differences(base, make_config("default", ["epochs=3"]).to_dict()) == ["epochs"]
+
 def hand_made_quantizer(codebook="loss"):
     quantizer = VectorQuantizer(num_codes=4, code_dim=2, beta=0.25, codebook=codebook)
     quantizer.build((None, 2))
@@ -227,6 +240,19 @@ def test_sampler_is_reproducible_from_its_seed(kind):
     assert (first != other).any()
     assert first.shape == (6, prior.side, prior.side) and first.min() >= 0 and first.max() < 16
 
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature):
+    """Codes are drawn from softmax(logits / T): at the first position (no codes before it) the codes of 4000
+    grids fall with those frequencies."""
+    config, prior = random_prior("gated_bottom")
+    sampler = sampler_for(prior)
+    given = {key: np.repeat(value[:1], 4000, axis=0) for key, value in conditions(prior, 1).items()}
+    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, **given)
+    scaled = logits[0, 0, 0] / temperature
+    expected = np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
+    observed = np.bincount(codes[:, 0, 0], minlength=len(expected)) / len(codes)
+    assert np.abs(observed - expected).max() < 0.025  # 4 standard errors of the largest probability
 
 def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     config = make_config("default", SMALL_TWO_LEVEL)

@@ -168,3 +168,32 @@ def test_training_on_one_device_turns_onednn_on_and_keeps_its_notice_off_stderr(
             "print(os.environ['TF_ENABLE_ONEDNN_OPTS'])")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "1" and result.stderr == ""
+
+
+
+def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
+    """Training grids are each slice's codes or its flipped slice's, drawn anew each epoch, with the slice's own
+    level or, for a prior_level_dropout share, NaN; validation grids are the slices' own, with their levels."""
+    import train
+    from hyperparameters import make_config
+
+    config = make_config("default", ["prior_batch_size=8", "prior_level_dropout=0.3"])
+    slices, levels = 8, np.linspace(0, 1, 8, dtype=np.float32)
+    codes = {"top": np.zeros((slices, 4, 4), np.int32) + np.arange(slices)[:, None, None]}
+    flipped = {"top": codes["top"] + 100}
+    dataset = train.prior_dataset(config, "top", codes, levels, flipped)
+    seen, hidden = set(), 0
+    for _ in range(6):  # epochs
+        (inputs, targets), = list(dataset)
+        grids = np.asarray(inputs["codes"])
+        np.testing.assert_array_equal(np.asarray(targets), grids)
+        assert (grids == grids[:, :1, :1]).all() and sorted(grids[:, 0, 0] % 100) == list(range(slices))
+        seen |= set(grids[:, 0, 0] // 100)
+        shown = np.asarray(inputs["levels"])
+        hidden += np.isnan(shown).sum()
+        known = ~np.isnan(shown)
+        np.testing.assert_array_equal(shown[known], levels[grids[:, 0, 0] % 100][known])
+    assert seen == {0, 1} and 0 < hidden < 6 * slices / 2
+    (inputs, _), = list(train.prior_dataset(config, "top", codes, levels))
+    np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
+    np.testing.assert_array_equal(np.asarray(inputs["levels"]), levels)

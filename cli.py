@@ -162,3 +162,7 @@ def shown_path(path) -> str:
     if path.is_absolute() and path.is_relative_to(PROJECT_ROOT):
         return str(path.relative_to(PROJECT_ROOT))
     return str(path)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")

@@ -36,6 +36,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -48,6 +49,7 @@ from rundir import atomic_write, atomic_write_text
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SPLITS = ("train", "validate", "test")
+EXCLUDED = "excluded"  # the split of config.exclude_subjects' slices: in no split, not even "all"
 COURSE_SPLIT = re.compile(r"keras_png_slices_(train|validate|test)$")
 # the course PNGs are 32 axial slices per case, `case_NNN_slice_S.nii.png` with S = 0 the lowest
 COURSE_SLICE = re.compile(r"case_\d+_slice_(\d+)\.nii\.png$")
@@ -499,16 +501,41 @@ class SliceSet:
         return len(self.images)
 
     def select(self, split: str) -> "SliceSet":
-        keep = np.ones(len(self), bool) if split == "all" else self.splits == split
+        keep = self.splits != EXCLUDED if split == "all" else self.splits == split
         return SliceSet(self.images[keep], self.subjects[keep], self.sources[keep], self.indices[keep],
                         self.levels[keep], self.splits[keep], self.source, self.skipped, self.note)
 
     def fingerprint(self) -> str:
-        """Which slices these are (runs record it); levels follow from them, so they are left out."""
+        """Which slices of the source these are (runs record it), excluded subjects' included; levels follow from
+        them, so they are left out."""
         digest = hashlib.sha1()
         for array in (self.subjects, self.sources, self.indices):
             digest.update("\n".join(map(str, array)).encode())
         return digest.hexdigest()[:16]
+
+
+class RealSlices(NamedTuple):
+    """The real slices generated ones are measured against: `split`, every slice of the held-out split (the sweep's
+    rows); `slices`, `levels` and `subjects`, up to `num` of them, drawn (the "real" of every realism figure);
+    `train`, the training split; `reference` and `reference_subjects`, up to `num` training slices, drawn, what
+    the classifier tests tell generated and held-out slices from."""
+    split: SliceSet
+    slices: np.ndarray
+    levels: np.ndarray
+    subjects: np.ndarray
+    train: SliceSet
+    reference: np.ndarray
+    reference_subjects: np.ndarray
+
+
+def draw_real_slices(everything: SliceSet, split: str, num: int, rng: np.random.Generator) -> RealSlices:
+    """Up to `num` slices of `split` and as many training slices, without replacement, seeded by `rng`: the draws
+    of predict.py and bench/, so that the same seed compares against the same slices everywhere."""
+    held_out, train = everything.select(split), everything.select("train")
+    picks = np.sort(rng.choice(len(held_out), min(num, len(held_out)), replace=False))
+    reference = np.sort(rng.choice(len(train), min(num, len(train)), replace=False))
+    return RealSlices(held_out, held_out.images[picks], held_out.levels[picks], held_out.subjects[picks], train,
+                      train.images[reference], train.subjects[reference])
 
 
 def assign_splits(subjects: list[str], config: Config) -> dict[str, str]:
@@ -620,6 +647,7 @@ def _with_splits(images, columns, config, source, skipped, note) -> SliceSet:
     else:
         assignment = assign_splits(list(columns["subjects"]), config)
         splits = np.array([assignment[subject] for subject in columns["subjects"]])
+    splits = np.where(np.isin(columns["subjects"], config.exclude_subjects), EXCLUDED, splits)
     return SliceSet(images, columns["subjects"], columns["sources"], columns["indices"], columns["levels"], splits,
                     source, skipped, note)
 
@@ -696,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     for split in (*SPLITS, "all"):
         part = slice_set.select(split)
         print(f"{split:<10}{len(set(part.subjects)):>9}{len(part):>8}  {level_range(part.levels)}")
+    excluded = sorted(set(slice_set.subjects[slice_set.splits == EXCLUDED]))
+    if excluded:
+        print(f"excluded (config exclude_subjects): {', '.join(excluded)}")
     chosen = slice_set.select(args.split)
     if len(chosen):
         print(f"slice shape {chosen.images.shape[1:]}, float32, values {chosen.images.min():.3f} to "

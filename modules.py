@@ -12,6 +12,8 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import keras
 import tensorflow as tf
@@ -23,6 +25,7 @@ from measures import bits_per_code, ssim
 from rundir import Run, load_run, save_model  # noqa: F401
 
 PACKAGE = "oasisvq"
+GENERATION_CHUNK = 64  # slices per sampler call in SliceGenerator.many
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -994,21 +997,51 @@ def sampler_for(prior: keras.Model) -> Sampler:
 class SliceGenerator:
     """New slices from a loaded run, call after call: each grid's sampler, and so its compiled loop, is built once
     (the first call of a batch size traces the loops, which takes longer than sampling 64 slices; later calls reuse
-    them). generate() is the one-call form."""
+    them). generate() is the one-call form; `many` draws any number in chunks."""
 
     def __init__(self, run: Run):
         self.run = run
         self.samplers = {grid: sampler_for(run.priors[grid]) for grid in run.config.code_grids}
 
-    def __call__(self, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
-        priors are not level-conditioned ignore it. The same seed gives the same slices."""
+        priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
+        instead of sampled ones (what the bottom prior adds to a given layout). The same seed gives the same
+        slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
-        codes = {}
+        codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
-            codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels, top=codes.get("top"))
+            if grid not in codes:
+                codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
+                                             top=codes.get("top"))
         return np.clip(np.asarray(self.run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
+
+    def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none") -> np.ndarray:
+        """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
+        GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
+        progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
+        from tqdm import tqdm
+
+        levels = np.asarray(levels, np.float32).reshape(-1)
+        chunks = []
+        with tqdm(total=len(levels), desc="generating", unit="slice", disable=progress != "bar",
+                  file=sys.stderr) as bar:
+            for index, start in enumerate(range(0, len(levels), GENERATION_CHUNK)):
+                part = slice(start, start + GENERATION_CHUNK)
+                if progress == "lines":
+                    print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
+                          f"{len(levels)}", file=sys.stderr, flush=True)
+                chunks.append(self(levels[part], temperature, sub_seed(seed, index),
+                                   None if top is None else top[part]))
+                bar.update(len(chunks[-1]))
+        return np.concatenate(chunks)
+
+
+def sub_seed(seed: int, stream: int) -> int:
+    """The seed of stream `stream` of `seed`: stream 0 is `seed` itself; others are hashed from both, far from any
+    seed + small offset that a SliceGenerator call uses inside."""
+    return seed if stream == 0 else int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def generate(run: Run, levels, temperature: float = 1.0, seed: int = 0) -> np.ndarray:

@@ -30,15 +30,17 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from cli import (DEFAULT_PRETRAINED, PROJECT_ROOT, ArgumentParser, UserError, add_data_args, add_progress_arg,
-                 check_output_path, configure_tensorflow, run_main, shown_path)
+                 check_output_path, configure_tensorflow, plural, run_main, shown_path)
 from rundir import RunDir
 
-CHUNK = 64  # slices generated per sampler call: a progress bar moves, and memory stays flat for any --num
+if TYPE_CHECKING:
+    from dataset import RealSlices
+
 SHOWN = 16  # slices in reconstructions.png
 SWEEP_COLUMNS = 4  # real and generated slices per level in sweep.png
 FOLDS = 5  # of the classifier two-sample test, fewer when a side has fewer subjects
@@ -139,31 +141,6 @@ def check_run(run, args) -> None:
                         f"and pass it with --run")
 
 
-def sub_seed(seed: int, stream: int) -> int:
-    """The seed of stream `stream` of --seed: stream 0 is --seed itself (so --num 64 or fewer samples exactly
-    modules.generate(run, levels, temperature, seed)); others are hashed from both, far from any seed + small offset
-    that generate uses inside."""
-    return seed if stream == 0 else int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
-
-
-def generate_slices(run, levels: np.ndarray, temperature: float, seed: int, progress: bool) -> np.ndarray:
-    """(len(levels), h, w) generated slices, CHUNK at a time (chunk i seeded with sub_seed(seed, i))."""
-    from tqdm import tqdm
-
-    from modules import SliceGenerator
-
-    generate = SliceGenerator(run)
-    chunks = []
-    with tqdm(total=len(levels), desc="generating", unit="slice", disable=not progress, file=sys.stderr) as bar:
-        for index, start in enumerate(range(0, len(levels), CHUNK)):
-            if not progress:
-                print(f"generating slices {start + 1}-{min(start + CHUNK, len(levels))} of {len(levels)}",
-                      file=sys.stderr, flush=True)
-            chunks.append(generate(levels[start:start + CHUNK], temperature, sub_seed(seed, index)))
-            bar.update(len(chunks[-1]))
-    return np.concatenate(chunks)
-
-
 def remove(path: Path) -> None:
     """Deletes a file or a folder with its contents, if there."""
     if path.is_dir():
@@ -211,31 +188,6 @@ def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndar
     return levels, summary
 
 
-class Real(NamedTuple):
-    """The real slices generated ones are measured against: `split`, every slice of --split (the sweep's rows);
-    `slices`, `levels` and `subjects`, up to --num of them, drawn (the "real" of every figure); `train`, the
-    training split; `reference` and `reference_subjects`, up to --num training slices, drawn, what the classifier
-    tests tell generated and held-out slices from."""
-    split: object
-    slices: np.ndarray
-    levels: np.ndarray
-    subjects: np.ndarray
-    train: object
-    reference: np.ndarray
-    reference_subjects: np.ndarray
-
-
-def real_slices(args, everything, rng: np.random.Generator) -> Real:
-    """Draws the real slices (seeded by `rng`); UserError for an empty split."""
-    split, train = everything.select(args.split), everything.select("train")
-    if not len(split):
-        raise UserError(f"--split {args.split}: no slices of the data in this split; try --split all")
-    picks = np.sort(rng.choice(len(split), min(args.num, len(split)), replace=False))
-    reference = np.sort(rng.choice(len(train), min(args.num, len(train)), replace=False))
-    return Real(split, split.images[picks], split.levels[picks], split.subjects[picks], train,
-                train.images[reference], train.subjects[reference])
-
-
 # What each figure needs, and why it is skipped without: checked in this order.
 NEEDS = {"classifier_auc_generated_vs_train": ("data", "train", "groups"),
          "classifier_auc_heldout_vs_train": ("data", "train", "held-out", "groups", "held-out groups"),
@@ -248,7 +200,7 @@ NEEDS = {"classifier_auc_generated_vs_train": ("data", "train", "groups"),
          "prior_bits_per_code": ("data",), "reconstruction_ssim_mean": ("data",)}
 
 
-def skip_reasons(run, args, real: Real | None) -> dict:
+def skip_reasons(run, args, real: RealSlices | None) -> dict:
     """{need: why it is not met} for the needs of NEEDS that this call does not meet."""
     reasons = {} if args.num >= 2 else {"pairs": "pairwise SSIM needs at least 2 slices"}
     if real is None:
@@ -280,7 +232,7 @@ class Scorer:
     """The realism figures of `generated` slices (asked for at `levels`) against `real` ones (None without data):
     `figures` holds every key of NEEDS, None where `skipped` says why, and the classifier tests' fold counts."""
 
-    def __init__(self, run, generated: np.ndarray, levels: np.ndarray, real: Real | None, args):
+    def __init__(self, run, generated: np.ndarray, levels: np.ndarray, real: RealSlices | None, args):
         self.run, self.generated, self.levels, self.real, self.args = run, generated, levels, real, args
         reasons = skip_reasons(run, args, real)
         self.skipped = {key: next(reasons[need] for need in needs if need in reasons)
@@ -384,7 +336,7 @@ class Scorer:
                 bar.update()
 
 
-def sweep_levels(real: Real | None, args) -> np.ndarray:
+def sweep_levels(real: RealSlices | None, args) -> np.ndarray:
     """The --sweep levels: evenly from the lowest to the highest known level of the split's slices; UserError
     when there are none, before any generation."""
     if real is None:
@@ -396,9 +348,10 @@ def sweep_levels(real: Real | None, args) -> np.ndarray:
     return np.linspace(known.min(), known.max(), args.sweep).astype(np.float32)
 
 
-def save_sweep_figure(run, real: Real, levels: np.ndarray, temperature: float, args, progress: bool) -> None:
+def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperature: float, args, progress: str) -> None:
     """sweep.png: per level, the split's SWEEP_COLUMNS slices of the nearest levels, and as many generated at it."""
     from figures import save_sweep
+    from modules import sub_seed
 
     known = np.flatnonzero(np.isfinite(real.split.levels))
     own = real.split.levels[known]
@@ -407,8 +360,8 @@ def save_sweep_figure(run, real: Real, levels: np.ndarray, temperature: float, a
         nearest = known[np.argsort(np.abs(own - level), kind="stable")[:SWEEP_COLUMNS]]
         rows.append([(real.split.images[index], real.split.levels[index])
                      for index in sorted(nearest, key=lambda index: real.split.levels[index])])
-    generated = generate_slices(run, np.repeat(levels, SWEEP_COLUMNS), temperature,
-                                sub_seed(args.seed, SWEEP_STREAM), progress)
+    generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
+                               progress=progress)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
@@ -447,18 +400,16 @@ def print_figures(report: dict) -> None:
         print(f"reconstruction SSIM of the shown slices, mean: {report['reconstruction_ssim_mean']}")
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Real | None:
-    from dataset import load_slices
+def load_real(args, run, source: Source | None, rng: np.random.Generator) -> RealSlices | None:
+    from dataset import draw_real_slices, load_slices
 
     if source is None:
         return None
     everything = load_slices(source.path, run.config, args.cache, args.oasis_url, args.discs, args.delete_archives,
                              args.strict, progress=not args.no_progress)
-    return real_slices(args, everything, rng)
+    if not len(everything.select(args.split)):
+        raise UserError(f"--split {args.split}: no slices of the data in this split; try --split all")
+    return draw_real_slices(everything, args.split, args.num, rng)
 
 
 def timed(function, *arguments):
@@ -487,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     source = find_source(args)
     announce(args, source)
     configure_tensorflow()
+    from modules import SliceGenerator
     from rundir import atomic_write_text, load_run
 
     run = load_run(args.run)
@@ -496,12 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_levels(real, args) if args.sweep else None
     levels, levels_summary = requested_levels(args, run, real, rng)
     temperature, progress = args.temperature or run.config.temperature, not args.no_progress
-    generated, generation_seconds = timed(generate_slices, run, levels, temperature, args.seed, progress)
+    generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
+    generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
     if sweep is not None:
-        save_sweep_figure(run, real, sweep, temperature, args, progress)
+        save_sweep_figure(generator, real, sweep, temperature, args, chunks)
     report = {"run": shown_path(args.run), "data": source and source.shown,
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import (DEFAULT_PRETRAINED, ArgumentParser, UserError, add_data_args, add_progress_arg, check_output_path,
-                 configure_tensorflow, run_main, shown_path)
+                 configure_tensorflow, plural, run_main, shown_path)
 
 THRESHOLD = 0.6
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {**summarize(ssim_values, psnr_values), "run": shown_path(args.run), "data": args.data,
               "split": args.split, "subjects": len(set(slices.subjects))}
     stats = result["ssim"]
-    print(f"{result['n']} slices of {result['subjects']} subjects ({args.data}, split {args.split}), "
-          f"run {result['run']}")
+    print(f"{plural(result['n'], 'slice')} of {plural(result['subjects'], 'subject')} ({args.data}, "
+          f"split {args.split}), run {result['run']}")
     print(f"SSIM mean {stats['mean']:.4f}  std {stats['std']:.4f}  median {stats['median']:.4f}  "
           f"min {stats['min']:.4f}  max {stats['max']:.4f}")
     print(f"fraction of slices with SSIM > {THRESHOLD}: {stats[f'frac_above_{THRESHOLD}']:.4f}")

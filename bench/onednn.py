@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from common import ROOT, machine, median, print_table
+from common import machine, median, print_table
 
 TASKS = {"vqvae": "VQ-VAE training step", "prior_top": "top prior training step",
          "prior": "bottom prior training step", "generate": "generate 64 slices"}

@@ -2,9 +2,10 @@
 
     python bench/realism.py [--run pretrained] [--sizes 64,256] [--repeats 3]
 
-On the shared MNI volumes' test split (skipped with a message when ../shared is absent): the run generates the
-largest size once (not timed), then every measure predict.py reports is timed on the first N generated slices,
-against N real test slices, N training slices (the classifier tests' reference) and all 1,182 training slices
+On the shared MNI volumes' validate split (two held-out subjects; skipped with a message when ../shared is absent):
+the run generates the largest size once (not timed), then every measure predict.py reports is timed on the first N
+generated slices, against N real held-out slices and N training slices (the classifier tests' reference), drawn as
+predict.py draws them (dataset.draw_real_slices), and all 1,182 training slices
 (nearest SSIM, level check), as predict.py --num N computes them; the level check is timed whether or not the run
 is level-conditioned (predict.py skips it for a run that is not). Each figure is the median of --repeats runs in
 this process, after one untimed run of the smallest size that compiles and traces what the measures use. The
@@ -22,16 +23,17 @@ import numpy as np
 
 import measures
 from cli import DEFAULT_CACHE
-from dataset import load_slices
-from modules import generate, prior_bits_per_code
+from dataset import RealSlices, draw_real_slices, load_slices
+from modules import SliceGenerator, prior_bits_per_code
 from rundir import load_run
 
 
-def measure_steps(run, generated, levels, real, train, reference, seed: int = 0) -> dict:
-    """{measure: function} of every realism measure of predict.py, for N generated slices (asked for at `levels`),
-    N real test slices `real` = (images, levels, subjects) and N training slices `reference` = (images, subjects)."""
-    tissue = run.config.tissue_intensity
-    (real, real_levels, real_subjects), (reference, reference_subjects) = real, reference
+def measure_steps(run, generated, levels, drawn: RealSlices, seed: int = 0) -> dict:
+    """{measure: function} of every realism measure of predict.py, for N generated slices (asked for at `levels`)
+    and N `drawn` real slices."""
+    tissue, train, reference, reference_subjects = (run.config.tissue_intensity, drawn.train, drawn.reference,
+                                                    drawn.reference_subjects)
+    real, real_levels, real_subjects = drawn.slices, drawn.levels, drawn.subjects
     return {
         "brain-shaped fraction": lambda: [measures.brain_shaped_fraction(images, tissue)
                                           for images in (generated, real)],
@@ -69,17 +71,13 @@ def main():
     sizes = sorted(int(size) for size in args.sizes.split(","))
     run = load_run(args.run)
     slices = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
-    test, train = slices.select("test"), slices.select("train")
+    train = slices.select("train")
     rng = np.random.default_rng(0)
     levels = rng.choice(train.levels[np.isfinite(train.levels)], sizes[-1]).astype(np.float32)
-    generated = generate(run, levels, 1.0, 0)
+    generated = SliceGenerator(run).many(levels, 1.0, 0)
 
     def steps_for(size: int) -> dict:
-        picks = np.sort(rng.choice(len(test), min(size, len(test)), replace=False))
-        reference = np.sort(rng.choice(len(train), len(picks), replace=False))
-        return measure_steps(run, generated[:size], levels[:size],
-                             (test.images[picks], test.levels[picks], test.subjects[picks]), train,
-                             (train.images[reference], train.subjects[reference]))
+        return measure_steps(run, generated[:size], levels[:size], draw_real_slices(slices, "validate", size, rng))
 
     time_steps(steps_for(sizes[0]))  # compiles and traces what the measures use: not kept
     load_before = os.getloadavg()[0]
@@ -88,8 +86,8 @@ def main():
         rounds = [time_steps(steps_for(size)) for _ in range(args.repeats)]
         rows[size] = {name: median([times[name] for times in rounds]) for name in rounds[0]}
         rows[size]["total"] = median([sum(times.values()) for times in rounds])
-    print(f"Scoring N generated slices against N real test slices and {len(train)} training slices, seconds, median "
-          f"of {args.repeats}; {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"Scoring N generated slices against N real validate slices and {len(train)} training slices, seconds, "
+          f"median of {args.repeats}; {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print_table(["measure", *(f"N = {size}" for size in sizes)],
                 [[name, *(f"{rows[size][name]:.1f}" for size in sizes)] for name in rows[sizes[-1]]])
 

@@ -14,10 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import modules  # noqa: E402
 from hyperparameters import make_config  # noqa: E402
 from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
                      PixelCNNSampler, Run, SliceGenerator, VectorQuantizer, build_prior, causal_mask, generate,
-                     prior_bits_per_code, prior_inputs, sampler_for, save_model)
+                     prior_bits_per_code, prior_inputs, sampler_for, save_model, sub_seed)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,6 +268,31 @@ def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     np.testing.assert_array_equal(reused([0.2, np.nan, 0.7], seed=4), images)
     bits = prior_bits_per_code(run, images, [0.2, np.nan, 0.7])
     assert set(bits) == {"top", "bottom"} and all(0 < value < 8 for value in bits.values())
+
+
+def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes(monkeypatch):
+    config = make_config("default", SMALL_TWO_LEVEL)
+    vqvae = VQVAE(config.to_dict())
+    vqvae.build()
+    run = Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids})
+    monkeypatch.setattr(modules, "GENERATION_CHUNK", 2)
+    generator, levels = SliceGenerator(run), np.array([0.1, 0.4, 0.6, np.nan, 0.9], np.float32)
+    chunks = [generator(levels[start:start + 2], 1.0, sub_seed(7, index)) for index, start in enumerate((0, 2, 4))]
+    np.testing.assert_array_equal(generator.many(levels, 1.0, 7), np.concatenate(chunks))
+    np.testing.assert_array_equal(generator.many(levels[:2], 1.0, 7), generator(levels[:2], 1.0, 7))
+    top = np.random.default_rng(0).integers(0, config.num_codes, (5, config.top_grid, config.top_grid))
+    sampled_under = monkeypatch_decoded_codes(monkeypatch, run)
+    generator.many(levels, 1.0, 7, top=top)
+    np.testing.assert_array_equal(np.concatenate([codes["top"] for codes in sampled_under]), top)
+    assert all(codes["bottom"].shape == (len(codes["top"]), config.code_grid, config.code_grid)
+               for codes in sampled_under)
+
+
+def monkeypatch_decoded_codes(monkeypatch, run) -> list:
+    """The code grids each later decode_codes call of `run`'s VQ-VAE receives, recorded."""
+    seen, decode = [], run.vqvae.decode_codes
+    monkeypatch.setattr(run.vqvae, "decode_codes", lambda codes: seen.append(dict(codes)) or decode(codes))
+    return seen
 
 
 def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path):

@@ -630,6 +630,8 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
     import keras
     import tensorflow as tf
 
+    from dataset import EXCLUDED, SPLITS
+
     validated = len(slices.select("validate")) > 0
     best_vq = state.best_row("vqvae", *phase_monitor("vqvae", validated))
     priors = {}
@@ -640,8 +642,8 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
     return {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
         "vqvae_from": state.data.get("vqvae_from"),
-        "slices": {split: len(slices.select(split)) for split in ("train", "validate", "test")},
-        "subjects": {split: sorted(set(slices.select(split).subjects)) for split in ("train", "validate", "test")},
+        "slices": {split: len(slices.select(split)) for split in (*SPLITS, EXCLUDED)},
+        "subjects": {split: sorted(set(slices.select(split).subjects)) for split in (*SPLITS, EXCLUDED)},
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
         "priors": priors,

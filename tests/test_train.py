@@ -48,7 +48,7 @@ def test_train_writes_a_complete_run_directory(trained):
         assert all(np.isfinite(float(row["loss"])) for row in rows)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["vqvae"]["epochs"] == 2 and summary["priors"]["bottom"]["epochs"] == 2
-    assert sum(summary["slices"].values()) == 12
+    assert sum(summary["slices"].values()) == 12 and summary["subjects"]["excluded"] == []
     # the checkpoints folder holds exactly the committed last epoch of each phase, and nothing half-written
     state = state_of(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(

@@ -15,8 +15,8 @@ OFFICIAL_OASIS_URL = "https://download.nrg.wustl.edu/data/"
 
 # Why each script's --split defaults to what it does (printed in its --help).
 SPLIT_REASONS = {"test": "the held-out subjects no run was trained or validated on",
-                 "all": "every slice of the source, less the subjects of exclude_subjects", "train": "the subjects runs are trained on",
-                 "validate": "the subjects runs are validated on"}
+                 "all": "every slice of the source, less the subjects of exclude_subjects",
+                 "train": "the subjects runs are trained on", "validate": "the subjects runs are validated on"}
 
 
 class UserError(Exception):

@@ -197,7 +197,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
-TEXT_LISTS = ("exclude_subjects",)  # lists of names; the other list fields hold integers
+# the list fields that hold names (the other lists hold integers), read from the annotations
+TEXT_LISTS = {item.name for item in dataclasses.fields(Config) if item.type == "list[str]"}
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:

@@ -87,7 +87,8 @@ def main():
         rows[size] = {name: median([times[name] for times in rounds]) for name in rounds[0]}
         rows[size]["total"] = median([sum(times.values()) for times in rounds])
     print(f"Scoring N generated slices against N real validate slices and {len(train)} training slices, seconds, "
-          f"median of {args.repeats}; {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+          f"median of {args.repeats}; {machine()}; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
     print_table(["measure", *(f"N = {size}" for size in sizes)],
                 [[name, *(f"{rows[size][name]:.1f}" for size in sizes)] for name in rows[sizes[-1]]])
 

@@ -6,7 +6,7 @@ On a held-out split of the shared MNI volumes (--split, skipped with a message w
 slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row) and brain-shaped fraction:
-- real: the test slices themselves (the classifier's control);
+- real: the held-out slices themselves (the classifier's control);
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).

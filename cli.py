@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -153,6 +154,27 @@ def configure_tensorflow(onednn: bool = False) -> None:
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
+
+
+def resolved_precision(setting: str) -> str:
+    """The prior_precision a training run uses: "float32" or "bfloat16" as set, and for "auto" bfloat16 where
+    TensorFlow computes it natively: on GPUs of compute capability 8 or more (Ampere on), or, without a GPU, on a
+    CPU with AMX or AVX-512 BF16 units and oneDNN on (configure_tensorflow). Elsewhere bfloat16 is emulated and
+    slower than float32."""
+    if setting != "auto":
+        return setting
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        native = all(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) >= (8, 0)
+                     for gpu in gpus)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+        native = (os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+                  and re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None)
+    return "bfloat16" if native else "float32"
 
 
 def shown_path(path) -> str:

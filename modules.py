@@ -12,6 +12,7 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -415,7 +416,8 @@ class MaskedConv2D(layers.Layer):
         self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
 
     def call(self, inputs):
-        outputs = ops.conv(inputs, self.kernel * self.mask, padding="same", dilation_rate=self.dilation) + self.bias
+        kernel = self.kernel * ops.cast(self.mask, self.kernel.dtype)  # the mask in the compute dtype too
+        outputs = ops.conv(inputs, kernel, padding="same", dilation_rate=self.dilation) + self.bias
         return self.activation(outputs)
 
     def taps(self) -> list[tuple[int, int]]:
@@ -499,7 +501,7 @@ class PixelCNN(keras.Model):
             self.body.append(ResidualBlock(filters, dilation, name=f"residual_{index}"))
             if index < cfg.prior_residual_blocks - 1:
                 self.body.append(MaskedConv2D("B", filters, 1, activation="relu", name=f"mask_b_{index}"))
-        self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits")
+        self.head = MaskedConv2D("B", cfg.num_codes, 1, name="logits", dtype="float32")  # as GatedPixelCNN
 
     def call(self, inputs):
         return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs)
@@ -850,7 +852,8 @@ class GatedPixelCNN(keras.Model):
             self.blocks.append(GatedBlock(self.filters, 3, dilations[index % len(dilations)],
                                           dropout=cfg.prior_dropout, name=f"gated_{index}"))
         self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
-        self.head = layers.Dense(cfg.num_codes, name="logits")
+        # float32 logits under mixed precision too: the loss and the bits/code take them as they are
+        self.head = layers.Dense(cfg.num_codes, name="logits", dtype="float32")
 
     @property
     def condition_channels(self) -> int:
@@ -975,12 +978,27 @@ class GatedPixelCNNSampler(Sampler):
         return tf.transpose(codes.stack(), (1, 0, 2)), tf.transpose(all_logits.stack(), (1, 0, 2, 3))
 
 
+@contextlib.contextmanager
+def compute_precision(name: str = "float32"):
+    """Layers created inside compute in `name`: "float32", or "bfloat16" (Keras' mixed_bfloat16 policy: float32
+    weights, bfloat16 products); train.py trains the priors inside, and loads their checkpoints inside to resume."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if name == "bfloat16" else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_prior(config: Config, grid: str = "bottom") -> keras.Model:
-    """The prior of code grid `grid` ("top" or "bottom") that `config.prior_layout` names, built."""
+    """The prior of code grid `grid` ("top" or "bottom") that `config.prior_layout` names, built, computing in the
+    precision of the enclosing `compute_precision()`. The model itself stays float32, so a copy made outside (the best
+    epoch's file, a reload in predict.py) computes in float32 with the same weights."""
     if config.prior_layout == "seed":
-        prior = PixelCNN(config.to_dict(), name="pixelcnn")
+        prior = PixelCNN(config.to_dict(), name="pixelcnn", dtype="float32")
     else:
-        prior = GatedPixelCNN(config.to_dict(), grid, name="pixelcnn" if grid == "bottom" else "pixelcnn_top")
+        prior = GatedPixelCNN(config.to_dict(), grid, name="pixelcnn" if grid == "bottom" else "pixelcnn_top",
+                              dtype="float32")
     prior.build()
     return prior
 

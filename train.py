@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_progress_arg, check_output_path,
-                 config_from_args, configure_tensorflow, run_main)
+                 config_from_args, configure_tensorflow, resolved_precision, run_main)
 from hyperparameters import Config, vqvae_differences
 from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
@@ -247,13 +247,14 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
                                                                    **fit)):
         return 1
     train, validate = encode_for_priors(run, config, train_set, validate_set)
+    precision = resolved_precision(config.prior_precision)
     for grid in config.code_grids:
-        announce_phase(config, state, PRIOR_PHASES[grid])
+        announce_phase(config, state, PRIOR_PHASES[grid], precision)
         if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(config, grid, train, validate,
-                                                                                 **fit)):
+                                                                                 precision=precision, **fit)):
             return 1
 
-    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start)
+    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start, precision)
     run.write_summary(summary)
     bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
                      for grid in config.code_grids)
@@ -274,17 +275,18 @@ def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
     return ("val_" + metric if validated else metric), mode
 
 
-def announce_phase(config: Config, state: RunState, phase: str) -> None:
-    """One line before a phase: its name, its epochs, and what is already done."""
+def announce_phase(config: Config, state: RunState, phase: str, precision: str = "float32") -> None:
+    """One line before a phase: its name, its epochs, what is already done, and a prior's precision."""
     total, done = phase_epochs(config, phase), state.epochs_done(phase)
+    mixed = f" in {precision} mixed precision" if precision != "float32" else ""
     if done >= total:
         print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
     elif done:
-        print(f"resume: {done} of {total} {PHASE_NAMES[phase]} epochs done, continuing with epoch {done + 1} (its "
-              f"first step traces the model and is slow)", flush=True)
+        print(f"resume: {done} of {total} {PHASE_NAMES[phase]} epochs done, continuing with epoch {done + 1}{mixed} "
+              f"(its first step traces the model and is slow)", flush=True)
     else:
-        print(f"{PHASE_NAMES[phase]}: {total} epochs (the first step of a phase traces the model and is slow)",
-              flush=True)
+        print(f"{PHASE_NAMES[phase]}: {total} epochs{mixed} (the first step of a phase traces the model and is "
+              f"slow)", flush=True)
 
 
 def finished_finitely(config: Config, state: RunState, phase: str, checkpoint) -> bool:
@@ -547,23 +549,25 @@ def augment(pair, draw, flip: bool, level_dropout: float):
     return chosen
 
 
-def train_prior(config, grid, train, validate, strategy, state, verbose, callbacks):
+def train_prior(config, grid, train, validate, precision, strategy, state, verbose, callbacks):
     """Trains the prior of code grid `grid` on `train` = {"codes", "flipped", "levels"} (codes by grid), validated
-    on `validate` = {"codes", "levels"}; returns its epoch checkpointer, or None when it had already finished."""
+    on `validate` = {"codes", "levels"}, computing in `precision`; returns its epoch checkpointer, or None when it
+    had already finished."""
     import keras
 
-    from modules import build_prior
+    from modules import build_prior, compute_precision
 
     phase = PRIOR_PHASES[grid]
     epochs = config.top_prior_epochs if grid == "top" else config.prior_epochs
     done = state.epochs_done(phase)
     has_validation = len(validate["levels"]) > 0
     monitor, mode = phase_monitor(phase, has_validation)
-    model, finished = resume_phase(state, phase, epochs, monitor, mode, strategy,
-                                   custom_objects={"bits_per_code": bits_metric})
+    with compute_precision(precision):
+        model, finished = resume_phase(state, phase, epochs, monitor, mode, strategy,
+                                       custom_objects={"bits_per_code": bits_metric})
     if finished:
         return None
-    with strategy.scope():
+    with strategy.scope(), compute_precision(precision):
         if not done:
             model = build_prior(config, grid)
             rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
@@ -625,8 +629,10 @@ def plot_history(state: RunState) -> None:
         plt.close(figure)
 
 
-def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float) -> dict:
-    """summary.json: the data (as given), the best epoch of each phase with its figures, wall times, the machine."""
+def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float,
+              precision: str) -> dict:
+    """summary.json: the data (as given), the best epoch of each phase with its figures, the priors' precision,
+    wall times, the machine."""
     import keras
     import tensorflow as tf
 
@@ -647,6 +653,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
         "priors": priors,
+        "prior_precision": precision,
         "wall_seconds": {phase: round(sum(row["seconds"] for row in state.history(phase)), 1) for phase in PHASES},
         "this_session_seconds": round(session_seconds, 1),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

@@ -14,7 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cli  # noqa: E402
 import modules  # noqa: E402
+import rundir  # noqa: E402
 from hyperparameters import make_config  # noqa: E402
 from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
                      PixelCNNSampler, Run, SliceGenerator, VectorQuantizer, build_prior, causal_mask, generate,
@@ -345,3 +347,46 @@ def test_masked_conv_rejects_unknown_mask_type():
 
 def test_keras_version_is_3():
     assert keras.__version__.startswith("3.")
+
+
+def policies(model) -> set[str]:
+    return {layer.dtype_policy.name for layer in model._flatten_layers()}
+
+
+@pytest.mark.parametrize("kind", PRIORS)
+def test_a_prior_trained_in_bfloat16_is_saved_and_sampled_in_float32(kind, tmp_path):
+    """Inside compute_precision("bfloat16") a prior computes in bfloat16 with float32 weights and float32 logits, and
+    its checkpoint reloads so inside it (train.py resumes there); a copy made outside (the best epoch's file) and a
+    plain reload compute in float32 with the same weights, so samplers stay exact."""
+    config, float_prior = random_prior(kind)
+    grid = PRIORS[kind][2]
+    with modules.compute_precision("bfloat16"):
+        prior = build_prior(config, grid)
+    prior.set_weights(float_prior.get_weights())
+    assert policies(prior) == {"float32", "mixed_bfloat16"} and prior.dtype_policy.name == "float32"
+    assert all(weight.dtype == "float32" for weight in prior.weights)
+    side = prior.side
+    inputs = {**conditions(prior, 2), "codes": np.random.default_rng(1).integers(0, 16, (2, side, side))}
+    mixed, exact = np.asarray(prior(inputs)), np.asarray(float_prior(inputs))
+    assert mixed.dtype == np.float32 and 0 < np.abs(mixed - exact).max() < 0.1 * np.abs(exact).max()
+    prior.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert np.isfinite(prior.train_on_batch(inputs, inputs["codes"]))
+    save_model(prior, tmp_path / "checkpoint.keras")
+    with modules.compute_precision("bfloat16"):
+        resumed = keras.saving.load_model(tmp_path / "checkpoint.keras", safe_mode=True)
+    assert policies(resumed) == {"float32", "mixed_bfloat16"}
+    for loaded in (keras.saving.load_model(tmp_path / "checkpoint.keras", safe_mode=True),
+                   rundir.weights_only_copy(prior)):
+        assert policies(loaded) == {"float32"}
+        np.testing.assert_array_equal(np.asarray(loaded(inputs)),
+                                      np.asarray(rundir.weights_only_copy(prior)(inputs)))
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_auto_precision_is_float32_where_bfloat16_would_be_emulated(monkeypatch):
+    """Without oneDNN (the multi-device path) a CPU computes bfloat16 through slow emulation; set values stay."""
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU decides by its compute capability")
+    assert cli.resolved_precision("auto") == "float32"
+    assert [cli.resolved_precision(name) for name in ("float32", "bfloat16")] == ["float32", "bfloat16"]

@@ -541,7 +541,8 @@ def mean_bits_per_code(model: keras.Model, inputs: dict, batch_size: int = 256) 
 
 class Sampler:
     """The shared front of the prior samplers: seeding, conditions, prefixes (teacher forcing) and the call of the
-    compiled loop that a subclass implements as `_sample(batch, temperature, prefix, prefix_length, condition)`."""
+    compiled loop that a subclass implements as `_sample(batch, temperature, prefix, prefix_length, condition,
+    guidance)`, drawing each code with `_draw`."""
 
     def __init__(self, model):
         if not model.built:
@@ -552,21 +553,30 @@ class Sampler:
         self.seeds = keras.random.SeedGenerator(0)
         self._compiled = tf.function(self._sample)
 
-    def _draw(self, logits, temperature, position, prefix, prefix_length):
-        """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T)."""
+    def _draw(self, logits, temperature, position, prefix, prefix_length, guidance):
+        """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T). With
+        `guidance` w (not None) the batch holds each grid twice, given its level and given an unknown level (logits
+        c and u), and both copies get the draw from u + w (c - u)."""
+        if guidance is not None:
+            conditional, unconditional = tf.split(logits, 2)
+            logits = unconditional + guidance * (conditional - unconditional)
         drawn = keras.random.categorical(logits / temperature, 1, dtype="int32", seed=self.seeds)[:, 0]
+        if guidance is not None:
+            drawn = tf.concat([drawn, drawn], 0)
         return tf.where(position < prefix_length, prefix[:, tf.minimum(position, self.grid * self.grid - 1)], drawn)
 
     def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False,
-               levels=None, top=None):
+               levels=None, top=None, guidance: float = 1.0):
         """`num` code grids (num, g, g) int32. `levels` (num,) and `top` (num, top_side, top_side) are the
         conditions of a conditioned prior (levels NaN or None = unknown). `prefix` (num, g, g) fixes the first
         `prefix.shape` positions in raster order: pass a whole grid to get the model's logits for it (teacher
-        forcing)."""
+        forcing). `guidance` w != 1 (a level-conditioned prior): classifier-free guidance on the level (Ho and
+        Salimans, 2022), codes drawn from u + w (c - u) of the logits given the level (c) and not (u), which the
+        prior learned from its level dropout; w > 1 holds a sample closer to its level, at twice the arithmetic.
+        The logits returned are always c."""
         self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
-        if levels is None:
-            levels = np.full(num, np.nan, np.float32)
-        condition = self.model.condition_map(prior_inputs(levels=np.asarray(levels, np.float32), top=top))
+        levels = np.full(num, np.nan, np.float32) if levels is None else np.asarray(levels, np.float32)
+        condition = self.model.condition_map(prior_inputs(levels=levels, top=top))
         size = self.grid * self.grid
         if prefix is None:
             prefix_flat, prefix_length = np.zeros((num, size), np.int32), 0
@@ -574,9 +584,17 @@ class Sampler:
             prefix_flat = np.asarray(prefix, np.int32).reshape(num, -1)
             prefix_length = prefix_flat.shape[1]
             prefix_flat = np.pad(prefix_flat, ((0, 0), (0, size - prefix_length)))
-        codes, logits = self._compiled(num, tf.constant(float(temperature)), tf.constant(prefix_flat),
-                                       tf.constant(prefix_length), condition)
-        return (codes.numpy(), logits.numpy()) if return_logits else codes.numpy()
+        batch, guided = num, None
+        if guidance != 1.0:
+            if not getattr(self.model, "level_conditioned", False):
+                raise ValueError("guidance needs a level-conditioned prior")
+            unknown = self.model.condition_map(prior_inputs(levels=np.full(num, np.nan, np.float32), top=top))
+            condition = ops.concatenate([condition, unknown], axis=0)
+            prefix_flat, batch, guided = np.concatenate([prefix_flat, prefix_flat]), 2 * num, tf.constant(guidance)
+        codes, logits = self._compiled(batch, tf.constant(float(temperature)), tf.constant(prefix_flat),
+                                       tf.constant(prefix_length), condition, guided)
+        codes, logits = codes.numpy()[:num], logits.numpy()[:num]
+        return (codes, logits) if return_logits else codes
 
 
 class PixelCNNSampler(Sampler):
@@ -613,7 +631,7 @@ class PixelCNNSampler(Sampler):
                     table[position, tap] = (row + dy) * grid + col + dx
         return table
 
-    def _sample(self, batch, temperature, prefix, prefix_length, condition):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance):
         size = self.grid * self.grid
         tables = [tf.constant(table) for table in self.tables]
         weights = [tf.concat([layer.kernel[row, col] for row, col in layer.taps()], axis=0) for layer in self.spatial]
@@ -642,7 +660,7 @@ class PixelCNNSampler(Sampler):
                     hidden = unit.activation(tf.matmul(flat, weights[index]) + unit.bias)
                 else:
                     hidden = unit.activation(tf.matmul(hidden, unit.kernel[0, 0]) + unit.bias)
-            chosen = self._draw(hidden, temperature, position, prefix, prefix_length)
+            chosen = self._draw(hidden, temperature, position, prefix, prefix_length, guidance)
             histories[0] = histories[0].write(position, tf.one_hot(chosen, self.num_codes))
             return position + 1, codes.write(position, chosen), all_logits.write(position, hidden), histories
 
@@ -917,7 +935,7 @@ class GatedPixelCNNSampler(Sampler):
     Per code, only the horizontal stack's arithmetic runs; the logits equal the full network's (a test checks this).
     """
 
-    def _sample(self, batch, temperature, prefix, prefix_length, condition):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance):
         grid, num_codes, blocks = self.grid, self.num_codes, self.model.blocks
 
         def history(channels, width=None):  # entry `grid` stays zero: the value read outside the grid
@@ -956,7 +974,7 @@ class GatedPixelCNNSampler(Sampler):
                     pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
                     horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
                 logits = self.model.output_logits(horizontal)
-                chosen = self._draw(logits, temperature, row * grid + col, prefix, prefix_length)
+                chosen = self._draw(logits, temperature, row * grid + col, prefix, prefix_length, guidance)
                 horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, num_codes))
                 return col + 1, horizontal_cols, row_codes.write(col, chosen), row_logits.write(col, logits)
 
@@ -1021,21 +1039,22 @@ class SliceGenerator:
         self.run = run
         self.samplers = {grid: sampler_for(run.priors[grid]) for grid in run.config.code_grids}
 
-    def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None) -> np.ndarray:
+    def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
-        instead of sampled ones (what the bottom prior adds to a given layout). The same seed gives the same
-        slices."""
+        instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
+        each level-conditioned grid. The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
                 codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
-                                             top=codes.get("top"))
+                                             top=codes.get("top"), guidance=guidance)
         return np.clip(np.asarray(self.run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
 
-    def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none") -> np.ndarray:
+    def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
+             guidance: float = 1.0) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1051,7 +1070,7 @@ class SliceGenerator:
                     print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
-                                   None if top is None else top[part]))
+                                   None if top is None else top[part], guidance))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 

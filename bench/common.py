@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, tables, medians."""
+description, training-step timing, tables, medians."""
 
 import os
 import platform
@@ -43,6 +43,23 @@ def steal_share(before: list[int], after: list[int]) -> float:
         return float("nan")
     spent = [later - earlier for earlier, later in zip(before, after)]
     return spent[7] / max(1, sum(spent[:8]))
+
+
+def training_step_seconds(model, batch, steps: int = 5) -> list[float]:
+    """Seconds of each of `steps` training steps of a compiled model on one batch, after one that traces (a 1-step
+    fit: the VQ-VAE's train_step takes images alone, which train_on_batch does not pass)."""
+    import time
+
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensors(batch)
+    model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def median(values):

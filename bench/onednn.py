@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from common import machine, median, print_table
+from common import machine, median, print_table, training_step_seconds
 
 TASKS = {"vqvae": "VQ-VAE training step", "prior_top": "top prior training step",
          "prior": "bottom prior training step", "generate": "generate 64 slices"}
@@ -28,7 +28,6 @@ def child(preset: str) -> dict:
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from hyperparameters import make_config
     from modules import VQVAE, SliceGenerator, build_prior, grid_inputs
@@ -37,23 +36,11 @@ def child(preset: str) -> dict:
     config = make_config(preset)
     rng = np.random.default_rng(0)
 
-    def step_seconds(model, batch, steps=5):
-        """Seconds of each of `steps` training steps on one batch (a 1-step fit: the VQ-VAE's train_step takes
-        images alone, which train_on_batch does not pass)."""
-        dataset = tf.data.Dataset.from_tensors(batch)
-        model.fit(dataset, epochs=1, verbose=0, shuffle=False)  # traces
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            model.fit(dataset, epochs=1, verbose=0, shuffle=False)
-            times.append(time.perf_counter() - start)
-        return times
-
     vqvae = VQVAE(config.to_dict())
     vqvae.build()
     vqvae.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     images = rng.random((config.batch_size, config.image_size, config.image_size, 1)).astype("float32")
-    seconds = {"vqvae": step_seconds(vqvae, images)}
+    seconds = {"vqvae": training_step_seconds(vqvae, images)}
     batch = config.prior_batch_size
     codes = {grid: rng.integers(0, config.num_codes, (batch, side, side)).astype("int32")
              for grid, side in zip(("top", "bottom"), (config.top_grid, config.code_grid)) if side}
@@ -63,7 +50,8 @@ def child(preset: str) -> dict:
         priors[grid].compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False,
                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         inputs = grid_inputs(grid, codes, rng.random(batch).astype("float32"))
-        seconds["prior" if grid == "bottom" else "prior_top"] = step_seconds(priors[grid], (inputs, inputs["codes"]))
+        task = "prior" if grid == "bottom" else "prior_top"
+        seconds[task] = training_step_seconds(priors[grid], (inputs, inputs["codes"]))
     generate = SliceGenerator(Run(config, vqvae, priors))
     levels = np.linspace(0.2, 0.8, 64).astype("float32")
     generate(levels, 1.0, 0)

@@ -100,7 +100,7 @@ class Config:
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
     # the priors' training arithmetic: "bfloat16" (mixed precision: float32 weights, bfloat16 products; the default
-    # priors' steps run 2.0x (top) and 2.3x (bottom) faster on this project's AMX CPU, bench/precision.py), "float32",
+    # priors' steps run 1.9x (top) and 1.5x (bottom) faster on this project's AMX CPU, bench/precision.py), "float32",
     # or "auto": bfloat16 where the hardware computes it natively (a CPU with AMX or AVX-512 BF16 units under oneDNN,
     # a GPU of compute capability 8 or more), else float32. Sampling and bits/code in predict.py run in float32.
     prior_precision: str = "auto"

@@ -257,6 +257,26 @@ def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature):
     observed = np.bincount(codes[:, 0, 0], minlength=len(expected)) / len(codes)
     assert np.abs(observed - expected).max() < 0.025  # 4 standard errors of the largest probability
 
+
+@pytest.mark.parametrize("kind", ["gated_top", "gated_bottom"])
+def test_level_guidance_draws_from_the_guided_logits(kind):
+    """Guidance w draws from u + w (c - u): at w = 0 that is u, so the codes are exactly those of sampling with an
+    unknown level from the same seed; w = 3 moves away from w = 1 and keeps the conditional logits returned."""
+    config, prior = random_prior(kind)
+    sampler = sampler_for(prior)
+    given = conditions(prior, 4)
+    given["levels"][0] = 0.3
+    unknown = {**given, "levels": np.full(4, np.nan, np.float32)}
+    np.testing.assert_array_equal(sampler.sample(4, seed=2, guidance=0.0, **given),
+                                  sampler.sample(4, seed=2, **unknown))
+    plain, plain_logits = sampler.sample(4, seed=2, return_logits=True, **given)
+    guided, guided_logits = sampler.sample(4, seed=2, return_logits=True, guidance=3.0, **given)
+    assert (guided != plain).any()
+    np.testing.assert_allclose(guided_logits, prior({**given, "codes": guided}).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="level-conditioned"):
+        sampler_for(random_prior("seed")[1]).sample(2, guidance=2.0)
+
+
 def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     config = make_config("default", SMALL_TWO_LEVEL)
     vqvae = VQVAE(config.to_dict())

@@ -1044,13 +1044,14 @@ class SliceGenerator:
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
         instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
-        each level-conditioned grid. The same seed gives the same slices."""
+        the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
+        codes. The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
                 codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
-                                             top=codes.get("top"), guidance=guidance)
+                                             top=codes.get("top"), guidance=1.0 if offset else guidance)
         return np.clip(np.asarray(self.run.vqvae.decode_codes(codes))[..., 0], 0.0, 1.0)
 
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",

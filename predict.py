@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature: below 1 is more conservative, above 1 more varied "
                              "(default: the run's, 1.0)")
+    parser.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                        help="classifier-free guidance on the level (level-conditioned runs): codes are drawn from "
+                             "u + W (c - u), c and u being the top prior's logits given the level and not; above 1 "
+                             "holds each slice closer to its level but makes the slices less real (README, "
+                             "Generation); 1 = none (default)")
     parser.add_argument("--level", type=float, default=None,
                         help="axial level of every generated slice, 0.0 (lowest slice of a volume) to 1.0 "
                              "(highest); needs a level-conditioned run. Without it levels are drawn from the "
@@ -91,6 +96,8 @@ def check_arguments(args) -> None:
         raise UserError("--num must be at least 1")
     if args.temperature is not None and not 0 < args.temperature < float("inf"):
         raise UserError("--temperature must be a positive number")
+    if not 0 <= args.guidance < float("inf"):
+        raise UserError("--guidance must be a number from 0 (no level) upward; 1 is plain sampling")
     if args.level is not None and not 0.0 <= args.level <= 1.0:
         raise UserError(f"--level {args.level}: must be between 0.0 (the lowest axial slice of a volume) and 1.0 "
                         f"(the highest)")
@@ -133,9 +140,9 @@ def announce(args, source: Source | None) -> None:
 
 
 def check_run(run, args) -> None:
-    """UserError when --level or --sweep asks a run that cannot take a level."""
-    if (args.level is not None or args.sweep) and not run.level_conditioned:
-        flag = "--level" if args.level is not None else "--sweep"
+    """UserError when --level, --sweep or --guidance asks a run that cannot take a level."""
+    if (args.level is not None or args.sweep or args.guidance != 1.0) and not run.level_conditioned:
+        flag = "--level" if args.level is not None else "--sweep" if args.sweep else "--guidance"
         raise UserError(f"{flag}: run {shown_path(args.run)} is not level-conditioned, its priors ignore the level; "
                         f"train one with python train.py (the default preset, prior_condition_on_level=true) "
                         f"and pass it with --run")
@@ -361,11 +368,11 @@ def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperatu
         rows.append([(real.split.images[index], real.split.levels[index])
                      for index in sorted(nearest, key=lambda index: real.split.levels[index])])
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
-                               progress=progress)
+                               progress=progress, guidance=args.guidance)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
-               f"{temperature}, seed {args.seed}")
+               f"{temperature}{guided(args)}, seed {args.seed}")
 
 
 # (what, (part, key), (part, key)) of each printed line of figures
@@ -412,6 +419,11 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
     return draw_real_slices(everything, args.split, args.num, rng)
 
 
+def guided(args) -> str:
+    """", guidance W" for titles and reports when --guidance is on, else nothing."""
+    return f", guidance {args.guidance}" if args.guidance != 1.0 else ""
+
+
 def timed(function, *arguments):
     """(what function(*arguments) returns, seconds it took)."""
     start = time.perf_counter()
@@ -429,7 +441,7 @@ def write_generated(args, generated: np.ndarray, temperature: float) -> None:
     write_samples(args.out / "generated", generated)
     level = f", level {args.level}" if args.level is not None else ""
     save_grid(args.out / "generated.png", generated, f"{plural(len(generated), 'generated slice')} (temperature "
-                                                     f"{temperature}, seed {args.seed}{level})")
+                                                     f"{temperature}{guided(args)}, seed {args.seed}{level})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     levels, levels_summary = requested_levels(args, run, real, rng)
     temperature, progress = args.temperature or run.config.temperature, not args.no_progress
     generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
-    generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks)
+    generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks,
+                                          args.guidance)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
@@ -458,12 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"run": shown_path(args.run), "data": source and source.shown,
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,
-              "real_slices": len(real.slices) if real else 0, "temperature": temperature, "seed": args.seed,
+              "real_slices": len(real.slices) if real else 0, "temperature": temperature, "guidance": args.guidance,
+              "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
               "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}
     atomic_write_text(args.out / "generation.json", json.dumps(report, indent=2) + "\n")
     print(f"generated {plural(args.num, 'slice')} in {generation_seconds:.1f} s, scored in {scoring_seconds:.1f} s "
-          f"(temperature {temperature}, seed {args.seed}; levels {levels_summary['source']})")
+          f"(temperature {temperature}{guided(args)}, seed {args.seed}; levels {levels_summary['source']})")
     print_figures(report)
     written = ["reconstructions.png"] * (report["reconstruction_ssim_mean"] is not None) + ["generated.png"] + \
         ["sweep.png"] * (sweep is not None) + ["generation.json"]

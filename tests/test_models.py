@@ -308,6 +308,9 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
     np.testing.assert_array_equal(np.concatenate([codes["top"] for codes in sampled_under]), top)
     assert all(codes["bottom"].shape == (len(codes["top"]), config.code_grid, config.code_grid)
                for codes in sampled_under)
+    # level guidance steers the top grid only: under given top codes it changes nothing
+    np.testing.assert_array_equal(generator.many(levels, 1.0, 7, top=top, guidance=3.0),
+                                  generator.many(levels, 1.0, 7, top=top))
 
 
 def monkeypatch_decoded_codes(monkeypatch, run) -> list:

@@ -18,7 +18,7 @@ FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
            "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
-            "temperature", "seed", "levels", "generation_seconds", "scoring_seconds", "classifier_folds"]
+            "temperature", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds", "classifier_folds"]
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,21 @@ def test_level_out_of_range_exits_2_with_one_line(level, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_level_with_a_run_that_is_not_level_conditioned_exits_2_saying_how_to_get_one(trained, tmp_path,
+@pytest.mark.parametrize("guidance", ["-1", "inf", "nan"])
+def test_guidance_out_of_range_exits_2_with_one_line(guidance, tmp_path):
+    result = run_script("predict.py", "--guidance", guidance, "--out", tmp_path / "out")
+    assert_clean_usage_error(result, "--guidance", "from 0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", [["--level", "0.5"], ["--guidance", "2"]])
+def test_level_with_a_run_that_is_not_level_conditioned_exits_2_saying_how_to_get_one(flag, trained, tmp_path,
                                                                                        monkeypatch, capfd):
     """In this process, where TensorFlow's start-up lines on stderr have gone out before the call (in a new
     process they come before the error line)."""
     import modules  # noqa: F401  (imports TensorFlow)
 
     _, run = trained
-    result = run_in_process("predict.py", ["--run", run, "--level", "0.5", "--out", tmp_path / "out"], monkeypatch,
-                            capfd)
-    assert_clean_usage_error(result, "--level", "not level-conditioned", "train.py")
+    result = run_in_process("predict.py", ["--run", run, *flag, "--out", tmp_path / "out"], monkeypatch, capfd)
+    assert_clean_usage_error(result, flag[0], "not level-conditioned", "train.py")
     assert not (tmp_path / "out").exists()

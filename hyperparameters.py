@@ -13,7 +13,8 @@ Presets
   a residual block) and a 16x16 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
   schedule. Its priors are conditional gated PixelCNNs (vertical and horizontal stacks, so no blind spot;
   dilated blocks; position features; the slice's axial level): the top prior sees the whole top grid, the bottom
-  prior also takes the top codes. Dropout, flipped slices' codes and the best validation epoch regularize them.
+  prior also takes the top codes. Dropout, flipped slices' codes and the best validation epoch regularize them;
+  they train in bfloat16 mixed precision where the hardware computes it natively (prior_precision).
 """
 
 from __future__ import annotations

@@ -93,8 +93,9 @@ def test_predict_writes_figures_samples_and_generation_json(trained, tmp_path):
 
 
 def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path):
+    """The new prior also trains in bfloat16 when asked (prior_precision), said, recorded, and loads in predict.py."""
     data, source = trained
-    gated = ["--set", "prior_layout=gated", "--set", "prior_filters=16"]
+    gated = ["--set", "prior_layout=gated", "--set", "prior_filters=16", "--set", "prior_precision=bfloat16"]
     run = tmp_path / "gated"
     relative_source = os.path.relpath(source, PROJECT_ROOT)  # as users type it; the run records it so
     result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", run, "--vqvae-from",
@@ -105,6 +106,8 @@ def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path)
     assert [row["epoch"] for row in read_history(run / "history_prior.csv")] == ["1", "2"]
     assert json.loads((run / "config.json").read_text())["prior_layout"] == "gated"
     assert json.loads((run / "summary.json").read_text())["vqvae_from"] == relative_source
+    assert json.loads((run / "summary.json").read_text())["prior_precision"] == "bfloat16"
+    assert "PixelCNN prior: 2 epochs in bfloat16 mixed precision" in result.stdout
     out = tmp_path / "predictions"
     result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]

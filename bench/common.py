@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing, tables, medians."""
+description, training-step timing on random code grids, tables, medians."""
 
 import os
 import platform
@@ -60,6 +60,14 @@ def training_step_seconds(model, batch, steps: int = 5) -> list[float]:
         model.fit(dataset, epochs=1, verbose=0, shuffle=False)
         times.append(time.perf_counter() - start)
     return times
+
+
+def random_code_grids(config, batch: int, rng) -> dict:
+    """{grid: (batch, side, side) int32 random codes} for each code grid of `config`: what a prior trains on, for
+    timings that do not depend on the codes' values."""
+    sides = {"top": config.top_grid, "bottom": config.code_grid}
+    return {grid: rng.integers(0, config.num_codes, (batch, sides[grid], sides[grid])).astype("int32")
+            for grid in config.code_grids}
 
 
 def median(values):

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from common import machine, median, print_table, training_step_seconds
+from common import machine, median, print_table, random_code_grids, training_step_seconds
 
 TASKS = {"vqvae": "VQ-VAE training step", "prior_top": "top prior training step",
          "prior": "bottom prior training step", "generate": "generate 64 slices"}
@@ -42,8 +42,7 @@ def child(preset: str) -> dict:
     images = rng.random((config.batch_size, config.image_size, config.image_size, 1)).astype("float32")
     seconds = {"vqvae": training_step_seconds(vqvae, images)}
     batch = config.prior_batch_size
-    codes = {grid: rng.integers(0, config.num_codes, (batch, side, side)).astype("int32")
-             for grid, side in zip(("top", "bottom"), (config.top_grid, config.code_grid)) if side}
+    codes = random_code_grids(config, batch, rng)
     priors = {}
     for grid in config.code_grids:
         priors[grid] = build_prior(config, grid)

@@ -14,7 +14,7 @@ import argparse
 import os
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-from common import machine, median, print_table, training_step_seconds  # noqa: E402
+from common import machine, median, print_table, random_code_grids, training_step_seconds  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -48,8 +48,7 @@ def main():
     config = make_config(args.preset)
     rng = np.random.default_rng(0)
     batch = config.prior_batch_size
-    codes = {grid: rng.integers(0, config.num_codes, (batch, side, side)).astype("int32")
-             for grid, side in zip(("top", "bottom"), (config.top_grid, config.code_grid)) if side}
+    codes = random_code_grids(config, batch, rng)
     rows = []
     for grid in config.code_grids:
         inputs = grid_inputs(grid, codes, rng.random(batch).astype("float32"))

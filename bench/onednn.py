@@ -81,6 +81,8 @@ def main():
                 seconds[setting][task] += values
     rows = []
     for task, label in TASKS.items():
+        if not seconds["0"][task]:  # a single-grid preset has no top prior
+            continue
         off, on = median(seconds["0"][task]), median(seconds["1"][task])
         rows.append([label, f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}x"])
     print(f"oneDNN off and on, seconds (median), preset {args.preset}, {args.rounds} round(s); {machine()}")

@@ -97,9 +97,6 @@ class Config:
     prior_dropout: float = 0.1  # on each gated block's residual branch
     prior_level_dropout: float = 0.1  # share of training grids shown with an unknown level, so "unknown" is learned
     prior_flip: bool = True  # train on the codes of left-right flipped slices too (drawn per grid, per epoch)
-    # share of the top codes a bottom prior's training grid is shown replaced by random codes (conditioning
-    # augmentation, Ho et al. 2021): at sampling time the bottom prior reads the top prior's codes, slips included
-    prior_top_corruption: float = 0.0
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -161,9 +158,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
     "constant" where absent."""
-    # runs written before prior_precision and prior_top_corruption existed trained in float32, uncorrupted
+    # runs written before prior_precision existed trained their priors in float32
     values.setdefault("prior_precision", "float32")
-    values.setdefault("prior_top_corruption", 0.0)
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -300,7 +296,7 @@ def validate(config: Config) -> None:
         top_down *= stride
     if config.code_grid % top_down:
         raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
-    for key in ("prior_dropout", "prior_level_dropout", "prior_top_corruption"):
+    for key in ("prior_dropout", "prior_level_dropout"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

@@ -529,15 +529,13 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
         dataset = tf.data.Dataset.zip(dataset, draws).map(
-            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
-                              top_corruption=config.prior_top_corruption, num_codes=config.num_codes))
+            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout))
     return shard_by_data(dataset.map(lambda inputs: (inputs, inputs["codes"])).batch(config.prior_batch_size)
                          .prefetch(tf.data.AUTOTUNE))
 
 
-def augment(pair, draw, flip: bool, level_dropout: float, top_corruption: float = 0.0, num_codes: int = 16):
-    """One training grid from (its inputs, its flipped slice's inputs) and a random int64 `draw`; a bottom grid's top
-    codes each replaced by a random code with probability `top_corruption`."""
+def augment(pair, draw, flip: bool, level_dropout: float):
+    """One training grid from (its inputs, its flipped slice's inputs) and a random int64 `draw`."""
     import tensorflow as tf
 
     inputs, mirrored = pair
@@ -548,12 +546,6 @@ def augment(pair, draw, flip: bool, level_dropout: float, top_corruption: float 
             chosen[key] = tf.where(use_mirror, mirrored[key], inputs[key])
     hide = tf.cast((draw // 2) % 10000, tf.float32) < level_dropout * 10000
     chosen["levels"] = tf.where(hide, tf.constant(np.nan, tf.float32), inputs["levels"])
-    if top_corruption and "top" in chosen:
-        top = chosen["top"]
-        seed = tf.stack([draw, tf.constant(1, tf.int64)])
-        corrupt = tf.random.stateless_uniform(tf.shape(top), seed) < top_corruption
-        random_codes = tf.random.stateless_uniform(tf.shape(top), seed + 1, 0, num_codes, dtype=tf.int32)
-        chosen["top"] = tf.where(corrupt, tf.cast(random_codes, top.dtype), top)
     return chosen
 
 

@@ -200,28 +200,3 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
     (inputs, _), = list(train.prior_dataset(config, "top", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
     np.testing.assert_array_equal(np.asarray(inputs["levels"]), levels)
-
-
-def test_bottom_prior_training_sees_a_share_of_its_top_codes_replaced_by_random_ones():
-    """prior_top_corruption: each top code of a bottom training grid is replaced by a uniformly random code with that
-    probability, drawn anew each epoch; the bottom codes, the validation grids and the top prior's grids stay as
-    they are."""
-    import train
-    from hyperparameters import make_config
-
-    config = make_config("default", ["prior_batch_size=16", "prior_top_corruption=0.25", "prior_flip=false"])
-    slices = 16
-    codes = {"top": np.full((slices, 16, 16), 3, np.int32), "bottom": np.full((slices, 64, 64), 5, np.int32)}
-    levels = np.linspace(0, 1, slices, dtype=np.float32)
-    dataset = train.prior_dataset(config, "bottom", codes, levels, codes)
-    epochs = [list(dataset)[0][0] for _ in range(2)]
-    tops = [np.asarray(inputs["top"]) for inputs in epochs]
-    changed = [(top != 3).mean() for top in tops]
-    # a replaced code is 3 again with probability 1/16
-    assert all(abs(share - 0.25 * 15 / 16) < 0.02 for share in changed), changed
-    assert set(np.unique(tops[0])) == set(range(16)) and (tops[0] != tops[1]).any()
-    assert all((np.asarray(inputs["codes"]) == 5).all() for inputs in epochs)
-    (inputs, _), = list(train.prior_dataset(config, "bottom", codes, levels))
-    np.testing.assert_array_equal(np.asarray(inputs["top"]), codes["top"])
-    (inputs, _), = list(train.prior_dataset(config, "top", codes, levels, codes))
-    np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])

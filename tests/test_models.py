@@ -303,9 +303,12 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
     np.testing.assert_array_equal(generator.many(levels, 1.0, 7), np.concatenate(chunks))
     np.testing.assert_array_equal(generator.many(levels[:2], 1.0, 7), generator(levels[:2], 1.0, 7))
     top = np.random.default_rng(0).integers(0, config.num_codes, (5, config.top_grid, config.top_grid))
-    sampled_under = monkeypatch_decoded_codes(monkeypatch, run)
-    generator.many(levels, 1.0, 7, top=top)
+    sampled_under = monkeypatch_decoded_codes(monkeypatch, generator)
+    images = generator.many(levels, 1.0, 7, top=top)
     np.testing.assert_array_equal(np.concatenate([codes["top"] for codes in sampled_under]), top)
+    # the generator's traced decoding gives the VQ-VAE's own pixels
+    eager = np.concatenate([np.asarray(run.vqvae.decode_codes(codes))[..., 0] for codes in sampled_under])
+    np.testing.assert_allclose(images, np.clip(eager, 0.0, 1.0), atol=1e-6)
     assert all(codes["bottom"].shape == (len(codes["top"]), config.code_grid, config.code_grid)
                for codes in sampled_under)
     # level guidance steers the top grid only: under given top codes it changes nothing
@@ -313,10 +316,11 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
                                   generator.many(levels, 1.0, 7, top=top))
 
 
-def monkeypatch_decoded_codes(monkeypatch, run) -> list:
-    """The code grids each later decode_codes call of `run`'s VQ-VAE receives, recorded."""
-    seen, decode = [], run.vqvae.decode_codes
-    monkeypatch.setattr(run.vqvae, "decode_codes", lambda codes: seen.append(dict(codes)) or decode(codes))
+def monkeypatch_decoded_codes(monkeypatch, generator) -> list:
+    """The code grids each later decoding of a SliceGenerator receives, recorded (as numpy arrays)."""
+    seen, decode = [], generator.decode
+    monkeypatch.setattr(generator, "decode", lambda codes: seen.append(
+        {grid: np.asarray(grid_codes) for grid, grid_codes in codes.items()}) or decode(codes))
     return seen
 
 

@@ -132,6 +132,10 @@ class Config:
         """The code grids, coarse first: ("top", "bottom") or ("bottom",)."""
         return ("top", "bottom") if self.top_strides else ("bottom",)
 
+    def grid_side(self, grid: str) -> int:
+        """Side of code grid `grid` ("top" or "bottom")."""
+        return self.top_grid if grid == "top" else self.code_grid
+
     def to_dict(self) -> dict[str, Any]:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 

@@ -372,7 +372,7 @@ def encode_all(vqvae: VQVAE, images: np.ndarray, batch_size: int = 64) -> dict:
     """(n, h, w) images -> {grid: (n, side, side) int32 code grids}, in batches."""
     chunks = [{name: np.asarray(codes) for name, codes in vqvae.encode(images[start:start + batch_size, ..., None])
                .items()} for start in range(0, len(images), batch_size)]
-    sides = {"bottom": vqvae.cfg.code_grid, "top": vqvae.cfg.top_grid}
+    sides = {name: vqvae.cfg.grid_side(name) for name in vqvae.cfg.code_grids}
     return {name: np.concatenate([chunk[name] for chunk in chunks]) if chunks
             else np.zeros((0, sides[name], sides[name]), np.int32) for name in vqvae.cfg.code_grids}
 
@@ -849,7 +849,7 @@ class GatedPixelCNN(keras.Model):
             raise ValueError(f"grid must be one of {cfg.code_grids}, not {grid!r}")
         self.grid = grid
         top = grid == "top"
-        self.side = cfg.top_grid if top else cfg.code_grid
+        self.side = cfg.grid_side(grid)
         self.filters = cfg.top_prior_filters if top else cfg.prior_filters
         blocks = cfg.top_prior_residual_blocks if top else cfg.prior_residual_blocks
         dilations = cfg.top_prior_dilations if top else cfg.prior_dilations
@@ -1040,9 +1040,9 @@ class SliceGenerator:
         self.samplers = {grid: sampler_for(run.priors[grid]) for grid in run.config.code_grids}
         # one graph, traced once for any batch size, instead of layer-by-layer eager calls: the same pixels, 0.38 s
         # instead of 0.43-0.51 s for 64 slices
-        sides = {"bottom": run.config.code_grid, "top": run.config.top_grid}
+        sides = {grid: run.config.grid_side(grid) for grid in run.config.code_grids}
         self.decode = tf.function(run.vqvae.decode_codes, input_signature=[
-            {grid: tf.TensorSpec((None, sides[grid], sides[grid]), tf.int32) for grid in run.config.code_grids}])
+            {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}])
 
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom

@@ -65,9 +65,8 @@ def training_step_seconds(model, batch, steps: int = 5) -> list[float]:
 def random_code_grids(config, batch: int, rng) -> dict:
     """{grid: (batch, side, side) int32 random codes} for each code grid of `config`: what a prior trains on, for
     timings that do not depend on the codes' values."""
-    sides = {"top": config.top_grid, "bottom": config.code_grid}
-    return {grid: rng.integers(0, config.num_codes, (batch, sides[grid], sides[grid])).astype("int32")
-            for grid in config.code_grids}
+    return {grid: rng.integers(0, config.num_codes, (batch, config.grid_side(grid), config.grid_side(grid)))
+            .astype("int32") for grid in config.code_grids}
 
 
 def median(values):

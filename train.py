@@ -514,8 +514,10 @@ bits_metric.__name__ = "bits_per_code"
 
 def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
     """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
-    left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, and
-    a `prior_level_dropout` share shown with an unknown level (NaN); all seeded, and drawn anew each epoch."""
+    left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
+    `prior_level_dropout` share shown with an unknown level (NaN), and for the bottom grid a
+    `prior_context_corruption` share of the codes it reads replaced by random ones; all seeded, drawn anew each
+    epoch."""
     import tensorflow as tf
 
     from modules import grid_inputs
@@ -528,14 +530,19 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
             len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
+        corruption = config.prior_context_corruption if grid == "bottom" else 0.0
         dataset = tf.data.Dataset.zip(dataset, draws).map(
-            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout))
-    return shard_by_data(dataset.map(lambda inputs: (inputs, inputs["codes"])).batch(config.prior_batch_size)
-                         .prefetch(tf.data.AUTOTUNE))
+            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
+                              context_corruption=corruption, num_codes=config.num_codes))
+    else:
+        dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
+    return shard_by_data(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def augment(pair, draw, flip: bool, level_dropout: float):
-    """One training grid from (its inputs, its flipped slice's inputs) and a random int64 `draw`."""
+def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):
+    """One training example (inputs, target codes) from (a grid's inputs, its flipped slice's inputs) and a random
+    int64 `draw`: the grid or its flip, its level or unknown, and the codes it reads with a `context_corruption`
+    share replaced by random codes; the targets stay the true codes."""
     import tensorflow as tf
 
     inputs, mirrored = pair
@@ -546,7 +553,13 @@ def augment(pair, draw, flip: bool, level_dropout: float):
             chosen[key] = tf.where(use_mirror, mirrored[key], inputs[key])
     hide = tf.cast((draw // 2) % 10000, tf.float32) < level_dropout * 10000
     chosen["levels"] = tf.where(hide, tf.constant(np.nan, tf.float32), inputs["levels"])
-    return chosen
+    targets = chosen["codes"]
+    if context_corruption:
+        seed = tf.stack([draw, tf.constant(1, tf.int64)])
+        corrupt = tf.random.stateless_uniform(tf.shape(targets), seed) < context_corruption
+        random_codes = tf.random.stateless_uniform(tf.shape(targets), seed + 1, 0, num_codes, dtype=tf.int32)
+        chosen["codes"] = tf.where(corrupt, tf.cast(random_codes, targets.dtype), targets)
+    return chosen, targets
 
 
 def train_prior(config, grid, train, validate, precision, strategy, state, verbose, callbacks):

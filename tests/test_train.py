@@ -200,3 +200,28 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
     (inputs, _), = list(train.prior_dataset(config, "top", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
     np.testing.assert_array_equal(np.asarray(inputs["levels"]), levels)
+
+
+def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets():
+    """With prior_context_corruption, about that share of the bottom grid's input codes are random codes, drawn anew
+    each epoch, while the targets stay the true grid; validation grids and the top grid stay clean."""
+    import train
+    from hyperparameters import make_config
+
+    config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3"])
+    slices, levels = 16, np.linspace(0, 1, 16, dtype=np.float32)
+    codes = {"bottom": np.full((slices, 64, 64), 3, np.int32), "top": np.zeros((slices, 16, 16), np.int32)}
+    dataset = train.prior_dataset(config, "bottom", codes, levels, codes)
+    changed = []
+    for _ in range(2):  # epochs
+        (inputs, targets), = list(dataset)
+        np.testing.assert_array_equal(np.asarray(targets), codes["bottom"])
+        changed.append(np.asarray(inputs["codes"]) != 3)
+        assert set(np.unique(inputs["codes"])) == set(range(16))
+    # a random code replaces 30% of them, and is the true code again 1 time in 16
+    assert 0.3 * 15 / 16 - 0.01 < changed[0].mean() < 0.3 * 15 / 16 + 0.01
+    assert (changed[0] != changed[1]).any()
+    (inputs, targets), = list(train.prior_dataset(config, "bottom", codes, levels))
+    np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
+    (inputs, targets), = list(train.prior_dataset(config, "top", codes, levels, codes))
+    np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])

@@ -13,8 +13,10 @@ Presets
   a residual block) and a 16x16 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
   schedule. Its priors are conditional gated PixelCNNs (vertical and horizontal stacks, so no blind spot;
   dilated blocks; position features; the slice's axial level): the top prior sees the whole top grid, the bottom
-  prior also takes the top codes. Dropout, flipped slices' codes and the best validation epoch regularize them;
-  they train in bfloat16 mixed precision where the hardware computes it natively (prior_precision).
+  prior also takes the top codes and trains on partly randomized input codes (prior_context_corruption), so that
+  its samples follow the top codes rather than copying their own slips. Dropout, flipped slices' codes and the
+  best validation epoch regularize them; they train in bfloat16 mixed precision where the hardware computes it
+  natively (prior_precision).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class Config:
     # drawn anew per grid and epoch: its sampler reads the prior's own draws, and a prior that learned to copy its
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
     # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
-    prior_context_corruption: float = 0.0
+    prior_context_corruption: float = 0.2
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -213,6 +215,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         prior_dropout=0.0,
         prior_level_dropout=0.0,
         prior_flip=False,
+        prior_context_corruption=0.0,
     ),
 }
 
@@ -307,7 +310,7 @@ def validate(config: Config) -> None:
         top_down *= stride
     if config.code_grid % top_down:
         raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
-    for key in ("prior_dropout", "prior_level_dropout"):
+    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

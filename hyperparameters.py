@@ -169,8 +169,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
     "constant" where absent."""
-    # runs written before prior_precision existed trained their priors in float32, and before the context
-    # corruption fields existed on clean codes
+    # runs written before prior_precision existed trained their priors in float32, and before
+    # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
     if values.get("config_version") == 1:

@@ -77,6 +77,16 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
+def test_configs_from_before_precision_and_context_corruption_load_as_they_trained():
+    from hyperparameters import Config
+
+    values = make_config("default").to_dict()
+    values.pop("prior_precision"), values.pop("prior_context_corruption")
+    config = Config.from_dict(values)
+    assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
+    for bad in ("-0.1", "1"):
+        with pytest.raises(ValueError, match="prior_context_corruption must be in"):
+            make_config("default", [f"prior_context_corruption={bad}"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():

@@ -225,5 +225,3 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
     (inputs, targets), = list(train.prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
-    with pytest.raises(ValueError, match="prior_context_corruption"):
-        make_config("default", ["prior_context_corruption=1"])

@@ -333,13 +333,19 @@ def make_strategy(name: str):
     return tf.distribute.get_strategy()
 
 
-def shard_by_data(dataset):
-    """Under tf.distribute each worker keeps its share of every global batch (DATA sharding). The datasets here are
-    in-memory arrays with no files to shard, where the default AUTO policy warns and falls back to DATA."""
+def with_pipeline_options(dataset):
+    """The tf.data options of every pipeline that fit and evaluate read here:
+    - under tf.distribute each worker keeps its share of every global batch (DATA sharding); the datasets are
+      in-memory arrays with no files to shard, where the default AUTO policy warns and falls back to DATA;
+    - no tf.data autotuning: destroying a finished epoch's iterator waits for the autotuner's thread to wake from
+      its sleep, which on 2 cores stalled training with no CPU busy for up to 44 s between an epoch and its
+      validation (the bottom prior's epochs took 76-148 s where 80 s were work); the pipelines only batch arrays
+      already in memory, so there is nothing to tune (bench/pipeline_stall.py)."""
     import tensorflow as tf
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.autotune.enabled = False
     return dataset.with_options(options)
 
 
@@ -476,10 +482,10 @@ def train_vqvae(config, train_images, validate_images, strategy, state, verbose,
             model.compile(optimizer=keras.optimizers.Adam(rate), jit_compile=False)
     fit_under_strategy(model, strategy, train_images[:1, ..., None])
     train = make_tf_dataset(train_images, config.batch_size, shuffle=True, seed=config.seed)
-    train = shard_by_data(random_flips(train, config.seed) if config.flip_augment else train)
+    train = with_pipeline_options(random_flips(train, config.seed) if config.flip_augment else train)
     validate = None
     if len(validate_images):
-        validate = shard_by_data(make_tf_dataset(validate_images, config.batch_size, shuffle=False))
+        validate = with_pipeline_options(make_tf_dataset(validate_images, config.batch_size, shuffle=False))
     checkpoint = epoch_checkpointer("vqvae", state, monitor, mode)
     model.fit(train, validation_data=validate, epochs=config.epochs, initial_epoch=done, verbose=verbose, shuffle=False,
               callbacks=[checkpoint, *callbacks])
@@ -536,7 +542,7 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
                               context_corruption=corruption, num_codes=config.num_codes))
     else:
         dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
-    return shard_by_data(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
+    return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):

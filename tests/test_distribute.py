@@ -38,7 +38,7 @@ import keras
 
 from hyperparameters import make_config
 from modules import VQVAE
-from train import fit_under_strategy, shard_by_data
+from train import fit_under_strategy, with_pipeline_options
 
 images = np.load(sys.argv[1])
 # one MirroredStrategy for the whole process: a second one would reuse collective instance keys and clash
@@ -65,7 +65,7 @@ for codebook in ("loss", "ema"):
         dataset = parts[0]
         for part in parts[1:]:
             dataset = dataset.concatenate(part)
-        return shard_by_data(dataset)
+        return with_pipeline_options(dataset)
 
     results = {}
     for name, strategy in strategies.items():

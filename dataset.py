@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -662,6 +663,74 @@ def make_tf_dataset(images: np.ndarray, batch_size: int, shuffle: bool, seed: in
     if repeat:
         dataset = dataset.repeat()
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def with_pipeline_options(dataset):
+    """The tf.data options of every pipeline that train.py's fit and evaluate read:
+    - under tf.distribute each worker keeps its share of every global batch (DATA sharding); the datasets are
+      in-memory arrays with no files to shard, where the default AUTO policy warns and falls back to DATA;
+    - no tf.data autotuning: destroying a finished epoch's iterator waits for the autotuner's thread to wake from
+      its sleep, which on 2 cores stalled training with no CPU busy for up to 44 s between an epoch and its
+      validation (the bottom prior's epochs took 76-148 s where 80 s were work); the pipelines only batch arrays
+      already in memory, so there is nothing to tune (bench/pipeline_stall.py)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
+
+def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
+    """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
+    left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
+    `prior_level_dropout` share shown with an unknown level (NaN), and for the bottom grid a
+    `prior_context_corruption` share of the codes it reads replaced by random ones; all seeded, drawn anew each
+    epoch."""
+    import tensorflow as tf
+
+    from modules import grid_inputs
+
+    columns = grid_inputs(grid, codes, np.asarray(levels, np.float32))
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    if flipped is not None:
+        mirrored = grid_inputs(grid, flipped, None)
+        dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.from_tensor_slices(mirrored)).cache().shuffle(
+            len(levels), seed=config.seed, reshuffle_each_iteration=True)
+        draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
+        # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
+        corruption = config.prior_context_corruption if grid == "bottom" else 0.0
+        dataset = tf.data.Dataset.zip(dataset, draws).map(
+            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
+                              context_corruption=corruption, num_codes=config.num_codes))
+    else:
+        dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
+    return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+
+def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):
+    """One training example (inputs, target codes) from (a grid's inputs, its flipped slice's inputs) and a random
+    int64 `draw`: the grid or its flip, its level or unknown, and the codes it reads with a `context_corruption`
+    share replaced by random codes; the targets stay the true codes."""
+    import tensorflow as tf
+
+    inputs, mirrored = pair
+    chosen = dict(inputs)
+    if flip:
+        use_mirror = tf.equal(draw % 2, 1)
+        for key in mirrored:
+            chosen[key] = tf.where(use_mirror, mirrored[key], inputs[key])
+    hide = tf.cast((draw // 2) % 10000, tf.float32) < level_dropout * 10000
+    chosen["levels"] = tf.where(hide, tf.constant(np.nan, tf.float32), inputs["levels"])
+    targets = chosen["codes"]
+    if context_corruption:
+        seed = tf.stack([draw, tf.constant(1, tf.int64)])
+        corrupt = tf.random.stateless_uniform(tf.shape(targets), seed) < context_corruption
+        random_codes = tf.random.stateless_uniform(tf.shape(targets), seed + 1, 0, num_codes, dtype=tf.int32)
+        chosen["codes"] = tf.where(corrupt, tf.cast(random_codes, targets.dtype), targets)
+    return chosen, targets
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -539,6 +539,16 @@ def mean_bits_per_code(model: keras.Model, inputs: dict, batch_size: int = 256) 
     return total / count
 
 
+def bits_metric(codes, logits):
+    """Bits per code of each code grid in the batch: Keras averages them over grids, so batches split unevenly over
+    replicas (or leaving one without grids) still give the mean over all grids."""
+    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
+    return keras.ops.mean(nll, axis=(1, 2)) / np.log(2.0)
+
+
+bits_metric.__name__ = "bits_per_code"
+
+
 class Sampler:
     """The shared front of the prior samplers: seeding, conditions, prefixes (teacher forcing) and the call of the
     compiled loop that a subclass implements as `_sample(batch, temperature, prefix, prefix_length, condition,

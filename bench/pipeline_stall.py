@@ -2,12 +2,12 @@
 
     python bench/pipeline_stall.py [--grid top] [--epochs 6] [--rounds 2]
 
-train.with_pipeline_options turns tf.data autotuning off for every training and validation pipeline, because
+dataset.with_pipeline_options turns tf.data autotuning off for every training and validation pipeline, because
 destroying a finished epoch's iterator waits for the autotuner's thread to wake, and on this machine fit then sat
 idle between an epoch and its validation. Each round fits a freshly built prior of `grid` (the precision, optimizer,
 loss and metric train.py uses) for `epochs` epochs on random code grids of the real shapes and counts (1,182
 training grids, 338 validation grids, as the shared volumes' split gives; the speed does not depend on the codes'
-values), through train.prior_dataset as train.py builds it, once as shipped ("off") and once with autotuning
+values), through dataset.prior_dataset as train.py builds it, once as shipped ("off") and once with autotuning
 turned back on ("autotune", tf.data's default), in an order that alternates from round to round. The first epoch
 of each fit traces and is left out. "idle" is the share of an epoch's wall time in which this process used under
 a tenth of a core, sampled every 0.2 s: time lost to waiting, not to work. Figures are medians over epochs and
@@ -54,8 +54,8 @@ def epoch_times(config, grid: str, epochs: int, variant: str, meter: IdleMeter, 
     import tensorflow as tf
 
     from cli import resolved_precision
-    from modules import build_prior, compute_precision
-    from train import bits_metric, prior_dataset
+    from dataset import prior_dataset
+    from modules import bits_metric, build_prior, compute_precision
 
     rng = np.random.default_rng(seed)
     codes = random_code_grids(config, TRAIN_GRIDS, rng)

@@ -38,7 +38,8 @@ import keras
 
 from hyperparameters import make_config
 from modules import VQVAE
-from train import fit_under_strategy, with_pipeline_options
+from dataset import with_pipeline_options
+from train import fit_under_strategy
 
 images = np.load(sys.argv[1])
 # one MirroredStrategy for the whole process: a second one would reuse collective instance keys and clash

@@ -547,7 +547,7 @@ def poisoned_prior_run(tmp_path_factory):
 
 
 def test_nan_in_the_prior_stops_with_exit_1_and_keeps_the_last_good_checkpoint(poisoned_prior_run):
-    import train
+    import modules
 
     out = poisoned_prior_run["out"]
     assert poisoned_prior_run["code"] == 1
@@ -563,7 +563,7 @@ def test_nan_in_the_prior_stops_with_exit_1_and_keeps_the_last_good_checkpoint(p
     import keras
 
     checkpoint = keras.saving.load_model(out / "checkpoints" / state["checkpoint"]["prior"], safe_mode=True,
-                                         custom_objects={"bits_per_code": train.bits_metric})
+                                         custom_objects={"bits_per_code": modules.bits_metric})
     assert all(np.isfinite(weight).all() for weight in checkpoint.get_weights())
 
 

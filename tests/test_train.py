@@ -177,14 +177,14 @@ def test_training_on_one_device_turns_onednn_on_and_keeps_its_notice_off_stderr(
 def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
     """Training grids are each slice's codes or its flipped slice's, drawn anew each epoch, with the slice's own
     level or, for a prior_level_dropout share, NaN; validation grids are the slices' own, with their levels."""
-    import train
+    from dataset import prior_dataset
     from hyperparameters import make_config
 
     config = make_config("default", ["prior_batch_size=8", "prior_level_dropout=0.3"])
     slices, levels = 8, np.linspace(0, 1, 8, dtype=np.float32)
     codes = {"top": np.zeros((slices, 4, 4), np.int32) + np.arange(slices)[:, None, None]}
     flipped = {"top": codes["top"] + 100}
-    dataset = train.prior_dataset(config, "top", codes, levels, flipped)
+    dataset = prior_dataset(config, "top", codes, levels, flipped)
     seen, hidden = set(), 0
     for _ in range(6):  # epochs
         (inputs, targets), = list(dataset)
@@ -197,7 +197,7 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
         known = ~np.isnan(shown)
         np.testing.assert_array_equal(shown[known], levels[grids[:, 0, 0] % 100][known])
     assert seen == {0, 1} and 0 < hidden < 6 * slices / 2
-    (inputs, _), = list(train.prior_dataset(config, "top", codes, levels))
+    (inputs, _), = list(prior_dataset(config, "top", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
     np.testing.assert_array_equal(np.asarray(inputs["levels"]), levels)
 
@@ -205,13 +205,13 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
 def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets():
     """With prior_context_corruption, about that share of the bottom grid's input codes are random codes, drawn anew
     each epoch, while the targets stay the true grid; validation grids and the top grid stay clean."""
-    import train
+    from dataset import prior_dataset
     from hyperparameters import make_config
 
     config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3"])
     slices, levels = 16, np.linspace(0, 1, 16, dtype=np.float32)
     codes = {"bottom": np.full((slices, 64, 64), 3, np.int32), "top": np.zeros((slices, 16, 16), np.int32)}
-    dataset = train.prior_dataset(config, "bottom", codes, levels, codes)
+    dataset = prior_dataset(config, "bottom", codes, levels, codes)
     changed = []
     for _ in range(2):  # epochs
         (inputs, targets), = list(dataset)
@@ -221,9 +221,9 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     # a random code replaces 30% of them, and is the true code again 1 time in 16
     assert 0.3 * 15 / 16 - 0.01 < changed[0].mean() < 0.3 * 15 / 16 + 0.01
     assert (changed[0] != changed[1]).any()
-    (inputs, targets), = list(train.prior_dataset(config, "bottom", codes, levels))
+    (inputs, targets), = list(prior_dataset(config, "bottom", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
-    (inputs, targets), = list(train.prior_dataset(config, "top", codes, levels, codes))
+    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
 
 
@@ -232,14 +232,14 @@ def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotu
     with autotuning on waited for the autotuner's sleeping thread: up to 44 s idle per epoch, README Performance)."""
     import tensorflow as tf
 
-    import train
+    from dataset import prior_dataset, with_pipeline_options
     from hyperparameters import make_config
 
     config = make_config("default", ["prior_batch_size=4"])
     codes, levels = {"top": np.zeros((4, 16, 16), np.int32)}, np.zeros(4, np.float32)
-    pipelines = (train.prior_dataset(config, "top", codes, levels, codes),  # training
-                 train.prior_dataset(config, "top", codes, levels),  # validation
-                 train.with_pipeline_options(tf.data.Dataset.range(3)))
-    for dataset in pipelines:
-        assert dataset.options().autotune.enabled is False
-        assert dataset.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA
+    pipelines = (prior_dataset(config, "top", codes, levels, codes),  # training
+                 prior_dataset(config, "top", codes, levels),  # validation
+                 with_pipeline_options(tf.data.Dataset.range(3)))
+    for pipeline in pipelines:
+        assert pipeline.options().autotune.enabled is False
+        assert pipeline.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA

@@ -104,10 +104,6 @@ class Config:
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
     # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
     prior_context_corruption: float = 0.2
-    # where those codes come from: "random" (uniform over the codebook, in the data pipeline) or "prior" (the prior's
-    # own draws given the true grid, in its training step: parallel scheduled sampling, Duckworth et al., 2019, so
-    # it learns on slips of the kind it makes when sampling; one more forward pass per step)
-    prior_context_source: str = "random"
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -173,11 +169,10 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
     "constant" where absent."""
-    # runs written before prior_precision existed trained their priors in float32, before
-    # prior_context_corruption existed on clean codes, and before prior_context_source on random codes
+    # runs written before prior_precision existed trained their priors in float32, and before
+    # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
-    values.setdefault("prior_context_source", "random")
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -303,8 +298,6 @@ def validate(config: Config) -> None:
             raise ValueError(f"{key} must be 'cosine' or 'constant', not {getattr(config, key)!r}")
     if config.prior_precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"prior_precision must be auto, float32 or bfloat16, not {config.prior_precision!r}")
-    if config.prior_context_source not in ("random", "prior"):
-        raise ValueError(f"prior_context_source must be random or prior, not {config.prior_context_source!r}")
     if config.prior_layout not in ("gated", "seed"):
         raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):

@@ -882,8 +882,6 @@ class GatedPixelCNN(keras.Model):
         self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
         # float32 logits under mixed precision too: the loss and the bits/code take them as they are
         self.head = layers.Dense(cfg.num_codes, name="logits", dtype="float32")
-        own_draws = grid == "bottom" and cfg.prior_context_source == "prior"
-        self.own_draw_share = cfg.prior_context_corruption if own_draws else 0.0
 
     @property
     def condition_channels(self) -> int:
@@ -921,27 +919,6 @@ class GatedPixelCNN(keras.Model):
 
     def output_logits(self, horizontal):
         return self.head(self.hidden(ops.relu(horizontal)))
-
-    def train_step(self, data):
-        """Keras' training step, on input codes of which an `own_draw_share` share are the prior's own draws (with
-        prior_context_source "prior"); the targets stay the true codes."""
-        inputs, targets, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.own_draw_share:
-            inputs = self.with_own_draws(inputs, targets)
-        return super().train_step((inputs, targets, sample_weight))
-
-    def with_own_draws(self, inputs, targets):
-        """`inputs` with a share of its codes replaced by codes drawn from this prior's logits given the true grid
-        `targets`, all positions at once (one-pass parallel scheduled sampling, Duckworth et al., 2019): the slips it
-        reads are of the kind its sampler makes. Seeded by the config's seed and the optimizer step, so a resumed
-        run draws what an uninterrupted one would."""
-        logits = ops.stop_gradient(self({**inputs, "codes": targets}, training=False))
-        seed = tf.stack([tf.constant(self.cfg.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
-        shape = tf.shape(targets)
-        drawn = tf.random.stateless_categorical(tf.reshape(logits, (-1, self.cfg.num_codes)), 1, seed, tf.int32)
-        replace = tf.random.stateless_uniform(shape, seed + 1) < self.own_draw_share
-        codes = tf.where(replace, tf.cast(tf.reshape(drawn, shape), targets.dtype), inputs["codes"])
-        return {**inputs, "codes": codes}
 
     def build(self, input_shape=None):
         self.level_embedding.build((None, 2 + 2 * 3))

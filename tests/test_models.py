@@ -77,19 +77,16 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_and_context_corruption_and_its_source_load_as_they_trained():
+def test_configs_from_before_precision_and_context_corruption_load_as_they_trained():
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
-    values.pop("prior_precision"), values.pop("prior_context_corruption"), values.pop("prior_context_source")
+    values.pop("prior_precision"), values.pop("prior_context_corruption")
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
-    assert config.prior_context_source == "random"
     for bad in ("-0.1", "1"):
         with pytest.raises(ValueError, match="prior_context_corruption must be in"):
             make_config("default", [f"prior_context_corruption={bad}"])
-    with pytest.raises(ValueError, match="prior_context_source must be random or prior"):
-        make_config("default", ["prior_context_source=model"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
@@ -231,30 +228,6 @@ def test_gated_priors_read_the_level_and_the_bottom_one_the_top_codes():
     assert np.abs(logits(other_level) - reference)[0].max() > 1e-4
     other_top = {**base, "top": (base["top"] + 1) % 16}
     assert np.abs(logits(other_top) - reference).max() > 1e-4
-
-
-def test_own_draws_replace_a_share_of_the_context_with_the_priors_draws_given_the_true_grid():
-    """With prior_context_source "prior", the bottom prior's training step reads a prior_context_corruption share of
-    its own draws: a prior whose logits give code 3 everywhere puts 3 at about that share of the positions (and only
-    3), the draws depend on the optimizer step, and a training step runs on them; the top prior keeps its context."""
-    overrides = SMALL_TWO_LEVEL + ["prior_context_source=prior", "prior_context_corruption=0.4"]
-    config = make_config("default", overrides)
-    prior, top_prior = build_prior(config, "bottom"), build_prior(config, "top")
-    assert prior.own_draw_share == 0.4 and top_prior.own_draw_share == 0.0
-    assert build_prior(make_config("default", SMALL_TWO_LEVEL), "bottom").own_draw_share == 0.0
-    prior.head.bias.assign(np.where(np.arange(16) == 3, 50.0, -50.0))
-    prior.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    prior.optimizer.build(prior.trainable_variables)
-    targets = tf.constant(np.random.default_rng(0).integers(4, 16, (8, prior.side, prior.side)), tf.int32)
-    inputs = {**conditions(prior, 8), "codes": targets}
-    first = np.asarray(prior.with_own_draws(inputs, targets)["codes"])
-    replaced = first != np.asarray(targets)
-    assert set(np.unique(first[replaced])) == {3} and 0.37 < replaced.mean() < 0.43
-    np.testing.assert_array_equal(np.asarray(prior.with_own_draws(inputs, targets)["codes"]), first)
-    prior.optimizer.iterations.assign(1)
-    assert (np.asarray(prior.with_own_draws(inputs, targets)["codes"]) != first).any()
-    assert np.isfinite(prior.train_on_batch(inputs, targets))
 
 
 @pytest.mark.parametrize("kind", PRIORS)

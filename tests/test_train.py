@@ -225,11 +225,6 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
     (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
-    # with prior_context_source "prior" the prior replaces them itself, in its training step (tests/test_models.py)
-    own = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3",
-                                  "prior_context_source=prior"])
-    (inputs, targets), = list(prior_dataset(own, "bottom", codes, levels, codes))
-    np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["bottom"])
 
 
 def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotuning():

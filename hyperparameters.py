@@ -115,6 +115,9 @@ class Config:
 
     # --- sampling ---------------------------------------------------------------------------------------------
     temperature: float = 1.0
+    # nucleus sampling of the bottom (or only) grid: each code drawn from the most probable codes holding this much of
+    # the probability (on the top grid it breaks the brain's outline; README)
+    top_p: float = 1.0
 
     @property
     def code_grid(self) -> int:
@@ -269,12 +272,16 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
     return config
 
 
+SAMPLING_KEYS = ("temperature", "top_p")
+
+
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (temperature): two configs without differences describe the same VQ-VAE trained the same way on the same data."""
+    (temperature, top_p): two configs without differences describe the same VQ-VAE trained the same way on the same
+    data."""
     keys = set(first) | set(second)
-    return sorted(key for key in keys if not key.startswith(("prior_", "top_prior_")) and key != "temperature"
-                  and first.get(key) != second.get(key))
+    return sorted(key for key in keys if not key.startswith(("prior_", "top_prior_"))
+                  and key not in SAMPLING_KEYS and first.get(key) != second.get(key))
 
 
 def validate(config: Config) -> None:
@@ -322,3 +329,5 @@ def validate(config: Config) -> None:
         raise ValueError("prior_first_kernel must be odd and at least 3")
     if config.temperature <= 0:
         raise ValueError("temperature must be positive")
+    if not 0 < config.top_p <= 1:
+        raise ValueError("top_p must be above 0 and at most 1")

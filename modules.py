@@ -561,30 +561,37 @@ class Sampler:
         self.grid = model.side
         self.num_codes = model.cfg.num_codes
         self.seeds = keras.random.SeedGenerator(0)
+        # read by the compiled loop like the seed state: a new value per call, no new trace
+        self.top_p = tf.Variable(1.0, trainable=False, name="top_p")
         self._compiled = tf.function(self._sample)
 
     def _draw(self, logits, temperature, position, prefix, prefix_length, guidance):
-        """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T). With
-        `guidance` w (not None) the batch holds each grid twice, given its level and given an unknown level (logits
-        c and u), and both copies get the draw from u + w (c - u)."""
+        """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T), limited
+        to the nucleus when top_p < 1. With `guidance` w (not None) the batch holds each grid twice, given its level
+        and given an unknown level (logits c and u), and both copies get the draw from u + w (c - u)."""
         if guidance is not None:
             conditional, unconditional = tf.split(logits, 2)
             logits = unconditional + guidance * (conditional - unconditional)
-        drawn = keras.random.categorical(logits / temperature, 1, dtype="int32", seed=self.seeds)[:, 0]
+        logits = logits / temperature
+        logits = tf.cond(self.top_p < 1.0, lambda: nucleus_logits(logits, self.top_p), lambda: logits)
+        drawn = keras.random.categorical(logits, 1, dtype="int32", seed=self.seeds)[:, 0]
         if guidance is not None:
             drawn = tf.concat([drawn, drawn], 0)
         return tf.where(position < prefix_length, prefix[:, tf.minimum(position, self.grid * self.grid - 1)], drawn)
 
     def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False,
-               levels=None, top=None, guidance: float = 1.0):
+               levels=None, top=None, guidance: float = 1.0, top_p: float = 1.0):
         """`num` code grids (num, g, g) int32. `levels` (num,) and `top` (num, top_side, top_side) are the
         conditions of a conditioned prior (levels NaN or None = unknown). `prefix` (num, g, g) fixes the first
         `prefix.shape` positions in raster order: pass a whole grid to get the model's logits for it (teacher
         forcing). `guidance` w != 1 (a level-conditioned prior): classifier-free guidance on the level (Ho and
         Salimans, 2022), codes drawn from u + w (c - u) of the logits given the level (c) and not (u), which the
         prior learned from its level dropout; w > 1 holds a sample closer to its level, at twice the arithmetic.
-        The logits returned are always c."""
+        `top_p` < 1: nucleus sampling (Holtzman et al., 2020), each code drawn from the most probable codes whose
+        probabilities (after the temperature) sum to at least top_p, renormalized: the unlikely tail, where slips
+        come from, is never drawn. The logits returned are always c."""
         self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
+        self.top_p.assign(top_p)
         levels = np.full(num, np.nan, np.float32) if levels is None else np.asarray(levels, np.float32)
         condition = self.model.condition_map(prior_inputs(levels=levels, top=top))
         size = self.grid * self.grid
@@ -605,6 +612,16 @@ class Sampler:
                                        tf.constant(prefix_length), condition, guided)
         codes, logits = codes.numpy()[:num], logits.numpy()[:num]
         return (codes, logits) if return_logits else codes
+
+
+def nucleus_logits(logits, top_p):
+    """(b, k) logits with every code outside the nucleus set to -1e9: the nucleus of a row is its most probable
+    codes, fewest first, whose probabilities sum to at least `top_p` (the most probable code always belongs)."""
+    probabilities = tf.nn.softmax(logits)
+    ranked = tf.sort(probabilities, axis=-1, direction="DESCENDING")
+    mass_before = tf.cumsum(ranked, axis=-1, exclusive=True)
+    smallest_kept = tf.reduce_min(tf.where(mass_before < top_p, ranked, 2.0), axis=-1, keepdims=True)
+    return tf.where(probabilities >= smallest_kept, logits, -1e9)
 
 
 class PixelCNNSampler(Sampler):
@@ -1054,24 +1071,27 @@ class SliceGenerator:
         self.decode = tf.function(run.vqvae.decode_codes, input_signature=[
             {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}])
 
-    def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0) -> np.ndarray:
+    def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
+                 top_p: float = 1.0) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
         instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
         the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
-        codes. The same seed gives the same slices."""
+        codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
+        outlines (README, Generation). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
                 codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
-                                             top=codes.get("top"), guidance=1.0 if offset else guidance)
+                                             top=codes.get("top"), guidance=1.0 if offset else guidance,
+                                             top_p=top_p if grid == "bottom" else 1.0)
         decoded = self.decode({grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()})
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
-             guidance: float = 1.0) -> np.ndarray:
+             guidance: float = 1.0, top_p: float = 1.0) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1087,7 +1107,7 @@ class SliceGenerator:
                     print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
-                                   None if top is None else top[part], guidance))
+                                   None if top is None else top[part], guidance, top_p))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 

@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
                         help="continue the interrupted run in --out from its last completed epoch")
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
                         help="reuse the finished VQ-VAE of RUN_DIR and train only a new PixelCNN prior; RUN_DIR must "
-                             "have the same hyperparameters except prior_* and temperature, and the same --data")
+                             "have the same hyperparameters except prior_*, temperature and top_p, and the same --data")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -163,7 +163,7 @@ def check_run_dir(args, config: Config, chief: bool) -> RunDir:
 
 def check_vqvae_source(path: Path, config: Config) -> RunState:
     """The state of the run `path` (--vqvae-from); UserError unless its VQ-VAE phase finished with `config`'s VQ-VAE
-    and data hyperparameters (everything but prior_* and temperature)."""
+    and data hyperparameters (everything but prior_*, temperature and top_p)."""
     source = RunDir(path)
     for required in (source.config_path, source.model_path("vqvae"), source.state_path):
         if not required.is_file():

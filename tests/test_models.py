@@ -254,18 +254,25 @@ def test_sampler_is_reproducible_from_its_seed(kind):
     assert first.shape == (6, prior.side, prior.side) and first.min() >= 0 and first.max() < 16
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature):
-    """Codes are drawn from softmax(logits / T): at the first position (no codes before it) the codes of 4000
-    grids fall with those frequencies."""
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
+def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature, top_p):
+    """Codes are drawn from softmax(logits / T), limited to the nucleus (the most probable codes holding top_p of
+    the probability) and renormalized: at the first position (no codes before it) the codes of 4000 grids fall with
+    those frequencies, and never outside the nucleus."""
     config, prior = random_prior("gated_bottom")
     sampler = sampler_for(prior)
     given = {key: np.repeat(value[:1], 4000, axis=0) for key, value in conditions(prior, 1).items()}
-    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, **given)
+    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, top_p=top_p, **given)
     scaled = logits[0, 0, 0] / temperature
     expected = np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
+    ranked = np.sort(expected)[::-1]
+    nucleus_size = int(np.sum(np.cumsum(ranked) - ranked < top_p))
+    assert (nucleus_size < len(expected)) == (top_p < 1)  # the case means something
+    expected = np.where(expected >= ranked[nucleus_size - 1], expected, 0.0)
+    expected /= expected.sum()
     observed = np.bincount(codes[:, 0, 0], minlength=len(expected)) / len(codes)
-    assert np.abs(observed - expected).max() < 0.025  # 4 standard errors of the largest probability
+    assert np.abs(observed - expected).max() < 0.03  # 4 standard errors of the largest probability
+    assert observed[expected == 0].sum() == 0
 
 
 @pytest.mark.parametrize("kind", ["gated_top", "gated_bottom"])
@@ -324,6 +331,13 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
     # level guidance steers the top grid only: under given top codes it changes nothing
     np.testing.assert_array_equal(generator.many(levels, 1.0, 7, top=top, guidance=3.0),
                                   generator.many(levels, 1.0, 7, top=top))
+    # nucleus sampling limits the bottom grid only
+    top_p_seen = []
+    for grid, sampler in generator.samplers.items():
+        monkeypatch.setattr(sampler, "sample", lambda *args, grid=grid, sample=sampler.sample, **kwargs:
+                            top_p_seen.append((grid, kwargs["top_p"])) or sample(*args, **kwargs))
+    generator(levels[:2], 1.0, 7, top_p=0.8)
+    assert top_p_seen == [("top", 1.0), ("bottom", 0.8)]
 
 
 def monkeypatch_decoded_codes(monkeypatch, generator) -> list:

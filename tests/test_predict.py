@@ -18,13 +18,14 @@ FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
            "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
-            "temperature", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds", "classifier_folds"]
+            "temperature", "top_p", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds",
+            "classifier_folds"]
 
 
 @pytest.fixture(scope="module")
 def two_calls(trained, tmp_path_factory):
-    """Two predict.py calls into one --out folder, 3 then 2 slices; the second finds the run's training data itself
-    (the run recorded it relative to the project root)."""
+    """Two predict.py calls into one --out folder, 3 then 2 slices (the second with nucleus sampling); the second
+    finds the run's training data itself (the run recorded it relative to the project root)."""
     data, run = trained
     base = tmp_path_factory.mktemp("predict")
     out = base / "out"
@@ -32,7 +33,7 @@ def two_calls(trained, tmp_path_factory):
     first = run_script("predict.py", *common, "--data", data, "--num", "3", "--seed", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     first_sample = (out / "generated" / "sample_000.png").read_bytes()
-    second = run_script("predict.py", *common, "--num", "2", "--seed", "2")
+    second = run_script("predict.py", *common, "--num", "2", "--seed", "2", "--top-p", "0.9")
     assert second.returncode == 0, second.stderr[-3000:]
     return out, first_sample, second, json.loads((out / "generation.json").read_text())
 
@@ -41,7 +42,7 @@ def test_a_second_call_leaves_none_of_the_first_calls_samples(two_calls):
     out, first_sample, _, report = two_calls
     assert sorted(path.name for path in (out / "generated").iterdir()) == ["sample_000.png", "sample_001.png"]
     assert (out / "generated" / "sample_000.png").read_bytes() != first_sample  # seed 2's, not seed 1's
-    assert report["num"] == 2
+    assert report["num"] == 2 and report["top_p"] == 0.9
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no staging folder left
 
 
@@ -69,6 +70,13 @@ def test_data_found_automatically_is_said_and_recorded_as_the_run_recorded_it(tr
 def test_level_out_of_range_exits_2_with_one_line(level, tmp_path):
     result = run_script("predict.py", "--level", level, "--out", tmp_path / "out")
     assert_clean_usage_error(result, "--level", "between 0.0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("top_p", ["0", "1.5", "nan"])
+def test_top_p_out_of_range_exits_2_with_one_line(top_p, tmp_path):
+    result = run_script("predict.py", "--top-p", top_p, "--out", tmp_path / "out")
+    assert_clean_usage_error(result, "--top-p", "at most 1")
     assert not (tmp_path / "out").exists()
 
 

@@ -552,7 +552,7 @@ bits_metric.__name__ = "bits_per_code"
 class Sampler:
     """The shared front of the prior samplers: seeding, conditions, prefixes (teacher forcing) and the call of the
     compiled loop that a subclass implements as `_sample(batch, temperature, prefix, prefix_length, condition,
-    guidance)`, drawing each code with `_draw`."""
+    guidance, top_p)`, drawing each code with `_draw`."""
 
     def __init__(self, model):
         if not model.built:
@@ -561,19 +561,18 @@ class Sampler:
         self.grid = model.side
         self.num_codes = model.cfg.num_codes
         self.seeds = keras.random.SeedGenerator(0)
-        # read by the compiled loop like the seed state: a new value per call, no new trace
-        self.top_p = tf.Variable(1.0, trainable=False, name="top_p")
         self._compiled = tf.function(self._sample)
 
-    def _draw(self, logits, temperature, position, prefix, prefix_length, guidance):
+    def _draw(self, logits, temperature, position, prefix, prefix_length, guidance, top_p):
         """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T), limited
-        to the nucleus when top_p < 1. With `guidance` w (not None) the batch holds each grid twice, given its level
-        and given an unknown level (logits c and u), and both copies get the draw from u + w (c - u)."""
+        to the nucleus when `top_p` is not None. With `guidance` w (not None) the batch holds each grid twice, given
+        its level and given an unknown level (logits c and u), and both copies get the draw from u + w (c - u)."""
         if guidance is not None:
             conditional, unconditional = tf.split(logits, 2)
             logits = unconditional + guidance * (conditional - unconditional)
         logits = logits / temperature
-        logits = tf.cond(self.top_p < 1.0, lambda: nucleus_logits(logits, self.top_p), lambda: logits)
+        if top_p is not None:  # None traces a loop without the nucleus arithmetic, as plain sampling was
+            logits = nucleus_logits(logits, top_p)
         drawn = keras.random.categorical(logits, 1, dtype="int32", seed=self.seeds)[:, 0]
         if guidance is not None:
             drawn = tf.concat([drawn, drawn], 0)
@@ -591,7 +590,6 @@ class Sampler:
         probabilities (after the temperature) sum to at least top_p, renormalized: the unlikely tail, where slips
         come from, is never drawn. The logits returned are always c."""
         self.seeds.state.assign(ops.cast([seed, 0], self.seeds.state.dtype))
-        self.top_p.assign(top_p)
         levels = np.full(num, np.nan, np.float32) if levels is None else np.asarray(levels, np.float32)
         condition = self.model.condition_map(prior_inputs(levels=levels, top=top))
         size = self.grid * self.grid
@@ -608,8 +606,9 @@ class Sampler:
             unknown = self.model.condition_map(prior_inputs(levels=np.full(num, np.nan, np.float32), top=top))
             condition = ops.concatenate([condition, unknown], axis=0)
             prefix_flat, batch, guided = np.concatenate([prefix_flat, prefix_flat]), 2 * num, tf.constant(guidance)
+        nucleus = tf.constant(float(top_p)) if top_p < 1 else None
         codes, logits = self._compiled(batch, tf.constant(float(temperature)), tf.constant(prefix_flat),
-                                       tf.constant(prefix_length), condition, guided)
+                                       tf.constant(prefix_length), condition, guided, nucleus)
         codes, logits = codes.numpy()[:num], logits.numpy()[:num]
         return (codes, logits) if return_logits else codes
 
@@ -658,7 +657,7 @@ class PixelCNNSampler(Sampler):
                     table[position, tap] = (row + dy) * grid + col + dx
         return table
 
-    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance, top_p):
         size = self.grid * self.grid
         tables = [tf.constant(table) for table in self.tables]
         weights = [tf.concat([layer.kernel[row, col] for row, col in layer.taps()], axis=0) for layer in self.spatial]
@@ -687,7 +686,7 @@ class PixelCNNSampler(Sampler):
                     hidden = unit.activation(tf.matmul(flat, weights[index]) + unit.bias)
                 else:
                     hidden = unit.activation(tf.matmul(hidden, unit.kernel[0, 0]) + unit.bias)
-            chosen = self._draw(hidden, temperature, position, prefix, prefix_length, guidance)
+            chosen = self._draw(hidden, temperature, position, prefix, prefix_length, guidance, top_p)
             histories[0] = histories[0].write(position, tf.one_hot(chosen, self.num_codes))
             return position + 1, codes.write(position, chosen), all_logits.write(position, hidden), histories
 
@@ -962,7 +961,7 @@ class GatedPixelCNNSampler(Sampler):
     Per code, only the horizontal stack's arithmetic runs; the logits equal the full network's (a test checks this).
     """
 
-    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance):
+    def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance, top_p):
         grid, num_codes, blocks = self.grid, self.num_codes, self.model.blocks
 
         def history(channels, width=None):  # entry `grid` stays zero: the value read outside the grid
@@ -1001,7 +1000,8 @@ class GatedPixelCNNSampler(Sampler):
                     pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
                     horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
                 logits = self.model.output_logits(horizontal)
-                chosen = self._draw(logits, temperature, row * grid + col, prefix, prefix_length, guidance)
+                chosen = self._draw(logits, temperature, row * grid + col, prefix, prefix_length, guidance,
+                                    top_p)
                 horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, num_codes))
                 return col + 1, horizontal_cols, row_codes.write(col, chosen), row_logits.write(col, logits)
 

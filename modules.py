@@ -571,7 +571,7 @@ class Sampler:
             conditional, unconditional = tf.split(logits, 2)
             logits = unconditional + guidance * (conditional - unconditional)
         logits = logits / temperature
-        if top_p is not None:  # None traces a loop without the nucleus arithmetic, as plain sampling was
+        if top_p is not None:  # None traces a loop without the nucleus arithmetic: plain sampling pays nothing
             logits = nucleus_logits(logits, top_p)
         drawn = keras.random.categorical(logits, 1, dtype="int32", seed=self.seeds)[:, 0]
         if guidance is not None:
@@ -614,8 +614,8 @@ class Sampler:
 
 
 def nucleus_logits(logits, top_p):
-    """(b, k) logits with every code outside the nucleus set to -1e9: the nucleus of a row is its most probable
-    codes, fewest first, whose probabilities sum to at least `top_p` (the most probable code always belongs)."""
+    """(b, k) logits with every code outside the nucleus set to -1e9: the nucleus of a row is the smallest set of
+    its most probable codes whose probabilities sum to at least `top_p` (the most probable code always belongs)."""
     probabilities = tf.nn.softmax(logits)
     ranked = tf.sort(probabilities, axis=-1, direction="DESCENDING")
     mass_before = tf.cumsum(ranked, axis=-1, exclusive=True)

@@ -681,7 +681,6 @@ def with_pipeline_options(dataset):
     return dataset.with_options(options)
 
 
-
 def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
     """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
     left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
@@ -707,7 +706,6 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
     else:
         dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
     return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
-
 
 
 def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):

@@ -492,10 +492,8 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
     """Trains the prior of code grid `grid` on `train` = {"codes", "flipped", "levels"} (codes by grid), validated
     on `validate` = {"codes", "levels"}, computing in `precision`; returns its epoch checkpointer, or None when it
     had already finished."""
-    import keras
-
     from dataset import prior_dataset
-    from modules import bits_metric, build_prior, compute_precision
+    from modules import bits_metric, build_prior, compile_prior, compute_precision
 
     phase = PRIOR_PHASES[grid]
     epochs = config.top_prior_epochs if grid == "top" else config.prior_epochs
@@ -509,12 +507,9 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
         return None
     with strategy.scope(), compute_precision(precision):
         if not done:
-            model = build_prior(config, grid)
             rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
                                  epochs, len(train["levels"]), config.prior_batch_size)
-            model.compile(optimizer=keras.optimizers.Adam(rate),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=[bits_metric], jit_compile=False)
+            model = compile_prior(build_prior(config, grid), rate)
     training = prior_dataset(config, grid, train["codes"], train["levels"], train["flipped"])
     sample = next(iter(prior_dataset(config, grid, train["codes"], train["levels"])))
     fit_under_strategy(model, strategy, ({k: v[:1] for k, v in sample[0].items()}, sample[1][:1]))

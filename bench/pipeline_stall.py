@@ -55,7 +55,7 @@ def epoch_times(config, grid: str, epochs: int, variant: str, meter: IdleMeter, 
 
     from cli import resolved_precision
     from dataset import prior_dataset
-    from modules import bits_metric, build_prior, compute_precision
+    from modules import build_prior, compile_prior, compute_precision
 
     rng = np.random.default_rng(seed)
     codes = random_code_grids(config, TRAIN_GRIDS, rng)
@@ -68,10 +68,7 @@ def epoch_times(config, grid: str, epochs: int, variant: str, meter: IdleMeter, 
         options.autotune.enabled = True
         training, validation = training.with_options(options), validation.with_options(options)
     with compute_precision(resolved_precision(config.prior_precision)):
-        model = build_prior(config, grid)
-        model.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[bits_metric],
-                      jit_compile=False)
+        model = compile_prior(build_prior(config, grid), config.prior_learning_rate)
     starts = []
     clock = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: starts.append(time.perf_counter()))
     model.fit(training, validation_data=validation, epochs=epochs, verbose=0, shuffle=False, callbacks=[clock])

@@ -18,18 +18,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 from common import machine, median, print_table, random_code_grids, training_step_seconds  # noqa: E402
 
 
-def timed_prior(config, grid: str, precision: str):
-    import keras
-
-    from modules import bits_metric, build_prior, compute_precision
-
-    with compute_precision(precision):
-        prior = build_prior(config, grid)
-        prior.compile(optimizer=keras.optimizers.Adam(config.prior_learning_rate), metrics=[bits_metric],
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    return prior
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", help="the baseline preset (default: default)")
@@ -46,7 +34,7 @@ def main():
 
     from cli import resolved_precision
     from hyperparameters import make_config
-    from modules import grid_inputs
+    from modules import build_prior, compile_prior, compute_precision, grid_inputs
 
     try:
         recipes = {"preset": make_config(args.preset)}
@@ -62,7 +50,8 @@ def main():
     names = list(recipes)
     for round_index in range(args.rounds):
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            prior = timed_prior(recipes[name], args.grid, precision)
+            with compute_precision(precision):
+                prior = compile_prior(build_prior(recipes[name], args.grid), recipes[name].prior_learning_rate)
             seconds[name] += training_step_seconds(prior, (inputs, inputs["codes"]), args.steps)
     base = median(seconds["preset"])
     rows = [[name, f"{median(values):.3f}", f"{min(values):.3f}-{max(values):.3f}", f"{median(values) / base:.2f}x"]

@@ -686,8 +686,7 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
     left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
     `prior_level_dropout` share shown with an unknown level (NaN), and for the bottom grid a
     `prior_context_corruption` share of the codes it reads replaced by random ones; all seeded, drawn anew each
-    epoch. A masked-code prior's batches are (inputs, codes, weights), with a share of the input codes hidden
-    (mask_codes)."""
+    epoch."""
     import tensorflow as tf
 
     from modules import grid_inputs
@@ -706,26 +705,7 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
                               context_corruption=corruption, num_codes=config.num_codes))
     else:
         dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
-    if config.prior_kind(grid) == "masked":
-        # validation hides the same codes every epoch, so that its bits/code compare from epoch to epoch
-        draws = tf.data.Dataset.random(seed=config.seed + 1, rerandomize_each_iteration=flipped is not None)
-        dataset = tf.data.Dataset.zip(dataset, draws).map(functools.partial(mask_codes, mask_code=config.num_codes))
     return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
-
-
-def mask_codes(example, draw, mask_code: int):
-    """(inputs, targets, weights) of a masked-code prior from an (inputs, targets) example and a random int64 `draw`:
-    a share cos(pi u / 2), u ~ U(0, 1), of the input codes hidden (set to `mask_code`), as MaskGIT trains, so that
-    every stage of its sampler, from all hidden to nearly none, is seen; weights 1 at the hidden codes, the only
-    ones it learns to predict."""
-    import tensorflow as tf
-
-    inputs, targets = example
-    seed = tf.stack([draw, tf.constant(2, tf.int64)])
-    share = tf.cos(np.pi / 2 * tf.random.stateless_uniform((), seed))
-    hidden = tf.random.stateless_uniform(tf.shape(targets), seed + 1) < share
-    inputs = {**inputs, "codes": tf.where(hidden, tf.cast(mask_code, targets.dtype), targets)}
-    return inputs, targets, tf.cast(hidden, tf.float32)
 
 
 def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):

@@ -86,9 +86,7 @@ class Config:
     prior_layout: str = "gated"  # "gated" (GatedPixelCNN) or "seed" (the report's masked PixelCNN)
     prior_filters: int = 48  # at 32 (12 epochs) the bottom prior underfits: 1.453 validation bits/code against 1.368
     prior_first_kernel: int = 7
-    # the bottom prior's blocks: masked-code blocks (prior_bottom "masked"), gated blocks after the first one
-    # (prior_bottom "gated"), or the seed layout's residual blocks
-    prior_residual_blocks: int = 4
+    prior_residual_blocks: int = 4  # gated blocks after the first one (layout "gated"), else residual blocks
     prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # of the blocks' 3x3, cycled
     prior_epochs: int = 16
     top_prior_filters: int = 64
@@ -101,19 +99,11 @@ class Config:
     prior_dropout: float = 0.1  # on each gated block's residual branch
     prior_level_dropout: float = 0.1  # share of training grids shown with an unknown level, so "unknown" is learned
     prior_flip: bool = True  # train on the codes of left-right flipped slices too (drawn per grid, per epoch)
-    # share of the codes a gated bottom prior reads (its input, never its targets) replaced by random codes in
-    # training, drawn anew per grid and epoch: its sampler reads the prior's own draws, and a prior that learned to
-    # copy its neighbours carries their slips on, where one trained on noisy context leans on the top codes and the
-    # level (0.2: nearest-training SSIM of samples 0.539 against 0.503; README). A masked bottom prior is trained on
-    # hidden codes instead (set it to 0 there).
+    # share of the codes the bottom prior reads (its input, never its targets) replaced by random codes in training,
+    # drawn anew per grid and epoch: its sampler reads the prior's own draws, and a prior that learned to copy its
+    # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
+    # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
     prior_context_corruption: float = 0.2
-    # the bottom grid's prior (layout "gated"): "masked", a MaskedCodePrior (MaskGIT: hidden codes predicted from the
-    # whole grid, sampled in prior_mask_steps rounds of its full network), or "gated", a GatedPixelCNN like the top
-    # grid's (one code at a time, raster order)
-    prior_bottom: str = "gated"
-    prior_mask_steps: int = 12
-    # Gumbel noise on the rounds' confidence ranking, fading to 0 by the last round (MaskGIT's 4.5)
-    prior_mask_choice_temperature: float = 4.5
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -152,13 +142,6 @@ class Config:
         """The code grids, coarse first: ("top", "bottom") or ("bottom",)."""
         return ("top", "bottom") if self.top_strides else ("bottom",)
 
-    def prior_kind(self, grid: str) -> str:
-        """The kind of prior of code grid `grid`: "seed" (the report's masked PixelCNN), "gated" (GatedPixelCNN) or
-        "masked" (MaskedCodePrior, the bottom grid only)."""
-        if self.prior_layout == "seed":
-            return "seed"
-        return "masked" if grid == "bottom" and self.prior_bottom == "masked" else "gated"
-
     def grid_side(self, grid: str) -> int:
         """Side of code grid `grid` ("top" or "bottom")."""
         return self.top_grid if grid == "top" else self.code_grid
@@ -189,11 +172,10 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
     "constant" where absent."""
-    # runs written before prior_precision existed trained their priors in float32, before
-    # prior_context_corruption existed on clean codes, and before prior_bottom existed with a gated bottom prior
+    # runs written before prior_precision existed trained their priors in float32, and before
+    # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
-    values.setdefault("prior_bottom", "gated")
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -325,10 +307,6 @@ def validate(config: Config) -> None:
         raise ValueError(f"prior_precision must be auto, float32 or bfloat16, not {config.prior_precision!r}")
     if config.prior_layout not in ("gated", "seed"):
         raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
-    if config.prior_bottom not in ("gated", "masked"):
-        raise ValueError(f"prior_bottom must be gated or masked, not {config.prior_bottom!r}")
-    if config.prior_mask_steps < 1 or not config.prior_mask_choice_temperature >= 0:
-        raise ValueError("prior_mask_steps must be at least 1 and prior_mask_choice_temperature at least 0")
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):
         raise ValueError("prior_layout seed (the report's masked PixelCNN) takes no condition: it needs "
                          "top_strides= (one code grid) and prior_condition_on_level=false")

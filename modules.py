@@ -1,14 +1,12 @@
-"""The models of OASISVQ: a VQ-VAE that turns a 128x128 slice into grids of discrete codes and back, and priors
-over those code grids that generate new ones.
+"""The models of OASISVQ: a VQ-VAE that turns a 128x128 slice into a small grid of discrete codes and back, and an
+autoregressive PixelCNN prior over those code grids that generates new ones.
 
 Read top to bottom: `VectorQuantizer` (the discrete bottleneck), the encoder and decoder builders, `VQVAE` (the
-three put together, with its own train/test steps); then the masked PixelCNN of the founding report
-(`MaskedConv2D`, `ResidualBlock`, `PixelCNN`) and the gated PixelCNN the default preset's top grid uses
-(`CausalConv2D`, `GatedBlock`, `GatedPixelCNN`: no blind spot, position features), each with a sampler that
-generates code grids one position at a time without recomputing the past (`PixelCNNSampler`,
-`GatedPixelCNNSampler`); then the masked-code prior of the default bottom grid (`MaskedCodeBlock`,
-`MaskedCodePrior`, `MaskedCodeSampler`: the whole grid in a few rounds, MaskGIT). `build_prior` and `sampler_for`
-pick by `Config.prior_kind`. Every layer is registered, so `vqvae.keras` and `pixelcnn.keras` reload with
+three put together, with its own train/test steps); then the masked prior of the founding report (`MaskedConv2D`,
+`ResidualBlock`, `PixelCNN`) and the gated prior the default preset uses (`CausalConv2D`, `GatedBlock`,
+`GatedPixelCNN`: no blind spot, position features), each with a sampler that generates code grids one position at a
+time without recomputing the past (`PixelCNNSampler`, `GatedPixelCNNSampler`; `build_prior` and `sampler_for` pick
+by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.keras` reload with
 `keras.saving.load_model`.
 """
 
@@ -533,23 +531,19 @@ class PixelCNN(keras.Model):
 
 
 def mean_bits_per_code(model: keras.Model, inputs: dict, batch_size: int = 256) -> float:
-    """Mean NLL in bits per code of the code grids prior_inputs(...)["codes"] (n, side, side) under the prior (for a
-    MaskedCodePrior, its likelihood in a random order, MaskedCodePrior.code_bits)."""
+    """Mean NLL in bits per code of the code grids prior_inputs(...)["codes"] (n, side, side) under the prior."""
     total, count = 0.0, len(inputs["codes"])
     for start in range(0, count, batch_size):
         chunk = {name: value[start:start + batch_size] for name, value in inputs.items()}
-        if isinstance(model, MaskedCodePrior):
-            total += float(ops.sum(model.code_bits(chunk, seed=start)))
-        else:
-            total += float(bits_per_code(model(chunk), chunk["codes"])) * len(chunk["codes"])
+        total += float(bits_per_code(model(chunk), chunk["codes"])) * len(chunk["codes"])
     return total / count
 
 
 def bits_metric(codes, logits):
-    """Bits of each code of the batch (b, side, side): Keras averages them over all codes of all batches and replicas
-    (an uneven split too), and a masked-code prior's training weighs them by which codes were hidden
-    (`weighted_metrics`), so that its bits/code are those of the codes it had to predict."""
-    return keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True) / np.log(2.0)
+    """Bits per code of each code grid in the batch: Keras averages them over grids, so batches split unevenly over
+    replicas (or leaving one without grids) still give the mean over all grids."""
+    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
+    return keras.ops.mean(nll, axis=(1, 2)) / np.log(2.0)
 
 
 bits_metric.__name__ = "bits_per_code"
@@ -557,11 +551,10 @@ bits_metric.__name__ = "bits_per_code"
 
 def compile_prior(prior: keras.Model, learning_rate) -> keras.Model:
     """`prior` compiled as train.py trains it: Adam at `learning_rate` (a number or a schedule), cross-entropy of
-    its logits, bits per code, no XLA (2-4x slower on the CPUs this project trains on). A MaskedCodePrior's batches
-    carry weights, 1 at its hidden codes (dataset.mask_codes), for the loss and the bits alike."""
-    bits = {"weighted_metrics" if isinstance(prior, MaskedCodePrior) else "metrics": [bits_metric]}
+    its logits, bits per code, no XLA (2-4x slower on the CPUs this project trains on)."""
     prior.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False, **bits)
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[bits_metric],
+                  jit_compile=False)
     return prior
 
 
@@ -866,14 +859,22 @@ class GatedBlock(layers.Layer):
                 "dilation": self.dilation, "first": self.first, "dropout": self.dropout_rate}
 
 
-class ConditionedPrior(keras.Model):
-    """What both priors of the default preset share: the grid they model and the condition map s they read at
-    every position (as in rosinality's vq-vae-2-pytorch, one condition input serves both grids):
+@keras.saving.register_keras_serializable(PACKAGE)
+class GatedPixelCNN(keras.Model):
+    """Autoregressive prior p(c | s) = prod_i p(c_i | c_<i, s) over the (side, side) code grids of one grid of the
+    VQ-VAE ("top" or "bottom"), built from `GatedBlock`s: no blind spot, dilated blocks for a receptive field that
+    spans the grid, and a condition map s that enters every gate. One class serves both grids through s (as in
+    rosinality's vq-vae-2-pytorch):
     - position features: where on the slice each code lies (the brain sits at a fixed place in atlas space);
     - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
     - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
       the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
-    Subclasses add the network that turns codes and s into (b, side, side, num_codes) logits."""
+
+    Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
+    Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
+    and on the condition (tests check both with gradients). For `default`: top 16x16 with 64 filters, 7 blocks, a
+    view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid); bottom 64x64 with 48 filters, 5 blocks.
+    """
 
     def __init__(self, config: dict, grid: str = "bottom", **kwargs):
         super().__init__(**kwargs)
@@ -882,7 +883,11 @@ class ConditionedPrior(keras.Model):
         if grid not in cfg.code_grids:
             raise ValueError(f"grid must be one of {cfg.code_grids}, not {grid!r}")
         self.grid = grid
+        top = grid == "top"
         self.side = cfg.grid_side(grid)
+        self.filters = cfg.top_prior_filters if top else cfg.prior_filters
+        blocks = cfg.top_prior_residual_blocks if top else cfg.prior_residual_blocks
+        dilations = cfg.top_prior_dilations if top else cfg.prior_dilations
         self.level_conditioned = cfg.prior_condition_on_level
         self.takes_top = grid == "bottom" and cfg.top_grid is not None
         self.positions = position_features(self.side)
@@ -894,6 +899,14 @@ class ConditionedPrior(keras.Model):
             layers.UpSampling2D(self.side // cfg.top_grid),
             layers.Conv2D(cfg.prior_condition_filters, 3, padding="same", activation="relu"),
         ], name="top_stack") if self.takes_top else None
+        self.blocks = [GatedBlock(self.filters, cfg.prior_first_kernel, first=True, dropout=cfg.prior_dropout,
+                                  name="gated_first")]
+        for index in range(blocks):
+            self.blocks.append(GatedBlock(self.filters, 3, dilations[index % len(dilations)],
+                                          dropout=cfg.prior_dropout, name=f"gated_{index}"))
+        self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
+        # float32 logits under mixed precision too: the loss and the bits/code take them as they are
+        self.head = layers.Dense(cfg.num_codes, name="logits", dtype="float32")
 
     @property
     def condition_channels(self) -> int:
@@ -916,42 +929,6 @@ class ConditionedPrior(keras.Model):
             parts.append(self.top_stack(ops.one_hot(ops.cast(inputs["top"], "int32"), self.cfg.num_codes)))
         return ops.concatenate(parts, axis=-1)
 
-    def build_condition(self) -> None:
-        self.level_embedding.build((None, 2 + 2 * 3))
-        if self.takes_top:
-            self.top_stack.build((None, self.cfg.top_grid, self.cfg.top_grid, self.cfg.num_codes))
-
-    def get_config(self):
-        return {**super().get_config(), "config": self.config_dict, "grid": self.grid}
-
-
-@keras.saving.register_keras_serializable(PACKAGE)
-class GatedPixelCNN(ConditionedPrior):
-    """Autoregressive prior p(c | s) = prod_i p(c_i | c_<i, s) over the (side, side) code grids of one grid of the
-    VQ-VAE ("top" or "bottom"), built from `GatedBlock`s: no blind spot, dilated blocks for a receptive field that
-    spans the grid, and the condition map s of `ConditionedPrior` inside every gate.
-
-    Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
-    Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
-    and on the condition (tests check both with gradients). For `default`'s top grid: 16x16 with 64 filters, 7
-    blocks, a view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid).
-    """
-
-    def __init__(self, config: dict, grid: str = "bottom", **kwargs):
-        super().__init__(config, grid, **kwargs)
-        cfg, top = self.cfg, grid == "top"
-        self.filters = cfg.top_prior_filters if top else cfg.prior_filters
-        blocks = cfg.top_prior_residual_blocks if top else cfg.prior_residual_blocks
-        dilations = cfg.top_prior_dilations if top else cfg.prior_dilations
-        self.blocks = [GatedBlock(self.filters, cfg.prior_first_kernel, first=True, dropout=cfg.prior_dropout,
-                                  name="gated_first")]
-        for index in range(blocks):
-            self.blocks.append(GatedBlock(self.filters, 3, dilations[index % len(dilations)],
-                                          dropout=cfg.prior_dropout, name=f"gated_{index}"))
-        self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
-        # float32 logits under mixed precision too: the loss and the bits/code take them as they are
-        self.head = layers.Dense(cfg.num_codes, name="logits", dtype="float32")
-
     def call(self, inputs, training=False):
         return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs,
                                         training)
@@ -969,7 +946,9 @@ class GatedPixelCNN(ConditionedPrior):
         return self.head(self.hidden(ops.relu(horizontal)))
 
     def build(self, input_shape=None):
-        self.build_condition()
+        self.level_embedding.build((None, 2 + 2 * 3))
+        if self.takes_top:
+            self.top_stack.build((None, self.cfg.top_grid, self.cfg.top_grid, self.cfg.num_codes))
         channels = self.cfg.num_codes
         for block in self.blocks:
             block.build((channels, self.condition_channels))
@@ -977,6 +956,9 @@ class GatedPixelCNN(ConditionedPrior):
         self.hidden.build((None, channels))
         self.head.build((None, channels))
         self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config_dict, "grid": self.grid}
 
 
 class GatedPixelCNNSampler(Sampler):
@@ -1050,180 +1032,6 @@ class GatedPixelCNNSampler(Sampler):
         return tf.transpose(codes.stack(), (1, 0, 2)), tf.transpose(all_logits.stack(), (1, 0, 2, 3))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Masked-code prior (MaskGIT): the whole grid at once, in rounds
-# ---------------------------------------------------------------------------------------------------------------
-
-@keras.saving.register_keras_serializable(PACKAGE)
-class MaskedCodeBlock(layers.Layer):
-    """One residual block of the masked-code prior: h' = h + dropout(W gate(D * relu(h) + P s)), with D a dilated
-    3x3 convolution that sees every side (nothing is causal here) and s the condition map, a bias inside the gate."""
-
-    def __init__(self, filters: int, dilation: int = 1, dropout: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.filters, self.dilation, self.dropout_rate = filters, dilation, dropout
-        self.conv = layers.Conv2D(2 * filters, 3, padding="same", dilation_rate=dilation, name="conv")
-        self.condition = layers.Dense(2 * filters, use_bias=False, name="condition")
-        self.out = layers.Dense(filters, name="out")
-        self.dropout = layers.Dropout(dropout)
-
-    def build(self, input_shape):
-        channels, conditions = input_shape
-        self.conv.build((None, None, None, channels))
-        self.condition.build((None, conditions))
-        self.out.build((None, self.filters))
-
-    def call(self, features, condition, training=False):
-        pre = self.conv(ops.relu(features)) + self.condition(condition)
-        return features + self.dropout(self.out(gate(pre)), training=training)
-
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "dilation": self.dilation,
-                "dropout": self.dropout_rate}
-
-
-@keras.saving.register_keras_serializable(PACKAGE)
-class MaskedCodePrior(ConditionedPrior):
-    """A masked-code model of a code grid (MaskGIT, Chang et al., 2022): given a grid in which some codes are hidden
-    (the code `num_codes`, MASK) and the condition map s of `ConditionedPrior`, the logits of every code, read from
-    the whole grid at once (no causal order), through dilated residual blocks with s inside every gate.
-
-    Trained on grids with a random share cos(pi u / 2), u ~ U(0, 1), of their codes hidden and the loss on the
-    hidden ones only (dataset.mask_codes); sampled by `MaskedCodeSampler`, which starts from an all-hidden grid and
-    fixes the most confident codes in `prior_mask_steps` rounds. Unlike a PixelCNN it never reads its own slips as
-    settled context one code at a time: each round revisits every hidden code given everything fixed so far
-    (`prior_bottom=masked`; README, Generation, for what it gave).
-
-    Input: prior_inputs(codes, levels, top), codes (b, side, side) int in [0, num_codes] (num_codes = hidden).
-    Output: (b, side, side, num_codes) logits. With prior_residual_blocks=8 on the 64x64 bottom grid (48 filters,
-    dilations 1, 2, 4, 8, 1, 2, 4, 8) each code sees 2 (1 + 2 + 4 + 8) 2 + 1 + 2 = 63 codes across, the whole grid.
-    Example: codes (2, 64, 64) all MASK but one row, levels (2,), top (2, 16, 16) -> logits (2, 64, 64, 16).
-    """
-
-    def __init__(self, config: dict, grid: str = "bottom", **kwargs):
-        super().__init__(config, grid, **kwargs)
-        cfg = self.cfg
-        self.mask_code = cfg.num_codes
-        self.filters = cfg.prior_filters
-        self.stem = layers.Conv2D(self.filters, 3, padding="same", name="stem")
-        self.blocks = [MaskedCodeBlock(self.filters, cfg.prior_dilations[index % len(cfg.prior_dilations)],
-                                       cfg.prior_dropout, name=f"masked_{index}")
-                       for index in range(cfg.prior_residual_blocks)]
-        self.hidden = layers.Dense(self.filters, activation="relu", name="hidden")
-        self.head = layers.Dense(cfg.num_codes, name="logits", dtype="float32")
-
-    def call(self, inputs, training=False):
-        return self.logits_given(inputs["codes"], self.condition_map(inputs), training)
-
-    def logits_given(self, codes, condition, training=False):
-        """Logits of (b, side, side) codes (MASK where hidden) under a condition map already computed."""
-        one_hot = ops.cast(ops.one_hot(ops.cast(codes, "int32"), self.cfg.num_codes + 1), condition.dtype)
-        features = self.stem(ops.concatenate([one_hot, condition], axis=-1))
-        for block in self.blocks:
-            features = block(features, condition, training=training)
-        return self.head(self.hidden(ops.relu(features)))
-
-    def code_bits(self, inputs, seed: int = 0):
-        """(b,) bits per code of each grid prior_inputs(...)["codes"] (no code hidden), as a likelihood: its codes are
-        revealed in the sampler's `unmasking_schedule` rounds, in a random order (seeded), each round's codes scored
-        given those revealed before. That is the exact negative log-likelihood of the grid under the model that
-        draws codes in that order and those rounds, so it compares with an autoregressive prior's bits/code (an
-        upper bound on the model's best order)."""
-        codes = ops.cast(inputs["codes"], "int32")
-        count, size = codes.shape[0], self.side * self.side
-        condition = self.condition_map(inputs)
-        order = np.argsort(np.random.default_rng(seed).random((count, size)), axis=1)
-        rank = np.argsort(order, axis=1).reshape(count, self.side, self.side)  # when each position is revealed
-        total = 0.0
-        hidden = [size] + unmasking_schedule(self.side, self.cfg.prior_mask_steps)
-        for before, after in zip(hidden[:-1], hidden[1:]):
-            visible = ops.where(rank < size - before, codes, self.mask_code)
-            now = ops.cast((rank >= size - before) & (rank < size - after), "float32")
-            nll = keras.losses.sparse_categorical_crossentropy(codes, self.logits_given(visible, condition),
-                                                               from_logits=True)
-            total = total + ops.sum(nll * now, axis=(1, 2))
-        return total / size / np.log(2.0)
-
-    def build(self, input_shape=None):
-        self.build_condition()
-        self.stem.build((None, self.side, self.side, self.cfg.num_codes + 1 + self.condition_channels))
-        for block in self.blocks:
-            block.build((self.filters, self.condition_channels))
-        self.hidden.build((None, self.filters))
-        self.head.build((None, self.filters))
-        self.built = True
-
-
-def unmasking_schedule(side: int, steps: int) -> list[int]:
-    """How many of side * side codes are still hidden after each of `steps` rounds: MaskGIT's cosine schedule,
-    floor(cos(pi t / 2T) n), ending at 0; few codes are fixed first, when the least is known, most at the end."""
-    count = side * side
-    return [int(np.floor(np.cos(np.pi / 2 * step / steps) * count)) for step in range(1, steps + 1)]
-
-
-class MaskedCodeSampler:
-    """Samples code grids from a MaskedCodePrior in `prior_mask_steps` rounds of its full network, in one compiled
-    graph. Round t: logits of every position given the codes fixed so far; a code drawn at every hidden position
-    (softmax(logits / T), within the nucleus when top_p < 1); the hidden positions whose drawn code is most
-    probable, ranked with Gumbel noise that fades over the rounds (MaskGIT's `prior_mask_choice_temperature`), keep
-    their codes until `unmasking_schedule` leaves the right number hidden; the last round fixes them all. The logits
-    of each code are those the full network gave in the round that fixed it (so they equal the network's, by
-    construction; a test checks the draws follow them)."""
-
-    def __init__(self, model: MaskedCodePrior):
-        if not model.built:
-            model.build()
-        self.model = model
-        self.grid, self.num_codes = model.side, model.cfg.num_codes
-        self.schedule = unmasking_schedule(model.side, model.cfg.prior_mask_steps)
-        self._compiled = tf.function(self._sample)
-
-    def _sample(self, condition, temperature, seed, top_p):
-        model, mask, size = self.model, self.model.mask_code, self.grid * self.grid
-        batch = tf.shape(condition)[0]
-        codes = tf.fill((batch, size), mask)
-        chosen_logits = tf.zeros((batch, size, self.num_codes))
-        steps = len(self.schedule)
-        for step, hidden_after in enumerate(self.schedule):
-            grid_codes = tf.reshape(codes, (batch, self.grid, self.grid))
-            logits = tf.reshape(model.logits_given(grid_codes, condition), (batch, size, self.num_codes))
-            scaled = logits / temperature
-            if top_p is not None:
-                scaled = tf.reshape(nucleus_logits(tf.reshape(scaled, (-1, self.num_codes)), top_p), tf.shape(logits))
-            drawn = tf.reshape(tf.random.stateless_categorical(tf.reshape(scaled, (-1, self.num_codes)), 1,
-                                                               seed + [0, 2 * step], dtype=tf.int32), (batch, size))
-            hidden = tf.equal(codes, mask)
-            confidence = tf.gather(tf.nn.log_softmax(scaled), drawn, axis=-1, batch_dims=2)
-            noise = -tf.math.log(-tf.math.log(tf.random.stateless_uniform((batch, size), seed + [0, 2 * step + 1],
-                                                                          1e-20, 1.0)))
-            fade = self.model.cfg.prior_mask_choice_temperature * (1.0 - (step + 1) / steps)
-            confidence = tf.where(hidden, confidence + fade * noise, np.inf)
-            if hidden_after:  # the hidden_after least confident positions stay hidden
-                threshold = tf.sort(confidence, axis=-1)[:, hidden_after - 1:hidden_after]
-                stays_hidden = confidence <= threshold
-            else:
-                stays_hidden = tf.zeros_like(hidden)
-            fixed_now = hidden & ~stays_hidden
-            codes = tf.where(fixed_now, drawn, codes)
-            chosen_logits = tf.where(fixed_now[..., None], logits, chosen_logits)
-        return (tf.reshape(codes, (batch, self.grid, self.grid)),
-                tf.reshape(chosen_logits, (batch, self.grid, self.grid, self.num_codes)))
-
-    def sample(self, num: int, temperature: float = 1.0, seed: int = 0, return_logits: bool = False, levels=None,
-               top=None, guidance: float = 1.0, top_p: float = 1.0):
-        """`num` code grids (num, g, g) int32 under the conditions, as Sampler.sample (no prefix; level guidance is
-        for the top grid, so only w = 1)."""
-        if guidance != 1.0:
-            raise ValueError("guidance is for the top grid's autoregressive prior, not a masked-code prior")
-        levels = np.full(num, np.nan, np.float32) if levels is None else np.asarray(levels, np.float32)
-        condition = self.model.condition_map(prior_inputs(levels=levels, top=top))
-        nucleus = tf.constant(float(top_p)) if top_p < 1 else None
-        codes, logits = self._compiled(condition, tf.constant(float(temperature)),
-                                       tf.constant([seed, 0], tf.int32), nucleus)
-        codes, logits = codes.numpy(), logits.numpy()
-        return (codes, logits) if return_logits else codes
-
-
 @contextlib.contextmanager
 def compute_precision(name: str = "float32"):
     """Layers created inside compute in `name`: "float32", or "bfloat16" (Keras' mixed_bfloat16 policy: float32
@@ -1240,11 +1048,8 @@ def build_prior(config: Config, grid: str = "bottom") -> keras.Model:
     """The prior of code grid `grid` ("top" or "bottom") that `config.prior_layout` names, built, computing in the
     precision of the enclosing `compute_precision()`. The model itself stays float32, so a copy made outside (the best
     epoch's file, a reload in predict.py) computes in float32 with the same weights."""
-    kind = config.prior_kind(grid)
-    if kind == "seed":
+    if config.prior_layout == "seed":
         prior = PixelCNN(config.to_dict(), name="pixelcnn", dtype="float32")
-    elif kind == "masked":
-        prior = MaskedCodePrior(config.to_dict(), grid, name="pixelcnn", dtype="float32")
     else:
         prior = GatedPixelCNN(config.to_dict(), grid, name="pixelcnn" if grid == "bottom" else "pixelcnn_top",
                               dtype="float32")
@@ -1252,10 +1057,8 @@ def build_prior(config: Config, grid: str = "bottom") -> keras.Model:
     return prior
 
 
-def sampler_for(prior: keras.Model) -> Sampler | MaskedCodeSampler:
-    """The fast sampler of a PixelCNN, GatedPixelCNN or MaskedCodePrior."""
-    if isinstance(prior, MaskedCodePrior):
-        return MaskedCodeSampler(prior)
+def sampler_for(prior: keras.Model) -> Sampler:
+    """The fast sampler of a PixelCNN or GatedPixelCNN."""
     return GatedPixelCNNSampler(prior) if isinstance(prior, GatedPixelCNN) else PixelCNNSampler(prior)
 
 

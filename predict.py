@@ -152,10 +152,6 @@ def check_run(run, args) -> None:
         raise UserError(f"{flag}: run {shown_path(args.run)} is not level-conditioned, its priors ignore the level; "
                         f"train one with python train.py (the default preset, prior_condition_on_level=true) "
                         f"and pass it with --run")
-    coarsest = run.config.code_grids[0]
-    if args.guidance != 1.0 and run.config.prior_kind(coarsest) == "masked":
-        raise UserError(f"--guidance: run {shown_path(args.run)} has a single code grid with a masked-code prior, "
-                        f"and guidance is for an autoregressive top-grid prior; leave --guidance out")
 
 
 def remove(path: Path) -> None:

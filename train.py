@@ -1,4 +1,4 @@
-"""Trains the VQ-VAE on the training split, then the prior of each code grid on the codes of that split.
+"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid on the codes of that split.
 
     python train.py                                         # default preset on the official OASIS-1 download
     python train.py --data ../shared/data/oasis1-mni-volumes --out runs/mni
@@ -34,12 +34,12 @@ from hyperparameters import Config, vqvae_differences
 from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
 PROCESS_START = time.time()
-PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid prior", "prior": "bottom-grid prior"}
+PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="train.py", description="Train the VQ-VAE on the train split (validated on the "
-                            "validate split), then the priors over its codes.")
+                            "validate split), then the PixelCNN prior over its codes.")
     add_data_args(parser, default_data="oasis", default_split=None)
     add_config_args(parser, seed_help="seed for everything random: initial weights, shuffling, flips, codebook "
                                       "restarts, dropout (default: the preset's)")
@@ -50,7 +50,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last completed epoch")
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
-                        help="reuse the finished VQ-VAE of RUN_DIR and train only new priors; RUN_DIR must "
+                        help="reuse the finished VQ-VAE of RUN_DIR and train only a new PixelCNN prior; RUN_DIR must "
                              "have the same hyperparameters except prior_*, temperature and top_p, and the same --data")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "

@@ -18,10 +18,9 @@ import cli  # noqa: E402
 import modules  # noqa: E402
 import rundir  # noqa: E402
 from hyperparameters import make_config  # noqa: E402
-from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedCodePrior, MaskedCodeSampler,  # noqa: E402
-                     MaskedConv2D, PixelCNN, PixelCNNSampler, Run, SliceGenerator, VectorQuantizer, build_prior,
-                     causal_mask, generate, prior_bits_per_code, prior_inputs, sampler_for, save_model, sub_seed,
-                     unmasking_schedule)
+from modules import (VQVAE, GatedPixelCNN, GatedPixelCNNSampler, MaskedConv2D, PixelCNN,  # noqa: E402
+                     PixelCNNSampler, Run, SliceGenerator, VectorQuantizer, build_prior, causal_mask, generate,
+                     prior_bits_per_code, prior_inputs, sampler_for, save_model, sub_seed)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,19 +156,14 @@ def test_causal_mask(kind):
 
 # kind: (preset, overrides, grid); small grids keep the gradient tests fast
 SMALL_TWO_LEVEL = ["image_size=32", "prior_filters=16", "top_prior_filters=16", "prior_condition_filters=8"]
-# the autoregressive priors; MASKED_BOTTOM, a masked-code bottom prior, reads the whole grid at once
 PRIORS = {"seed": ("seed", ["image_size=256", "prior_filters=16"], "bottom"),
           "gated_top": ("default", SMALL_TWO_LEVEL, "top"),
-          "gated_bottom": ("default", SMALL_TWO_LEVEL + ["prior_bottom=gated", "prior_residual_blocks=4"], "bottom")}
-MASKED_BOTTOM = {"masked_bottom": ("default", SMALL_TWO_LEVEL + ["prior_bottom=masked", "prior_residual_blocks=8"],
-                                   "bottom")}
+          "gated_bottom": ("default", SMALL_TWO_LEVEL, "bottom")}
 
 
-def random_prior(kind, overrides=()):
-    """The prior of PRIORS[kind] (or MASKED_BOTTOM's) with random weights everywhere, biases too, so that no path
-    is silently zero; `overrides` are more --set values."""
-    preset, kind_overrides, grid = {**PRIORS, **MASKED_BOTTOM}[kind]
-    overrides = [*kind_overrides, *overrides]
+def random_prior(kind):
+    """The prior of PRIORS[kind] with random weights everywhere, biases too, so that no path is silently zero."""
+    preset, overrides, grid = PRIORS[kind]
     config = make_config(preset, overrides)
     prior = build_prior(config, grid)
     for weight in prior.weights:
@@ -260,94 +254,25 @@ def test_sampler_is_reproducible_from_its_seed(kind):
     assert first.shape == (6, prior.side, prior.side) and first.min() >= 0 and first.max() < 16
 
 
-def assert_drawn_from(codes: np.ndarray, logits: np.ndarray, temperature: float, top_p: float) -> None:
-    """The (n,) codes drawn at one position fall with the frequencies of softmax(logits / T) limited to the nucleus
-    (the most probable codes holding top_p of the probability) and renormalized, and never outside it."""
-    scaled = logits / temperature
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
+def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature, top_p):
+    """Codes are drawn from softmax(logits / T), limited to the nucleus (the most probable codes holding top_p of
+    the probability) and renormalized: at the first position (no codes before it) the codes of 4000 grids fall with
+    those frequencies, and never outside the nucleus."""
+    config, prior = random_prior("gated_bottom")
+    sampler = sampler_for(prior)
+    given = {key: np.repeat(value[:1], 4000, axis=0) for key, value in conditions(prior, 1).items()}
+    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, top_p=top_p, **given)
+    scaled = logits[0, 0, 0] / temperature
     expected = np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
     ranked = np.sort(expected)[::-1]
     nucleus_size = int(np.sum(np.cumsum(ranked) - ranked < top_p))
     assert (nucleus_size < len(expected)) == (top_p < 1)  # the case means something
     expected = np.where(expected >= ranked[nucleus_size - 1], expected, 0.0)
     expected /= expected.sum()
-    observed = np.bincount(codes, minlength=len(expected)) / len(codes)
+    observed = np.bincount(codes[:, 0, 0], minlength=len(expected)) / len(codes)
     assert np.abs(observed - expected).max() < 0.03  # 4 standard errors of the largest probability
     assert observed[expected == 0].sum() == 0
-
-
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
-def test_sampler_draws_codes_with_the_probabilities_of_its_logits(temperature, top_p):
-    """At the first position (no codes before it) the codes of 4000 grids fall with the frequencies of the logits
-    returned, after the temperature and within the nucleus."""
-    config, prior = random_prior("gated_bottom")
-    sampler = sampler_for(prior)
-    given = {key: np.repeat(value[:1], 4000, axis=0) for key, value in conditions(prior, 1).items()}
-    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, top_p=top_p, **given)
-    assert_drawn_from(codes[:, 0, 0], logits[0, 0, 0], temperature, top_p)
-
-
-def test_masked_prior_reads_every_code_of_the_grid_and_its_conditions():
-    """Nothing is causal: the logits at the first position move with the last position's code, with hiding it, with
-    the level and with the top codes."""
-    _, prior = random_prior("masked_bottom")
-    assert isinstance(prior, MaskedCodePrior)
-    codes = np.random.default_rng(1).integers(0, 16, (3, prior.side, prior.side)).astype("int32")
-    base = conditions(prior, 3)
-    first = lambda inputs, grids=codes: np.asarray(prior({**inputs, "codes": grids}))[:, 0, 0]  # noqa: E731
-    reference = first(base)
-    for value in ((codes[:, -1, -1] + 1) % 16, prior.mask_code):
-        changed = codes.copy()
-        changed[:, -1, -1] = value
-        assert np.abs(first(base, changed) - reference).max() > 1e-4
-    assert np.abs(first({**base, "levels": np.array([0.3, 0.1, 0.9], np.float32)}) - reference)[0].max() > 1e-4
-    assert np.abs(first({**base, "top": (base["top"] + 1) % 16}) - reference).max() > 1e-4
-
-
-def test_masked_sampler_fixes_every_code_on_its_schedule_reproducibly():
-    """The cosine schedule leaves fewer codes hidden after each round, none after the last; the sampler's grids
-    hold no hidden code, are the same for the same seed and differ for another; level guidance is refused."""
-    schedule = unmasking_schedule(64, 12)
-    assert schedule[0] == 4060 and schedule[-1] == 0 and all(a > b for a, b in zip(schedule, schedule[1:]))
-    _, prior = random_prior("masked_bottom")
-    sampler = sampler_for(prior)
-    assert isinstance(sampler, MaskedCodeSampler)
-    given = conditions(prior, 6)
-    first, again, other = (sampler.sample(6, seed=seed, **given) for seed in (1, 1, 2))
-    np.testing.assert_array_equal(first, again)
-    assert (first != other).any()
-    assert first.shape == (6, prior.side, prior.side) and first.min() >= 0 and first.max() < 16
-    with pytest.raises(ValueError, match="guidance"):
-        sampler.sample(6, guidance=2.0, **given)
-
-
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.5)])
-def test_masked_sampler_draws_codes_with_the_probabilities_of_its_network(temperature, top_p):
-    """In one round every code is drawn given the all-hidden grid: the logits returned are the full network's on
-    it, and a position's codes of 4000 grids fall with their frequencies (temperature, nucleus)."""
-    _, prior = random_prior("masked_bottom", ["prior_mask_steps=1"])
-    sampler = sampler_for(prior)
-    given = {key: np.repeat(value[:1], 4000, axis=0) for key, value in conditions(prior, 1).items()}
-    codes, logits = sampler.sample(4000, temperature, seed=5, return_logits=True, top_p=top_p, **given)
-    hidden = np.full((1, prior.side, prior.side), prior.mask_code, np.int32)
-    network = np.asarray(prior({**{key: value[:1] for key, value in given.items()}, "codes": hidden}))
-    np.testing.assert_allclose(logits[:2], np.repeat(network, 2, axis=0), atol=1e-4)
-    assert_drawn_from(codes[:, 3, 5], network[0, 3, 5], temperature, top_p)
-
-
-def test_masked_prior_bits_per_code_score_its_rounds_in_a_random_order():
-    """In one round, every code is scored given the all-hidden grid: the cross-entropy of those logits. In twelve,
-    each round's codes are scored given those revealed before (another figure), the same for the same seed."""
-    _, prior = random_prior("masked_bottom", ["prior_mask_steps=1"])
-    inputs = {**conditions(prior, 2), "codes": np.random.default_rng(3).integers(0, 16, (2, prior.side, prior.side))}
-    hidden = np.full_like(inputs["codes"], prior.mask_code)
-    expected = float(modules.bits_per_code(prior({**inputs, "codes": hidden}), inputs["codes"]))
-    assert abs(modules.mean_bits_per_code(prior, inputs) - expected) < 1e-4
-    config = make_config("default", SMALL_TWO_LEVEL + ["prior_bottom=masked", "prior_residual_blocks=8"])
-    rounds = build_prior(config, "bottom")
-    rounds.set_weights(prior.get_weights())
-    bits = np.asarray(rounds.code_bits(inputs, seed=0))
-    assert bits.shape == (2,) and np.isfinite(bits).all() and np.abs(bits.mean() - expected) > 1e-3
-    np.testing.assert_allclose(np.asarray(rounds.code_bits(inputs, seed=0)), bits)
 
 
 @pytest.mark.parametrize("kind", ["gated_top", "gated_bottom"])
@@ -479,13 +404,13 @@ def policies(model) -> set[str]:
     return {layer.dtype_policy.name for layer in model._flatten_layers()}
 
 
-@pytest.mark.parametrize("kind", [*PRIORS, *MASKED_BOTTOM])
+@pytest.mark.parametrize("kind", PRIORS)
 def test_a_prior_trained_in_bfloat16_is_saved_and_sampled_in_float32(kind, tmp_path):
     """Inside compute_precision("bfloat16") a prior computes in bfloat16 with float32 weights and float32 logits, and
     its checkpoint reloads so inside it (train.py resumes there); a copy made outside (the best epoch's file) and a
     plain reload compute in float32 with the same weights, so samplers stay exact."""
     config, float_prior = random_prior(kind)
-    grid = {**PRIORS, **MASKED_BOTTOM}[kind][2]
+    grid = PRIORS[kind][2]
     with modules.compute_precision("bfloat16"):
         prior = build_prior(config, grid)
     prior.set_weights(float_prior.get_weights())

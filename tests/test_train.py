@@ -107,7 +107,7 @@ def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path)
     assert json.loads((run / "config.json").read_text())["prior_layout"] == "gated"
     assert json.loads((run / "summary.json").read_text())["vqvae_from"] == relative_source
     assert json.loads((run / "summary.json").read_text())["prior_precision"] == "bfloat16"
-    assert "bottom-grid prior: 2 epochs in bfloat16 mixed precision" in result.stdout
+    assert "PixelCNN prior: 2 epochs in bfloat16 mixed precision" in result.stdout
     out = tmp_path / "predictions"
     result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,8 +208,7 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     from dataset import prior_dataset
     from hyperparameters import make_config
 
-    config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3",
-                                     "prior_bottom=gated"])
+    config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3"])
     slices, levels = 16, np.linspace(0, 1, 16, dtype=np.float32)
     codes = {"bottom": np.full((slices, 64, 64), 3, np.int32), "top": np.zeros((slices, 16, 16), np.int32)}
     dataset = prior_dataset(config, "bottom", codes, levels, codes)
@@ -224,39 +223,6 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     assert (changed[0] != changed[1]).any()
     (inputs, targets), = list(prior_dataset(config, "bottom", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
-    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
-    np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
-
-
-def test_a_masked_code_prior_trains_on_grids_with_a_random_share_hidden_and_learns_only_those():
-    """The masked bottom prior's batches: each grid's input codes with a share cos(pi u / 2) of them hidden (the
-    mask code 16), from nearly none to nearly all, drawn anew each epoch; targets the true grid; weights 1 exactly
-    at the hidden codes. Validation hides the same codes every epoch, so its bits/code compare; the top grid (a
-    gated prior) is never hidden."""
-    from dataset import prior_dataset
-    from hyperparameters import make_config
-
-    config = make_config("default", ["prior_batch_size=64", "prior_flip=false", "prior_bottom=masked",
-                                     "prior_context_corruption=0"])
-    slices, levels = 64, np.linspace(0, 1, 64, dtype=np.float32)
-    codes = {"bottom": np.full((slices, 64, 64), 3, np.int32), "top": np.zeros((slices, 16, 16), np.int32)}
-    dataset = prior_dataset(config, "bottom", codes, levels, codes)
-    hidden = []
-    for _ in range(2):  # epochs
-        (inputs, targets, weights), = list(dataset)
-        np.testing.assert_array_equal(np.asarray(targets), codes["bottom"])
-        grids = np.asarray(inputs["codes"])
-        assert set(np.unique(grids)) == {3, 16}
-        np.testing.assert_array_equal(np.asarray(weights), (grids == 16).astype(np.float32))
-        hidden.append(grids == 16)
-    shares = hidden[0].mean(axis=(1, 2))
-    assert shares.min() < 0.3 and shares.max() > 0.9  # the whole range of the sampler's rounds
-    assert abs(shares.mean() - 2 / np.pi) < 0.1  # the mean of cos(pi u / 2)
-    assert (hidden[0] != hidden[1]).any()
-    validation = prior_dataset(config, "bottom", codes, levels)
-    first, again = ([np.asarray(batch[0]["codes"]) for batch in validation] for _ in range(2))
-    np.testing.assert_array_equal(first[0], again[0])
-    assert (first[0] == 16).any()
     (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
 

@@ -347,6 +347,20 @@ class RunState:
         self.data.setdefault("checkpoint", {})
         self.data.setdefault("best_saved", {})
 
+    @classmethod
+    def of_shipped_run(cls, run: RunDir) -> "RunState":
+        """The record of a finished run copied without its checkpoints/ (as pretrained/ ships): each phase's
+        history from its CSV, the best epochs and the data from summary.json. It has no checkpoint to resume
+        from, which a finished phase never needs (train.py --vqvae-from adopts its VQ-VAE)."""
+        state, summary = cls(run, fresh=True), run.read_summary()
+        for phase in PHASES:
+            state.data["history"][phase] = [{key: int(value) if key == "epoch" else float(value)
+                                             for key, value in row.items() if value != ""}
+                                            for row in run.read_history(phase)]
+        state.data["best_saved"] = {"vqvae": summary.get("vqvae", {}).get("best_epoch")}
+        state.data["data_fingerprint"], state.data["data"] = summary.get("data_fingerprint"), summary.get("data")
+        return state
+
     def history(self, phase: str) -> list[dict]:
         return self.data["history"][phase]
 
@@ -435,12 +449,15 @@ class RunState:
     def adopt_vqvae(self, source: "RunState") -> None:
         """Copies the finished VQ-VAE phase of the run `source` (best model, last checkpoint, history, data record)
         into this run and commits it, so that training goes straight to the prior."""
-        for name, target in ((source.run.model_path("vqvae"), self.run.model_path("vqvae")),
-                             (source.checkpoint_path("vqvae"), self.run.checkpoint_path(
-                                 source.checkpoint_path("vqvae").name))):
+        files = [(source.run.model_path("vqvae"), self.run.model_path("vqvae"))]
+        if "vqvae" in source.data["checkpoint"]:  # a shipped run (of_shipped_run) has none
+            files.append((source.checkpoint_path("vqvae"), self.run.checkpoint_path(
+                source.checkpoint_path("vqvae").name)))
+            self.data["checkpoint"]["vqvae"] = source.data["checkpoint"]["vqvae"]
+        for name, target in files:
             with open(name, "rb") as original:
                 atomic_write(target, lambda out: shutil.copyfileobj(original, out))
-        for key in ("history", "checkpoint", "best_saved"):
+        for key in ("history", "best_saved"):
             self.data[key]["vqvae"] = source.data[key].get("vqvae")
         self.data["data_fingerprint"] = source.data["data_fingerprint"]
         self.data["data"] = source.data["data"]

@@ -50,8 +50,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last completed epoch")
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
-                        help="reuse the finished VQ-VAE of RUN_DIR and train only a new PixelCNN prior; RUN_DIR must "
-                             "have the same hyperparameters except prior_*, temperature and top_p, and the same --data")
+                        help="reuse the finished VQ-VAE of RUN_DIR (a train.py run, or a copy without checkpoints/ such "
+                             "as pretrained/) and train only new PixelCNN priors; RUN_DIR must have the same "
+                             "hyperparameters except prior_*, temperature and top_p, and the same --data")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -165,12 +166,17 @@ def check_vqvae_source(path: Path, config: Config) -> RunState:
     """The state of the run `path` (--vqvae-from); UserError unless its VQ-VAE phase finished with `config`'s VQ-VAE
     and data hyperparameters (everything but prior_*, temperature and top_p)."""
     source = RunDir(path)
-    for required in (source.config_path, source.model_path("vqvae"), source.state_path):
+    # a run made by train.py has its state.json; a finished run copied without checkpoints/ (pretrained/) has
+    # its summary.json instead
+    record = source.state_path if source.state_path.is_file() or not source.summary_path.is_file() \
+        else source.summary_path
+    for required in (source.config_path, source.model_path("vqvae"), record):
         if not required.is_file():
             raise UserError(f"--vqvae-from {source}: {required} is missing; give a run directory made by train.py "
                             f"whose VQ-VAE phase finished")
     with about(f"--vqvae-from {source}"):
-        saved, state = source.read_config(), RunState(source)
+        saved = source.read_config()
+        state = RunState(source) if record == source.state_path else RunState.of_shipped_run(source)
     differ = vqvae_differences(saved.to_dict(), config.to_dict())
     if differ:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "

@@ -125,6 +125,27 @@ def test_vqvae_from_trains_only_a_new_prior_on_the_same_vqvae(trained, tmp_path)
     assert_clean_usage_error(moved, "--vqvae-from", "--data")
 
 
+def test_vqvae_from_takes_a_finished_run_copied_without_its_checkpoints(trained, tmp_path):
+    """As pretrained/ ships: the run's files without checkpoints/ still lend their VQ-VAE to new priors."""
+    data, source = trained
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in RUN_FILES:
+        (shipped / name).write_bytes((source / name).read_bytes())
+    run = tmp_path / "new_priors"
+    result = run_script("train.py", "--data", data, "--cache", tmp_path / "cache", "--out", run, "--vqvae-from",
+                        shipped, *SEED_FLAGS, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "VQ-VAE: all 2 epochs already done" in result.stdout
+    assert (run / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
+    assert read_history(run / "history_vqvae.csv") == read_history(source / "history_vqvae.csv")
+    assert [row["epoch"] for row in read_history(run / "history_prior.csv")] == ["1", "2"]
+    (shipped / "summary.json").unlink()
+    unfinished = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--vqvae-from", shipped,
+                            *SEED_FLAGS)
+    assert_clean_usage_error(unfinished, "--vqvae-from", "state.json")
+
+
 def test_a_folder_a_failed_run_left_without_a_finished_epoch_is_started_over(trained):
     """The `trained` run went into a folder that held a failed attempt's config.json, state.json (no epoch) and an
     uncommitted checkpoint: the run started over there instead of asking for --resume."""

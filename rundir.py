@@ -216,6 +216,11 @@ class RunDir:
         with open(self.history_path(phase), newline="") as handle:
             return list(csv.DictReader(handle))
 
+    def read_history_values(self, phase: str) -> list[dict[str, float]]:
+        """read_history's rows as numbers: the epoch an int, every other filled cell a float."""
+        return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items() if value != ""}
+                for row in self.read_history(phase)]
+
     def write_curves(self, phase: str, figure) -> None:
         save_figure(figure, self.curves_path(phase))
 
@@ -349,14 +354,11 @@ class RunState:
 
     @classmethod
     def of_shipped_run(cls, run: RunDir) -> "RunState":
-        """The record of a finished run copied without its checkpoints/ (as pretrained/ ships): each phase's
-        history from its CSV, the best epochs and the data from summary.json. It has no checkpoint to resume
-        from, which a finished phase never needs (train.py --vqvae-from adopts its VQ-VAE)."""
+        """What adopt_vqvae reads of a finished run copied without its checkpoints/ (as pretrained/ ships): the
+        VQ-VAE's history from its CSV, its best epoch and the data from summary.json. It has no checkpoint to
+        resume from, which a finished phase never needs."""
         state, summary = cls(run, fresh=True), run.read_summary()
-        for phase in PHASES:
-            state.data["history"][phase] = [{key: int(value) if key == "epoch" else float(value)
-                                             for key, value in row.items() if value != ""}
-                                            for row in run.read_history(phase)]
+        state.data["history"]["vqvae"] = run.read_history_values("vqvae")
         state.data["best_saved"] = {"vqvae": summary.get("vqvae", {}).get("best_epoch")}
         state.data["data_fingerprint"], state.data["data"] = summary.get("data_fingerprint"), summary.get("data")
         return state

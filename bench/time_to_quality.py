@@ -24,10 +24,6 @@ from rundir import RunDir
 THRESHOLDS = (0.6, 0.8, 0.9, 0.95)
 
 
-def read_history(run_dir: Path):
-    return [{key: float(value) for key, value in row.items() if value} for row in RunDir(run_dir).read_history("vqvae")]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -49,13 +45,13 @@ def main():
         process = subprocess.Popen(command)
         while process.poll() is None:
             time.sleep(1)
-            done = read_history(run_dir)
+            done = RunDir(run_dir).read_history_values("vqvae")
             if args.stop_at is not None and done and max(row.get("val_ssim", 0) for row in done) >= args.stop_at:
                 process.terminate()
                 process.wait()
         if process.returncode not in (0, -15) or not RunDir(run_dir).history_path("vqvae").exists():
             sys.exit(f"train.py failed with exit code {process.returncode}")
-    history = read_history(run_dir)
+    history = RunDir(run_dir).read_history_values("vqvae")
     rows = []
     for threshold in THRESHOLDS:
         hit = next((row for row in history if row.get("val_ssim", 0) >= threshold), None)

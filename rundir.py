@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cli import UserError
-from hyperparameters import PRESETS, Config, validate, vqvae_differences
+from hyperparameters import PRESETS, Config, prior_differences, top_prior_differences, validate, vqvae_differences
 
 PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
@@ -354,12 +354,14 @@ class RunState:
 
     @classmethod
     def of_shipped_run(cls, run: RunDir) -> "RunState":
-        """What adopt_vqvae reads of a finished run copied without its checkpoints/ (as pretrained/ ships): the
-        VQ-VAE's history from its CSV, its best epoch and the data from summary.json. It has no checkpoint to
-        resume from, which a finished phase never needs."""
+        """What adopt_phases reads of a finished run copied without its checkpoints/ (as pretrained/ ships): each
+        phase's history from its CSV, its best epoch and the data from summary.json. It has no checkpoint to resume
+        from, which a finished phase never needs."""
         state, summary = cls(run, fresh=True), run.read_summary()
-        state.data["history"]["vqvae"] = run.read_history_values("vqvae")
-        state.data["best_saved"] = {"vqvae": summary.get("vqvae", {}).get("best_epoch")}
+        state.data["history"] = {phase: run.read_history_values(phase) for phase in PHASES}
+        state.data["best_saved"] = {"vqvae": summary.get("vqvae", {}).get("best_epoch"),
+                                    **{phase: summary.get("priors", {}).get(grid, {}).get("best_epoch")
+                                       for grid, phase in PRIOR_PHASES.items()}}
         state.data["data_fingerprint"], state.data["data"] = summary.get("data_fingerprint"), summary.get("data")
         return state
 
@@ -448,24 +450,28 @@ class RunState:
             if self.epochs_done(phase):
                 self.run.write_history(phase, self.history(phase))
 
-    def adopt_vqvae(self, source: "RunState") -> None:
-        """Copies the finished VQ-VAE phase of the run `source` (best model, last checkpoint, history, data record)
-        into this run and commits it, so that training goes straight to the prior."""
-        files = [(source.run.model_path("vqvae"), self.run.model_path("vqvae"))]
-        if "vqvae" in source.data["checkpoint"]:  # a shipped run (of_shipped_run) has none
-            files.append((source.checkpoint_path("vqvae"), self.run.checkpoint_path(
-                source.checkpoint_path("vqvae").name)))
-            self.data["checkpoint"]["vqvae"] = source.data["checkpoint"]["vqvae"]
-        for name, target in files:
-            with open(name, "rb") as original:
-                atomic_write(target, lambda out: shutil.copyfileobj(original, out))
-        for key in ("history", "best_saved"):
-            self.data[key]["vqvae"] = source.data[key].get("vqvae")
+    def adopt_phases(self, source: "RunState", phases: tuple[str, ...] = ("vqvae",)) -> None:
+        """Copies the finished `phases` of the run `source` (best model, last checkpoint, history) and its data
+        record into this run and commits them, so that training goes straight to the phases after them."""
+        for phase in phases:
+            files = [(source.run.model_path(phase), self.run.model_path(phase))]
+            if phase in source.data["checkpoint"]:  # a shipped run (of_shipped_run) has none
+                checkpoint = source.checkpoint_path(phase)
+                files.append((checkpoint, self.run.checkpoint_path(checkpoint.name)))
+                self.data["checkpoint"][phase] = source.data["checkpoint"][phase]
+            for name, target in files:
+                with open(name, "rb") as original:
+                    atomic_write(target, lambda out: shutil.copyfileobj(original, out))
+            self.data["history"][phase] = source.history(phase)
+            self.data["best_saved"][phase] = source.data["best_saved"].get(phase)
         self.data["data_fingerprint"] = source.data["data_fingerprint"]
         self.data["data"] = source.data["data"]
         self.data["vqvae_from"] = str(source.run.path)
+        if "prior_top" in phases:
+            self.data["top_prior_from"] = str(source.run.path)
         self.save()
-        self.run.write_history("vqvae", self.history("vqvae"))
+        for phase in phases:
+            self.run.write_history(phase, self.history(phase))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,8 +519,10 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
             raise UserError(f"{path}: cannot be loaded ({type(error).__name__}); the file is damaged or from "
                             f"another version, retrain or restore it") from None
         saved = Config.from_dict(getattr(model, "config_dict", config.to_dict())).to_dict()
-        # a VQ-VAE reused by train.py --vqvae-from keeps the prior fields of the run it was trained in
-        if (vqvae_differences(saved, config.to_dict()) if phase == "vqvae" else saved != config.to_dict()):
+        # a VQ-VAE (and a top prior) reused by train.py --vqvae-from (--keep-top-prior) keeps the fields of the run
+        # it was trained in that it does not read
+        differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences}.get(phase, prior_differences)
+        if differences(saved, config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
     return Run(config, models[0], dict(zip(config.code_grids, models[1:])))

@@ -30,7 +30,7 @@ import numpy as np
 
 from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_progress_arg, check_output_path,
                  config_from_args, configure_tensorflow, resolved_precision, run_main)
-from hyperparameters import Config, vqvae_differences
+from hyperparameters import BOTTOM_PRIOR_KEYS, Config, top_prior_differences, vqvae_differences
 from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
 PROCESS_START = time.time()
@@ -53,6 +53,10 @@ def build_parser() -> ArgumentParser:
                         help="reuse the finished VQ-VAE of RUN_DIR (a train.py run, or a copy without checkpoints/ such "
                              "as pretrained/) and train only new PixelCNN priors; RUN_DIR must have the same "
                              "hyperparameters except prior_*, temperature and top_p, and the same --data")
+    parser.add_argument("--keep-top-prior", action="store_true",
+                        help="with --vqvae-from: also reuse RUN_DIR's finished top prior and train only a new bottom "
+                             "prior (to compare bottom priors under one top prior); RUN_DIR's hyperparameters must "
+                             "then differ only in the bottom prior's fields (hyperparameters.BOTTOM_PRIOR_KEYS)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -70,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(args)
     chief = is_chief(tf_config() if args.strategy == "multiworker" else None)
     run = check_run_dir(args, config, chief)
-    source = check_vqvae_source(args.vqvae_from, config) if args.vqvae_from is not None else None
+    if args.keep_top_prior and args.vqvae_from is None:
+        raise UserError("--keep-top-prior needs --vqvae-from RUN_DIR, the run whose top prior to keep")
+    source = check_vqvae_source(args.vqvae_from, config, args.keep_top_prior) if args.vqvae_from is not None \
+        else None
     verbose = keras_verbosity(args)
     slices = load_training_data(args, config, run, source, progress=verbose == 1)
     configure_tensorflow(onednn=args.strategy in ("auto", "one"))  # several replicas need oneDNN off
@@ -162,9 +169,10 @@ def check_run_dir(args, config: Config, chief: bool) -> RunDir:
     return run
 
 
-def check_vqvae_source(path: Path, config: Config) -> RunState:
+def check_vqvae_source(path: Path, config: Config, keep_top_prior: bool = False) -> RunState:
     """The state of the run `path` (--vqvae-from); UserError unless its VQ-VAE phase finished with `config`'s VQ-VAE
-    and data hyperparameters (everything but prior_*, temperature and top_p)."""
+    and data hyperparameters (everything but prior_*, top_prior_* and sampling's), and with `keep_top_prior` unless
+    its top prior finished too, with all of `config` but the bottom prior's and sampling's."""
     source = RunDir(path)
     # a run made by train.py has its state.json; a finished run copied without checkpoints/ (pretrained/) has
     # its summary.json instead
@@ -184,7 +192,23 @@ def check_vqvae_source(path: Path, config: Config) -> RunState:
     if state.epochs_done("vqvae") < config.epochs:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {state.epochs_done('vqvae')} of {config.epochs} "
                         f"epochs; finish it first with python train.py --resume --out {source}")
+    if keep_top_prior:
+        check_top_prior_source(source, saved, state, config)
     return state
+
+
+def check_top_prior_source(source: RunDir, saved: Config, state: RunState, config: Config) -> None:
+    """UserError unless the run `source` (--keep-top-prior) holds a finished top prior that `config` would train."""
+    if config.top_grid is None:
+        raise UserError("--keep-top-prior: this preset has a single code grid, so no top prior to keep")
+    differ = top_prior_differences(saved.to_dict(), config.to_dict())
+    if differ:
+        raise UserError(f"--keep-top-prior: the top prior of {source} was trained with other hyperparameters "
+                        f"({', '.join(differ)}); with it, --set may change only {', '.join(BOTTOM_PRIOR_KEYS)}")
+    done = state.epochs_done("prior_top")
+    if done < config.top_prior_epochs or not source.model_path("prior_top").is_file():
+        raise UserError(f"--keep-top-prior: the top prior of {source} finished {done} of {config.top_prior_epochs} "
+                        f"epochs; finish it first with python train.py --resume --out {source}")
 
 
 def load_training_data(args, config: Config, run: RunDir, source: RunState | None, progress: bool):
@@ -221,7 +245,7 @@ def open_run_dir(args, config: Config, run: RunDir, source: RunState | None, sli
                   f"{', '.join(sorted(removed))}", flush=True)
         state.rewrite_histories()
     if source is not None and not state.epochs_done("vqvae"):
-        state.adopt_vqvae(source)
+        state.adopt_phases(source, ("vqvae", "prior_top") if args.keep_top_prior else ("vqvae",))
     if state.data.get("data_fingerprint") is None:
         state.record_data(slices.fingerprint(), str(args.data))
     return state
@@ -588,7 +612,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
                         **{key: best[key] for key in best if "bits" in key}}
     return {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
-        "vqvae_from": state.data.get("vqvae_from"),
+        "vqvae_from": state.data.get("vqvae_from"), "top_prior_from": state.data.get("top_prior_from"),
         "slices": {split: len(slices.select(split)) for split in (*SPLITS, EXCLUDED)},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in (*SPLITS, EXCLUDED)},
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],

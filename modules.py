@@ -882,6 +882,8 @@ class GatedPixelCNN(keras.Model):
     - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
     - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
       the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
+      Top codes equal to UNKNOWN_CODE have an all-zero one-hot map: "unknown", which a prior trained with
+      prior_top_dropout learns, so that its sampler can guide on the top codes (Sampler.sample, guide="top").
 
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it

@@ -685,8 +685,8 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
     """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
     left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
     `prior_level_dropout` share shown with an unknown level (NaN), and for the bottom grid a
-    `prior_context_corruption` share of the codes it reads replaced by random ones and a `prior_top_dropout` share
-    shown with unknown top codes; all seeded, drawn anew each epoch."""
+    `prior_context_corruption` share of the codes it reads replaced by random ones; all seeded, drawn anew each
+    epoch."""
     import tensorflow as tf
 
     from modules import grid_inputs
@@ -699,22 +699,19 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
             len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
-        bottom = grid == "bottom"
+        corruption = config.prior_context_corruption if grid == "bottom" else 0.0
         dataset = tf.data.Dataset.zip(dataset, draws).map(
             functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
-                              context_corruption=config.prior_context_corruption if bottom else 0.0,
-                              top_dropout=config.prior_top_dropout if bottom else 0.0, num_codes=config.num_codes))
+                              context_corruption=corruption, num_codes=config.num_codes))
     else:
         dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
     return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int,
-            top_dropout: float = 0.0):
+def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):
     """One training example (inputs, target codes) from (a grid's inputs, its flipped slice's inputs) and a random
-    int64 `draw`: the grid or its flip, its level or unknown, its top codes (a bottom grid's) or, with probability
-    `top_dropout`, unknown ones (all modules.UNKNOWN_CODE), and the codes it reads with a `context_corruption` share
-    replaced by random codes; the targets stay the true codes."""
+    int64 `draw`: the grid or its flip, its level or unknown, and the codes it reads with a `context_corruption`
+    share replaced by random codes; the targets stay the true codes."""
     import tensorflow as tf
 
     inputs, mirrored = pair
@@ -731,11 +728,6 @@ def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: fl
         corrupt = tf.random.stateless_uniform(tf.shape(targets), seed) < context_corruption
         random_codes = tf.random.stateless_uniform(tf.shape(targets), seed + 1, 0, num_codes, dtype=tf.int32)
         chosen["codes"] = tf.where(corrupt, tf.cast(random_codes, targets.dtype), targets)
-    if top_dropout and "top" in chosen:
-        from modules import UNKNOWN_CODE
-
-        hide_top = tf.random.stateless_uniform((), tf.stack([draw, tf.constant(3, tf.int64)])) < top_dropout
-        chosen["top"] = tf.where(hide_top, tf.constant(UNKNOWN_CODE, chosen["top"].dtype), chosen["top"])
     return chosen, targets
 
 

@@ -104,9 +104,6 @@ class Config:
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
     # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
     prior_context_corruption: float = 0.2
-    # share of the bottom prior's training grids shown with unknown top codes, so that it also learns p(codes | level)
-    # alone: what classifier-free guidance on the top codes (bottom_guidance) sets the top codes' logits against
-    prior_top_dropout: float = 0.0
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -121,9 +118,6 @@ class Config:
     # nucleus sampling of the bottom (or only) grid: each code drawn from the most probable codes holding this much of
     # the probability (on the top grid it breaks the brain's outline; README)
     top_p: float = 1.0
-    # classifier-free guidance of the bottom grid on the top codes (Ho and Salimans, 2022): codes drawn from
-    # u + w (c - u), c the logits given the top codes and u given unknown ones; needs prior_top_dropout > 0; 1 = off
-    bottom_guidance: float = 1.0
 
     @property
     def code_grid(self) -> int:
@@ -178,13 +172,10 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     Version 1 (single code grid, unconditioned priors, no prior regularization): the fields added in version 2 get
     the values that describe how those runs were built and trained; its prior_lr_schedule was added late and is
     "constant" where absent."""
-    # runs written before prior_precision existed trained their priors in float32, before
-    # prior_context_corruption existed on clean codes, and before prior_top_dropout never without top codes (so
-    # they cannot be guided on them)
+    # runs written before prior_precision existed trained their priors in float32, and before
+    # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
-    values.setdefault("prior_top_dropout", 0.0)
-    values.setdefault("bottom_guidance", 1.0)
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -228,7 +219,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         prior_level_dropout=0.0,
         prior_flip=False,
         prior_context_corruption=0.0,
-        prior_top_dropout=0.0,
     ),
 }
 
@@ -282,10 +272,10 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
     return config
 
 
-SAMPLING_KEYS = ("temperature", "top_p", "bottom_guidance")
+SAMPLING_KEYS = ("temperature", "top_p")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
-                     "prior_condition_filters", "prior_context_corruption", "prior_top_dropout")
+                     "prior_condition_filters", "prior_context_corruption")
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
@@ -295,15 +285,9 @@ def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[st
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (temperature, top_p, bottom_guidance): two configs without differences describe the same VQ-VAE trained the
-    same way on the same data."""
+    (temperature, top_p): two configs without differences describe the same VQ-VAE trained the same way on the same
+    data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
-
-
-def prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
-    """The keys of two config dicts that differ, ignoring only sampling's: a prior saved with one config samples as
-    a run with the other asks."""
-    return _differences(first, second, lambda key: key in SAMPLING_KEYS)
 
 
 def top_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
@@ -345,7 +329,7 @@ def validate(config: Config) -> None:
         top_down *= stride
     if config.code_grid % top_down:
         raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
-    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "prior_top_dropout"):
+    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:
@@ -359,5 +343,3 @@ def validate(config: Config) -> None:
         raise ValueError("temperature must be positive")
     if not 0 < config.top_p <= 1:
         raise ValueError("top_p must be above 0 and at most 1")
-    if not 0 <= config.bottom_guidance < float("inf"):
-        raise ValueError("bottom_guidance must be a number from 0 upward (1 = off)")

@@ -462,9 +462,6 @@ class ResidualBlock(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "dilation": self.dilation}
 
 
-UNKNOWN_CODE = -1  # a top code that is not known (guidance's unconditional branch): its one-hot map is all zeros
-
-
 def prior_inputs(codes=None, levels=None, top=None) -> dict:
     """The inputs of a prior as one dict (what `fit` feeds and `call` takes): "codes" (b, side, side) int, the grid
     it models; "levels" (b,) float, the slices' axial levels (NaN = unknown); "top" (b, top_side, top_side) int,
@@ -591,14 +588,13 @@ class Sampler:
         return tf.where(position < prefix_length, prefix[:, tf.minimum(position, self.grid * self.grid - 1)], drawn)
 
     def sample(self, num: int, temperature: float = 1.0, seed: int = 0, prefix=None, return_logits: bool = False,
-               levels=None, top=None, guidance: float = 1.0, top_p: float = 1.0, guide: str = "level"):
+               levels=None, top=None, guidance: float = 1.0, top_p: float = 1.0):
         """`num` code grids (num, g, g) int32. `levels` (num,) and `top` (num, top_side, top_side) are the
         conditions of a conditioned prior (levels NaN or None = unknown). `prefix` (num, g, g) fixes the first
         `prefix.shape` positions in raster order: pass a whole grid to get the model's logits for it (teacher
-        forcing). `guidance` w != 1: classifier-free guidance (Ho and Salimans, 2022) on the condition `guide`,
-        "level" (a level-conditioned prior, which learned "unknown" from its level dropout) or "top" (a bottom prior
-        trained with prior_top_dropout): codes drawn from u + w (c - u) of the logits given the condition (c) and
-        given it unknown (u); w > 1 holds a sample closer to its condition, at twice the arithmetic.
+        forcing). `guidance` w != 1 (a level-conditioned prior): classifier-free guidance on the level (Ho and
+        Salimans, 2022), codes drawn from u + w (c - u) of the logits given the level (c) and not (u), which the
+        prior learned from its level dropout; w > 1 holds a sample closer to its level, at twice the arithmetic.
         `top_p` < 1: nucleus sampling (Holtzman et al., 2020), each code drawn from the most probable codes whose
         probabilities (after the temperature) sum to at least top_p, renormalized: the unlikely tail, where slips
         come from, is never drawn. The logits returned are always c."""
@@ -614,25 +610,16 @@ class Sampler:
             prefix_flat = np.pad(prefix_flat, ((0, 0), (0, size - prefix_length)))
         batch, guided = num, None
         if guidance != 1.0:
-            condition = ops.concatenate([condition, self._unknown_condition(guide, num, levels, top)], axis=0)
+            if not getattr(self.model, "level_conditioned", False):
+                raise ValueError("guidance needs a level-conditioned prior")
+            unknown = self.model.condition_map(prior_inputs(levels=np.full(num, np.nan, np.float32), top=top))
+            condition = ops.concatenate([condition, unknown], axis=0)
             prefix_flat, batch, guided = np.concatenate([prefix_flat, prefix_flat]), 2 * num, tf.constant(guidance)
         nucleus = tf.constant(float(top_p)) if top_p < 1 else None
         codes, logits = self._compiled(batch, tf.constant(float(temperature)), tf.constant(prefix_flat),
                                        tf.constant(prefix_length), condition, guided, nucleus)
         codes, logits = codes.numpy()[:num], logits.numpy()[:num]
         return (codes, logits) if return_logits else codes
-
-    def _unknown_condition(self, guide: str, num: int, levels, top):
-        """The condition map of guidance's unconditional branch: the `guide` condition unknown, the others given."""
-        if guide == "level":
-            if not getattr(self.model, "level_conditioned", False):
-                raise ValueError("guidance on the level needs a level-conditioned prior")
-            return self.model.condition_map(prior_inputs(levels=np.full(num, np.nan, np.float32), top=top))
-        if guide == "top":
-            if not (getattr(self.model, "takes_top", False) and self.model.cfg.prior_top_dropout > 0):
-                raise ValueError("guidance on the top codes needs a bottom prior trained with prior_top_dropout > 0")
-            return self.model.condition_map(prior_inputs(levels=levels, top=np.full_like(top, UNKNOWN_CODE)))
-        raise ValueError(f"guide must be 'level' or 'top', not {guide!r}")
 
 
 def nucleus_logits(logits, top_p):
@@ -882,8 +869,6 @@ class GatedPixelCNN(keras.Model):
     - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
     - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
       the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
-      Top codes equal to UNKNOWN_CODE have an all-zero one-hot map: "unknown", which a prior trained with
-      prior_top_dropout learns, so that its sampler can guide on the top codes (Sampler.sample, guide="top").
 
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
@@ -1096,28 +1081,26 @@ class SliceGenerator:
             {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}])
 
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
-                 top_p: float = 1.0, bottom_guidance: float = 1.0) -> np.ndarray:
+                 top_p: float = 1.0) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
         instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
         the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
         codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
-        outlines (README, Generation). `bottom_guidance`: Sampler.sample's guidance on the top codes for the bottom
-        grid of a two-level run (its prior trained with prior_top_dropout). The same seed gives the same slices."""
+        outlines (README, Generation). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
-                # the coarsest grid is guided on the level, a finer one on the top codes it follows
-                guided = {"guidance": bottom_guidance, "guide": "top"} if offset else {"guidance": guidance}
                 codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
-                                             top=codes.get("top"), top_p=top_p if grid == "bottom" else 1.0, **guided)
+                                             top=codes.get("top"), guidance=1.0 if offset else guidance,
+                                             top_p=top_p if grid == "bottom" else 1.0)
         decoded = self.decode({grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()})
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
-             guidance: float = 1.0, top_p: float = 1.0, bottom_guidance: float = 1.0) -> np.ndarray:
+             guidance: float = 1.0, top_p: float = 1.0) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1133,7 +1116,7 @@ class SliceGenerator:
                     print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
-                                   None if top is None else top[part], guidance, top_p, bottom_guidance))
+                                   None if top is None else top[part], guidance, top_p))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 
@@ -1145,11 +1128,10 @@ def sub_seed(seed: int, stream: int) -> int:
 
 
 def generate(run: Run, levels, temperature: float | None = None, seed: int = 0) -> np.ndarray:
-    """len(levels) new slices of a loaded run, sampled as its config says (temperature unless given, top_p,
-    bottom_guidance): SliceGenerator(run)(levels, ...) in one call."""
-    sampling = run.config
-    return SliceGenerator(run)(levels, sampling.temperature if temperature is None else temperature, seed,
-                               top_p=sampling.top_p, bottom_guidance=sampling.bottom_guidance)
+    """len(levels) new slices of a loaded run, sampled as its config says (its temperature unless one is given, its
+    top_p): SliceGenerator(run)(levels, ...) in one call."""
+    temperature = run.config.temperature if temperature is None else temperature
+    return SliceGenerator(run)(levels, temperature, seed, top_p=run.config.top_p)
 
 
 def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:

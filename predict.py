@@ -76,12 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "u + W (c - u), c and u being the top prior's logits given the level and not; above 1 "
                              "holds each slice closer to its level but makes the slices less real (README, "
                              "Generation); 1 = none (default)")
-    parser.add_argument("--bottom-guidance", type=float, default=None, metavar="W",
-                        help="classifier-free guidance of the bottom (detail) grid on the top codes (two-level runs "
-                             "whose bottom prior was trained with prior_top_dropout > 0): codes are drawn from "
-                             "u + W (c - u), c and u being the bottom prior's logits given the top codes and not; "
-                             "above 1 the detail follows the top codes' layout more closely (README, Generation); "
-                             "1 = none (default: the run's bottom_guidance)")
     parser.add_argument("--level", type=float, default=None,
                         help="axial level of every generated slice, 0.0 (lowest slice of a volume) to 1.0 "
                              "(highest); needs a level-conditioned run. Without it levels are drawn from the "
@@ -108,9 +102,8 @@ def check_arguments(args) -> None:
         raise UserError("--temperature must be a positive number")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be above 0 and at most 1")
-    for flag, value in (("--guidance", args.guidance), ("--bottom-guidance", args.bottom_guidance)):
-        if value is not None and not 0 <= value < float("inf"):
-            raise UserError(f"{flag} must be a number from 0 (no condition) upward; 1 is plain sampling")
+    if not 0 <= args.guidance < float("inf"):
+        raise UserError("--guidance must be a number from 0 (no level) upward; 1 is plain sampling")
     if args.level is not None and not 0.0 <= args.level <= 1.0:
         raise UserError(f"--level {args.level}: must be between 0.0 (the lowest axial slice of a volume) and 1.0 "
                         f"(the highest)")
@@ -153,13 +146,7 @@ def announce(args, source: Source | None) -> None:
 
 
 def check_run(run, args) -> None:
-    """UserError when --level, --sweep or --guidance asks a run that cannot take a level, or --bottom-guidance one
-    whose bottom prior never learned to do without the top codes."""
-    if args.bottom_guidance not in (None, 1.0) and not (run.config.top_grid and run.config.prior_top_dropout > 0):
-        raise UserError(f"--bottom-guidance: the bottom prior of run {shown_path(args.run)} was not trained without "
-                        f"top codes (prior_top_dropout 0, or a single code grid), so it cannot be guided on them; "
-                        f"train one with python train.py --vqvae-from {shown_path(args.run)} --keep-top-prior "
-                        f"--set prior_top_dropout=0.1")
+    """UserError when --level, --sweep or --guidance asks a run that cannot take a level."""
     if (args.level is not None or args.sweep or args.guidance != 1.0) and not run.level_conditioned:
         flag = "--level" if args.level is not None else "--sweep" if args.sweep else "--guidance"
         raise UserError(f"{flag}: run {shown_path(args.run)} is not level-conditioned, its priors ignore the level; "
@@ -387,8 +374,7 @@ def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperatu
         rows.append([(real.split.images[index], real.split.levels[index])
                      for index in sorted(nearest, key=lambda index: real.split.levels[index])])
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
-                               progress=progress, guidance=args.guidance, top_p=args.top_p,
-                               bottom_guidance=args.bottom_guidance)
+                               progress=progress, guidance=args.guidance, top_p=args.top_p)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
@@ -440,11 +426,9 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top-p P", ", guidance W" and ", bottom guidance W" for titles and reports when they are on, else
-    nothing."""
+    """", top-p P" and ", guidance W" for titles and reports when they are on, else nothing."""
     return (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
-        (f", guidance {args.guidance}" if args.guidance != 1.0 else "") + \
-        (f", bottom guidance {args.bottom_guidance}" if args.bottom_guidance != 1.0 else "")
+        (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
 
 
 def timed(function, *arguments):
@@ -478,9 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = load_run(args.run)
     check_run(run, args)
-    # the titles and the report read the ones in use
-    args.top_p = args.top_p or run.config.top_p
-    args.bottom_guidance = run.config.bottom_guidance if args.bottom_guidance is None else args.bottom_guidance
+    args.top_p = args.top_p or run.config.top_p  # the titles and the report read the one in use
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)
     sweep = sweep_levels(real, args) if args.sweep else None
@@ -488,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     temperature, progress = args.temperature or run.config.temperature, not args.no_progress
     generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
     generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks,
-                                          args.guidance, args.top_p, args.bottom_guidance)
+                                          args.guidance, args.top_p)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
@@ -498,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,
               "real_slices": len(real.slices) if real else 0, "temperature": temperature, "top_p": args.top_p,
-              "guidance": args.guidance, "bottom_guidance": args.bottom_guidance, "seed": args.seed,
+              "guidance": args.guidance,
+              "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
               "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}
     atomic_write_text(args.out / "generation.json", json.dumps(report, indent=2) + "\n")

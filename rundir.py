@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cli import UserError
-from hyperparameters import PRESETS, Config, prior_differences, top_prior_differences, validate, vqvae_differences
+from hyperparameters import PRESETS, Config, top_prior_differences, validate, vqvae_differences
 
 PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
@@ -521,8 +521,8 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         saved = Config.from_dict(getattr(model, "config_dict", config.to_dict())).to_dict()
         # a VQ-VAE (and a top prior) reused by train.py --vqvae-from (--keep-top-prior) keeps the fields of the run
         # it was trained in that it does not read
-        differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences}.get(phase, prior_differences)
-        if differences(saved, config.to_dict()):
+        differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences}.get(phase)
+        if (differences(saved, config.to_dict()) if differences else saved != config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
     return Run(config, models[0], dict(zip(config.code_grids, models[1:])))

@@ -1,6 +1,6 @@
 """Generation speed: seconds to sample 64 slices (every code grid of the run) and decode them to 128x128 slices.
 
-    python bench/generation.py [--run pretrained] [--num 64] [--repeats 5] [--threads N] [--bottom-guidance W]
+    python bench/generation.py [--run pretrained] [--num 64] [--repeats 5] [--threads N]
 
 Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over each grid's code positions (the
 top grid first, then the bottom one given it), calling `model.predict` on the whole batch once per position and
@@ -11,9 +11,7 @@ figure is the median of --repeats calls of one SliceGenerator after its first ca
 full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
 --baseline-positions positions and scaled to the grid. --threads N runs the whole process with N TensorFlow
 threads per pool (the sampling loops are thousands of tiny ops, where splitting each op over the cores can cost
-more than it saves). The project samples as the run's config says (its bottom_guidance, which doubles the bottom
-grid's batch, unless --bottom-guidance is given); the baseline samples plainly. The table's header gives the share
-of CPU time the host's other tenants took meanwhile.
+more than it saves). The table's header gives the share of CPU time the host's other tenants took meanwhile.
 """
 
 import argparse
@@ -85,9 +83,6 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="TensorFlow's intra-op and inter-op thread pools both set to this size, before any "
                              "op runs (default 0: TensorFlow's choice, as the scripts run)")
-    parser.add_argument("--bottom-guidance", type=float, default=None, metavar="W",
-                        help="guidance of the bottom grid on the top codes for the project's sampler (default: the "
-                             "run's bottom_guidance; random weights: 1)")
     args = parser.parse_args()
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -98,24 +93,21 @@ def main():
     for preset in args.presets.split(","):
         run, weights = models(preset, args.run if preset == "default" else None)
         levels = np.linspace(0.2, 0.8, args.num).astype(np.float32)
-        generator = SliceGenerator(run)
-        guidance = run.config.bottom_guidance if args.bottom_guidance is None else args.bottom_guidance
-        generate = lambda seed: generator(levels, 1.0, seed, bottom_guidance=guidance)  # noqa: E731
-        first = timed(lambda: generate(0))
-        ours = median([timed(lambda: generate(seed)) for seed in range(1, args.repeats + 1)])
+        generate = SliceGenerator(run)
+        first = timed(lambda: generate(levels, 1.0, 0))
+        ours = median([timed(lambda: generate(levels, 1.0, seed)) for seed in range(1, args.repeats + 1)])
         sides = [run.priors[grid].side for grid in run.config.code_grids]
         base = median([baseline_seconds(run, levels, seed, args.baseline_positions)
                        for seed in range(args.baseline_repeats)])
         grids = " + ".join(f"{side}x{side}" for side in sides)
         scaled = any(side * side > args.baseline_positions for side in sides)
         measured = f"first {args.baseline_positions} positions per grid, scaled" if scaled else "all"
-        rows.append([preset, grids, weights, f"{guidance:g}", f"{base:.1f} ({measured})", f"{first:.2f}",
-                     f"{ours:.3f}", f"{base / ours:.0f}x"])
+        rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}",
+                     f"{base / ours:.0f}x"])
     threads = f"{args.threads} intra-op and inter-op threads" if args.threads else "TensorFlow's default threads"
     print(f"Generating {args.num} decoded slices, seconds; {machine()}; TensorFlow {tf.__version__}, {threads}; "
           f"{steal_share(before, cpu_times()):.0%} of the CPU time stolen by the host's other tenants meanwhile")
-    print_table(["preset", "code grids", "weights", "bottom guidance", "baseline: predict per position",
-                 "OASISVQ first call",
+    print_table(["preset", "code grids", "weights", "baseline: predict per position", "OASISVQ first call",
                  f"OASISVQ (median of {args.repeats})", "speed-up"], rows)
 
 

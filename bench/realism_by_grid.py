@@ -1,6 +1,6 @@
 """Which part of a two-level run costs realism: the decoder, the bottom prior or the top prior.
 
-    python bench/realism_by_grid.py [--run pretrained] [--split validate] [--num 256] [--seed 0] [--bottom-guidance W]
+    python bench/realism_by_grid.py [--run pretrained] [--split validate] [--num 256] [--seed 0]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
 slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
@@ -11,7 +11,6 @@ SSIM with its most similar training slice, against every training slice):
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
-The bottom grid is sampled with --bottom-guidance (default: the run's bottom_guidance).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
 """
@@ -38,8 +37,6 @@ def main():
                              "once OAS1_0198 is excluded; the classifier's control needs two)")
     parser.add_argument("--num", type=int, default=256, help="slices per row (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="draws the real slices and seeds the samplers")
-    parser.add_argument("--bottom-guidance", type=float, default=None, metavar="W",
-                        help="guidance of the bottom grid on the top codes (predict.py's; default: the run's)")
     args = parser.parse_args()
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark scores against)")
@@ -50,14 +47,13 @@ def main():
     everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
     generator = SliceGenerator(run)
-    guidance = run.config.bottom_guidance if args.bottom_guidance is None else args.bottom_guidance
-    real_top = encode_all(run.vqvae, real.slices)["top"]
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
-        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=real_top,
-                                                          bottom_guidance=guidance), real.subjects),
-        "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed, bottom_guidance=guidance), None),
+        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed,
+                                                          top=encode_all(run.vqvae, real.slices)["top"]),
+                                           real.subjects),
+        "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
     }
     training = real.train.images
     table = []
@@ -67,7 +63,7 @@ def main():
                       f"{brain_shaped_fraction(images, run.config.tissue_intensity):.4f}",
                       f"{nearest_ssim(images, training).mean():.4f}"])
     print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "
-          f"seed {args.seed}, bottom guidance {guidance}; {machine()}")
+          f"seed {args.seed}; {machine()}")
     print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM"],
                 table)
 

@@ -77,21 +77,16 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_context_corruption_and_top_dropout_load_as_they_trained():
+def test_configs_from_before_precision_and_context_corruption_load_as_they_trained():
     from hyperparameters import Config
 
-    values = make_config("default", ["prior_top_dropout=0.1", "bottom_guidance=2"]).to_dict()
-    for key in ("prior_precision", "prior_context_corruption", "prior_top_dropout", "bottom_guidance"):
-        values.pop(key)
+    values = make_config("default").to_dict()
+    values.pop("prior_precision"), values.pop("prior_context_corruption")
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
-    assert config.prior_top_dropout == 0.0 and config.bottom_guidance == 1.0  # never trained without top codes
-    for key in ("prior_context_corruption", "prior_top_dropout"):
-        for bad in ("-0.1", "1"):
-            with pytest.raises(ValueError, match=f"{key} must be in"):
-                make_config("default", [f"{key}={bad}"])
-    with pytest.raises(ValueError, match="bottom_guidance must be"):
-        make_config("default", ["bottom_guidance=-1"])
+    for bad in ("-0.1", "1"):
+        with pytest.raises(ValueError, match="prior_context_corruption must be in"):
+            make_config("default", [f"prior_context_corruption={bad}"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
@@ -112,8 +107,8 @@ def test_a_kept_top_prior_allows_only_bottom_prior_and_sampling_fields_to_change
     from hyperparameters import top_prior_differences
 
     base = make_config("default").to_dict()
-    bottom = make_config("default", ["prior_filters=64", "prior_epochs=3", "prior_top_dropout=0.1",
-                                     "prior_context_corruption=0.3", "bottom_guidance=2", "top_p=0.9"]).to_dict()
+    bottom = make_config("default", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3",
+                                     "temperature=0.9", "top_p=0.9"]).to_dict()
     assert top_prior_differences(base, bottom) == []
     for shared in ("top_prior_filters=32", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"):
         assert top_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
@@ -312,31 +307,6 @@ def test_level_guidance_draws_from_the_guided_logits(kind):
         sampler_for(random_prior("seed")[1]).sample(2, guidance=2.0)
 
 
-def test_top_code_guidance_draws_from_logits_guided_on_the_top_codes():
-    """Guidance on the top codes draws from u + w (c - u), u being the logits given unknown top codes (all
-    UNKNOWN_CODE, one-hot all zero): at w = 0 that is exactly sampling under unknown top codes from the same seed,
-    w = 3 moves away from w = 1, and the returned logits stay the conditional ones. A prior that never learned to
-    do without top codes refuses it."""
-    config, prior = random_prior("gated_bottom")
-    prior.cfg.prior_top_dropout = 0.1  # what guidance on the top codes needs; the weights are random anyway
-    sampler = sampler_for(prior)
-    given = conditions(prior, 4)
-    unknown = {**given, "top": np.full_like(given["top"], modules.UNKNOWN_CODE)}
-    assert np.abs(prior({**unknown, "codes": np.zeros((4, prior.side, prior.side), np.int32)}).numpy()
-                  - prior({**given, "codes": np.zeros((4, prior.side, prior.side), np.int32)}).numpy()).max() > 1e-4
-    np.testing.assert_array_equal(sampler.sample(4, seed=2, guidance=0.0, guide="top", **given),
-                                  sampler.sample(4, seed=2, **unknown))
-    plain = sampler.sample(4, seed=2, **given)
-    guided, guided_logits = sampler.sample(4, seed=2, return_logits=True, guidance=3.0, guide="top", **given)
-    assert (guided != plain).any()
-    np.testing.assert_allclose(guided_logits, prior({**given, "codes": guided}).numpy(), atol=1e-4)
-    prior.cfg.prior_top_dropout = 0.0
-    with pytest.raises(ValueError, match="prior_top_dropout"):
-        sampler.sample(2, guidance=2.0, guide="top", **conditions(prior, 2))
-    with pytest.raises(ValueError, match="prior_top_dropout"):
-        sampler_for(random_prior("gated_top")[1]).sample(2, guidance=2.0, guide="top")
-
-
 def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     config = make_config("default", SMALL_TWO_LEVEL)
     vqvae = VQVAE(config.to_dict())
@@ -381,21 +351,6 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
                             top_p_seen.append((grid, kwargs["top_p"])) or sample(*args, **kwargs))
     generator(levels[:2], 1.0, 7, top_p=0.8)
     assert top_p_seen == [("top", 1.0), ("bottom", 0.8)]
-
-
-def test_generator_guides_the_top_grid_on_the_level_and_the_bottom_grid_on_the_top_codes(monkeypatch):
-    config = make_config("default", [*SMALL_TWO_LEVEL, "prior_top_dropout=0.1"])
-    vqvae = VQVAE(config.to_dict())
-    vqvae.build()
-    run = Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids})
-    generator, seen = SliceGenerator(run), []
-    for grid, sampler in generator.samplers.items():
-        monkeypatch.setattr(sampler, "sample", lambda *args, grid=grid, sample=sampler.sample, **kwargs: seen.append(
-            (grid, kwargs["guidance"], kwargs.get("guide", "level"))) or sample(*args, **kwargs))
-    levels = np.array([0.2, 0.6], np.float32)
-    guided = generator(levels, 1.0, 3, guidance=2.0, bottom_guidance=3.0)
-    assert seen == [("top", 2.0, "level"), ("bottom", 3.0, "top")]
-    assert (guided != generator(levels, 1.0, 3, guidance=2.0)).any()
 
 
 def monkeypatch_decoded_codes(monkeypatch, generator) -> list:

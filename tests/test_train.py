@@ -152,29 +152,26 @@ TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1",
                   "--set", "prior_precision=float32"]
 
 
-def test_keep_top_prior_trains_only_a_bottom_prior_that_predict_can_guide_on_the_top_codes(tmp_path):
-    """--vqvae-from RUN --keep-top-prior copies RUN's VQ-VAE and top prior and trains only the bottom prior, here
-    with prior_top_dropout, so that predict.py --bottom-guidance can guide it; a run without top dropout, or a
-    kept top prior with other hyperparameters, is refused with one line."""
+def test_keep_top_prior_trains_only_a_new_bottom_prior_under_the_source_runs_top_prior(tmp_path):
+    """--vqvae-from RUN --keep-top-prior copies RUN's VQ-VAE and top prior and trains only the bottom prior (here a
+    wider one), and predict.py samples the mixed run; a top-prior field that differs from RUN's, or the flag
+    without --vqvae-from, is refused with one line before anything is created."""
     data = make_brain_slices(tmp_path / "slices", size=32)
     source, run = tmp_path / "source", tmp_path / "bottom"
     result = run_script("train.py", "--data", data, "--out", source, *TINY_TWO_LEVEL, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
-                        *TINY_TWO_LEVEL, "--set", "prior_top_dropout=0.5", "--no-progress")
+                        *TINY_TWO_LEVEL, "--set", "prior_filters=12", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-grid PixelCNN prior: all 1 epochs already done" in result.stdout
     for name in ("vqvae.keras", "pixelcnn_top.keras", "history_prior_top.csv"):
         assert (run / name).read_bytes() == (source / name).read_bytes()
-    assert (run / "pixelcnn.keras").read_bytes() != (source / "pixelcnn.keras").read_bytes()
+    assert json.loads((run / "config.json").read_text())["prior_filters"] == 12
     assert json.loads((run / "summary.json").read_text())["top_prior_from"] == str(source)
     out = tmp_path / "predictions"
-    result = run_script("predict.py", "--run", run, "--num", "2", "--bottom-guidance", "2", "--out", out,
-                        "--no-progress")
+    result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "generation.json").read_text())["bottom_guidance"] == 2.0
-    unguidable = run_script("predict.py", "--run", source, "--num", "2", "--bottom-guidance", "2", "--out", out)
-    assert_clean_usage_error(unguidable, "--bottom-guidance", "prior_top_dropout")
+    assert len(list((out / "generated").glob("sample_*.png"))) == 2
     other_top = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--vqvae-from", source,
                            "--keep-top-prior", *TINY_TWO_LEVEL, "--set", "prior_dropout=0.3")
     assert_clean_usage_error(other_top, "--keep-top-prior", "prior_dropout")
@@ -283,28 +280,6 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
     (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
-
-
-def test_prior_training_hides_the_top_codes_of_a_share_of_the_bottom_grids():
-    """With prior_top_dropout, about that share of the bottom grids are shown with every top code unknown
-    (modules.UNKNOWN_CODE), the others with their own, drawn anew each epoch; validation grids keep theirs."""
-    from dataset import prior_dataset
-    from hyperparameters import make_config
-    from modules import UNKNOWN_CODE
-
-    config = make_config("default", ["prior_batch_size=400", "prior_flip=false", "prior_top_dropout=0.25"])
-    slices, levels = 400, np.linspace(0, 1, 400, dtype=np.float32)
-    codes = {"bottom": np.zeros((slices, 64, 64), np.int32), "top": np.full((slices, 16, 16), 5, np.int32)}
-    dataset, hidden = prior_dataset(config, "bottom", codes, levels, codes), []
-    for _ in range(2):  # epochs
-        (inputs, _), = list(dataset)
-        top = np.asarray(inputs["top"]).reshape(slices, -1)
-        assert set(np.unique(top)) == {UNKNOWN_CODE, 5} and (top == top[:, :1]).all()  # whole grids hidden
-        hidden.append(top[:, 0] == UNKNOWN_CODE)
-    assert all(0.25 - 0.07 < share.mean() < 0.25 + 0.07 for share in hidden)  # 3 standard errors
-    assert (hidden[0] != hidden[1]).any()
-    (inputs, _), = list(prior_dataset(config, "bottom", codes, levels))
-    np.testing.assert_array_equal(np.asarray(inputs["top"]), codes["top"])
 
 
 def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotuning():

@@ -113,6 +113,7 @@ def test_a_kept_top_prior_allows_only_bottom_prior_and_sampling_fields_to_change
     for shared in ("top_prior_filters=32", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"):
         assert top_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
 
+
 def hand_made_quantizer(codebook="loss"):
     quantizer = VectorQuantizer(num_codes=4, code_dim=2, beta=0.25, codebook=codebook)
     quantizer.build((None, 2))
@@ -318,6 +319,10 @@ def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     reused = SliceGenerator(run)  # predict.py's form: samplers built once, the same slices from the same seeds
     assert (reused([0.2, np.nan, 0.7], seed=5) != images).any()
     np.testing.assert_array_equal(reused([0.2, np.nan, 0.7], seed=4), images)
+    # generate samples as the run's config says: its nucleus too
+    nucleus = run._replace(config=make_config("default", [*SMALL_TWO_LEVEL, "top_p=0.5"]))
+    np.testing.assert_array_equal(generate(nucleus, [0.2, np.nan, 0.7], seed=4),
+                                  reused([0.2, np.nan, 0.7], seed=4, top_p=0.5))
     bits = prior_bits_per_code(run, images, [0.2, np.nan, 0.7])
     assert set(bits) == {"top", "bottom"} and all(0 < value < 8 for value in bits.values())
 

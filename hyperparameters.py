@@ -181,8 +181,7 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
                       prior_level_dropout=0.0, prior_flip=False, config_version=2)
         defaults = Config()
-        for key in ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
-                    "prior_condition_filters"):
+        for key in (*TOP_PRIOR_KEYS, "prior_condition_filters"):
             values.setdefault(key, getattr(defaults, key))
     return values
 
@@ -276,6 +275,8 @@ SAMPLING_KEYS = ("temperature", "top_p")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
                      "prior_condition_filters", "prior_context_corruption")
+# the fields that only the top prior reads
+TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs")
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
@@ -294,6 +295,12 @@ def top_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list
     """Like vqvae_differences, ignoring only the bottom prior's fields and sampling's: two configs without
     differences describe the same VQ-VAE and top prior, trained the same way on the same data."""
     return _differences(first, second, lambda key: key in BOTTOM_PRIOR_KEYS or key in SAMPLING_KEYS)
+
+
+def bottom_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """Like vqvae_differences, ignoring only the top prior's fields and sampling's: two configs without differences
+    describe the same VQ-VAE and bottom (or only) prior, trained the same way on the same data."""
+    return _differences(first, second, lambda key: key in TOP_PRIOR_KEYS or key in SAMPLING_KEYS)
 
 
 def validate(config: Config) -> None:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cli import UserError
-from hyperparameters import PRESETS, Config, top_prior_differences, validate, vqvae_differences
+from hyperparameters import (PRESETS, Config, bottom_prior_differences, top_prior_differences, validate,
+                             vqvae_differences)
 
 PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
@@ -467,8 +468,9 @@ class RunState:
         self.data["data_fingerprint"] = source.data["data_fingerprint"]
         self.data["data"] = source.data["data"]
         self.data["vqvae_from"] = str(source.run.path)
-        if "prior_top" in phases:
-            self.data["top_prior_from"] = str(source.run.path)
+        for phase, key in (("prior_top", "top_prior_from"), ("prior", "bottom_prior_from")):
+            if phase in phases:
+                self.data[key] = str(source.run.path)
         self.save()
         for phase in phases:
             self.run.write_history(phase, self.history(phase))
@@ -519,10 +521,11 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
             raise UserError(f"{path}: cannot be loaded ({type(error).__name__}); the file is damaged or from "
                             f"another version, retrain or restore it") from None
         saved = Config.from_dict(getattr(model, "config_dict", config.to_dict())).to_dict()
-        # a VQ-VAE (and a top prior) reused by train.py --vqvae-from (--keep-top-prior) keeps the fields of the run
-        # it was trained in that it does not read
-        differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences}.get(phase)
-        if (differences(saved, config.to_dict()) if differences else saved != config.to_dict()):
+        # a model reused by train.py --vqvae-from (--keep-top-prior, --keep-bottom-prior) keeps the fields of the
+        # run it was trained in that it does not read
+        differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences,
+                       "prior": bottom_prior_differences}[phase]
+        if differences(saved, config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
     return Run(config, models[0], dict(zip(config.code_grids, models[1:])))

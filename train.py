@@ -30,7 +30,8 @@ import numpy as np
 
 from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_progress_arg, check_output_path,
                  config_from_args, configure_tensorflow, resolved_precision, run_main)
-from hyperparameters import BOTTOM_PRIOR_KEYS, Config, top_prior_differences, vqvae_differences
+from hyperparameters import (BOTTOM_PRIOR_KEYS, TOP_PRIOR_KEYS, Config, bottom_prior_differences,
+                             top_prior_differences, vqvae_differences)
 from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
 PROCESS_START = time.time()
@@ -57,6 +58,11 @@ def build_parser() -> ArgumentParser:
                         help="with --vqvae-from: also reuse RUN_DIR's finished top prior and train only a new bottom "
                              "prior (to compare bottom priors under one top prior); RUN_DIR's hyperparameters must "
                              "then differ only in the bottom prior's fields (hyperparameters.BOTTOM_PRIOR_KEYS)")
+    parser.add_argument("--keep-bottom-prior", action="store_true",
+                        help="with --vqvae-from: also reuse RUN_DIR's finished bottom prior and train only a new top "
+                             "prior (to compare top priors under one bottom prior, which trains on real top codes and "
+                             "so does not depend on the top prior); RUN_DIR's hyperparameters must then differ only "
+                             "in the top prior's fields (hyperparameters.TOP_PRIOR_KEYS)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -74,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(args)
     chief = is_chief(tf_config() if args.strategy == "multiworker" else None)
     run = check_run_dir(args, config, chief)
-    if args.keep_top_prior and args.vqvae_from is None:
-        raise UserError("--keep-top-prior needs --vqvae-from RUN_DIR, the run whose top prior to keep")
-    source = check_vqvae_source(args.vqvae_from, config, args.keep_top_prior) if args.vqvae_from is not None \
-        else None
+    kept = kept_phases(args)
+    source = check_vqvae_source(args.vqvae_from, config, kept) if args.vqvae_from is not None else None
     verbose = keras_verbosity(args)
     slices = load_training_data(args, config, run, source, progress=verbose == 1)
     configure_tensorflow(onednn=args.strategy in ("auto", "one"))  # several replicas need oneDNN off
@@ -169,10 +173,25 @@ def check_run_dir(args, config: Config, chief: bool) -> RunDir:
     return run
 
 
-def check_vqvae_source(path: Path, config: Config, keep_top_prior: bool = False) -> RunState:
+KEEP_FLAGS = {"prior_top": "--keep-top-prior", "prior": "--keep-bottom-prior"}
+
+
+def kept_phases(args) -> tuple[str, ...]:
+    """The phases --vqvae-from copies from its run: the VQ-VAE, and the prior of --keep-top-prior or
+    --keep-bottom-prior; UserError for a keep flag without --vqvae-from, or both."""
+    kept = tuple(phase for phase, wanted in (("prior_top", args.keep_top_prior), ("prior", args.keep_bottom_prior))
+                 if wanted)
+    if len(kept) == 2:
+        raise UserError("--keep-top-prior and --keep-bottom-prior together leave no prior to train; give one")
+    if kept and args.vqvae_from is None:
+        raise UserError(f"{KEEP_FLAGS[kept[0]]} needs --vqvae-from RUN_DIR, the run whose prior to keep")
+    return ("vqvae", *kept)
+
+
+def check_vqvae_source(path: Path, config: Config, kept: tuple[str, ...] = ("vqvae",)) -> RunState:
     """The state of the run `path` (--vqvae-from); UserError unless its VQ-VAE phase finished with `config`'s VQ-VAE
-    and data hyperparameters (everything but prior_*, top_prior_* and sampling's), and with `keep_top_prior` unless
-    its top prior finished too, with all of `config` but the bottom prior's and sampling's."""
+    and data hyperparameters (everything but prior_*, top_prior_* and sampling's), and unless each prior phase in
+    `kept` finished too, with all of `config` but the other prior's fields and sampling's."""
     source = RunDir(path)
     # a run made by train.py has its state.json; a finished run copied without checkpoints/ (pretrained/) has
     # its summary.json instead
@@ -192,23 +211,28 @@ def check_vqvae_source(path: Path, config: Config, keep_top_prior: bool = False)
     if state.epochs_done("vqvae") < config.epochs:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {state.epochs_done('vqvae')} of {config.epochs} "
                         f"epochs; finish it first with python train.py --resume --out {source}")
-    if keep_top_prior:
-        check_top_prior_source(source, saved, state, config)
+    for phase in kept[1:]:
+        check_kept_prior(source, saved, state, config, phase)
     return state
 
 
-def check_top_prior_source(source: RunDir, saved: Config, state: RunState, config: Config) -> None:
-    """UserError unless the run `source` (--keep-top-prior) holds a finished top prior that `config` would train."""
+def check_kept_prior(source: RunDir, saved: Config, state: RunState, config: Config, phase: str) -> None:
+    """UserError unless the run `source` holds a finished prior `phase` ("prior_top" for --keep-top-prior, "prior"
+    for --keep-bottom-prior) that `config` would train."""
+    flag, grid = KEEP_FLAGS[phase], {"prior_top": "top", "prior": "bottom"}[phase]
     if config.top_grid is None:
-        raise UserError("--keep-top-prior: this preset has a single code grid, so no top prior to keep")
-    differ = top_prior_differences(saved.to_dict(), config.to_dict())
+        raise UserError(f"{flag}: this preset has a single code grid and a single prior, so there is no {grid} "
+                        f"prior to keep beside another")
+    differences, free = {"prior_top": (top_prior_differences, BOTTOM_PRIOR_KEYS),
+                         "prior": (bottom_prior_differences, TOP_PRIOR_KEYS)}[phase]
+    differ = differences(saved.to_dict(), config.to_dict())
     if differ:
-        raise UserError(f"--keep-top-prior: the top prior of {source} was trained with other hyperparameters "
-                        f"({', '.join(differ)}); with it, --set may change only {', '.join(BOTTOM_PRIOR_KEYS)}")
-    done = state.epochs_done("prior_top")
-    if done < config.top_prior_epochs or not source.model_path("prior_top").is_file():
-        raise UserError(f"--keep-top-prior: the top prior of {source} finished {done} of {config.top_prior_epochs} "
-                        f"epochs; finish it first with python train.py --resume --out {source}")
+        raise UserError(f"{flag}: the {grid} prior of {source} was trained with other hyperparameters "
+                        f"({', '.join(differ)}); with it, --set may change only {', '.join(free)}")
+    done, epochs = state.epochs_done(phase), phase_epochs(config, phase)
+    if done < epochs or not source.model_path(phase).is_file():
+        raise UserError(f"{flag}: the {grid} prior of {source} finished {done} of {epochs} epochs; finish it first "
+                        f"with python train.py --resume --out {source}")
 
 
 def load_training_data(args, config: Config, run: RunDir, source: RunState | None, progress: bool):
@@ -245,7 +269,7 @@ def open_run_dir(args, config: Config, run: RunDir, source: RunState | None, sli
                   f"{', '.join(sorted(removed))}", flush=True)
         state.rewrite_histories()
     if source is not None and not state.epochs_done("vqvae"):
-        state.adopt_phases(source, ("vqvae", "prior_top") if args.keep_top_prior else ("vqvae",))
+        state.adopt_phases(source, kept_phases(args))
     if state.data.get("data_fingerprint") is None:
         state.record_data(slices.fingerprint(), str(args.data))
     return state
@@ -613,6 +637,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
     return {
         "preset": args.preset, "seed": config.seed, "data": str(args.data), "data_fingerprint": slices.fingerprint(),
         "vqvae_from": state.data.get("vqvae_from"), "top_prior_from": state.data.get("top_prior_from"),
+        "bottom_prior_from": state.data.get("bottom_prior_from"),
         "slices": {split: len(slices.select(split)) for split in (*SPLITS, EXCLUDED)},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in (*SPLITS, EXCLUDED)},
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],

@@ -114,6 +114,19 @@ def test_a_kept_top_prior_allows_only_bottom_prior_and_sampling_fields_to_change
         assert top_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
 
 
+def test_a_kept_bottom_prior_allows_only_top_prior_and_sampling_fields_to_change():
+    """train.py --keep-bottom-prior and load_run compare configs with bottom_prior_differences: the top prior's
+    fields and sampling's are free; a field the bottom prior reads (its own, or a shared prior_* one) is not."""
+    from hyperparameters import bottom_prior_differences
+
+    base = make_config("default").to_dict()
+    top = make_config("default", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2",
+                                  "top_prior_residual_blocks=2", "temperature=0.9"]).to_dict()
+    assert bottom_prior_differences(base, top) == []
+    for shared in ("prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"):
+        assert bottom_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
+
+
 def hand_made_quantizer(codebook="loss"):
     quantizer = VectorQuantizer(num_codes=4, code_dim=2, beta=0.25, codebook=codebook)
     quantizer.build((None, 2))

@@ -152,32 +152,49 @@ TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1",
                   "--set", "prior_precision=float32"]
 
 
-def test_keep_top_prior_trains_only_a_new_bottom_prior_under_the_source_runs_top_prior(tmp_path):
+def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_runs_kept_one(tmp_path):
     """--vqvae-from RUN --keep-top-prior copies RUN's VQ-VAE and top prior and trains only the bottom prior (here a
-    wider one), and predict.py samples the mixed run; a top-prior field that differs from RUN's, or the flag
-    without --vqvae-from, is refused with one line before anything is created."""
+    wider one); --keep-bottom-prior copies the bottom prior and trains only the top one; predict.py samples both
+    mixed runs. A kept prior's field that differs from RUN's, a keep flag without --vqvae-from, or both keep flags
+    are refused with one line before anything is created."""
     data = make_brain_slices(tmp_path / "slices", size=32)
-    source, run = tmp_path / "source", tmp_path / "bottom"
+    source = tmp_path / "source"
     result = run_script("train.py", "--data", data, "--out", source, *TINY_TWO_LEVEL, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
-                        *TINY_TWO_LEVEL, "--set", "prior_filters=12", "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "top-grid PixelCNN prior: all 1 epochs already done" in result.stdout
-    for name in ("vqvae.keras", "pixelcnn_top.keras", "history_prior_top.csv"):
-        assert (run / name).read_bytes() == (source / name).read_bytes()
-    assert json.loads((run / "config.json").read_text())["prior_filters"] == 12
-    assert json.loads((run / "summary.json").read_text())["top_prior_from"] == str(source)
-    out = tmp_path / "predictions"
-    result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list((out / "generated").glob("sample_*.png"))) == 2
-    other_top = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--vqvae-from", source,
-                           "--keep-top-prior", *TINY_TWO_LEVEL, "--set", "prior_dropout=0.3")
-    assert_clean_usage_error(other_top, "--keep-top-prior", "prior_dropout")
-    alone = run_script("train.py", "--data", data, "--out", tmp_path / "other", "--keep-top-prior")
-    assert_clean_usage_error(alone, "--keep-top-prior", "--vqvae-from")
-    assert not (tmp_path / "other").exists()
+    kept_files = {"--keep-top-prior": ("pixelcnn_top.keras", "history_prior_top.csv"),
+                  "--keep-bottom-prior": ("pixelcnn.keras", "history_prior.csv")}
+    for flag, change, done_line, record in (
+            ("--keep-top-prior", "prior_filters=12", "top-grid PixelCNN prior: all 1 epochs", "top_prior_from"),
+            ("--keep-bottom-prior", "top_prior_filters=12", "\nPixelCNN prior: all 1 epochs", "bottom_prior_from")):
+        run = tmp_path / flag.strip("-")
+        result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, flag,
+                            *TINY_TWO_LEVEL, "--set", change, "--no-progress")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert done_line in result.stdout
+        for name in ("vqvae.keras", *kept_files[flag]):
+            assert (run / name).read_bytes() == (source / name).read_bytes(), name
+        other = next(name for key, (name, _) in kept_files.items() if key != flag)
+        assert (run / other).read_bytes() != (source / other).read_bytes()
+        key, value = change.split("=")
+        assert json.loads((run / "config.json").read_text())[key] == int(value)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary[record] == str(source) and summary["vqvae_from"] == str(source)
+        out = tmp_path / f"predictions_{flag.strip('-')}"
+        result = run_script("predict.py", "--run", run, "--num", "2", "--out", out, "--no-progress")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(list((out / "generated").glob("sample_*.png"))) == 2
+    other = tmp_path / "other"
+    refused = [(("--keep-top-prior", "--set", "prior_dropout=0.3"), ("--keep-top-prior", "prior_dropout")),
+               (("--keep-bottom-prior", "--set", "prior_filters=12"), ("--keep-bottom-prior", "prior_filters",
+                                                                       "top_prior_filters")),
+               (("--keep-top-prior", "--keep-bottom-prior"), ("--keep-top-prior", "--keep-bottom-prior"))]
+    for flags, words in refused:
+        result = run_script("train.py", "--data", data, "--out", other, "--vqvae-from", source, *TINY_TWO_LEVEL,
+                            *flags)
+        assert_clean_usage_error(result, *words)
+    alone = run_script("train.py", "--data", data, "--out", other, "--keep-bottom-prior")
+    assert_clean_usage_error(alone, "--keep-bottom-prior", "--vqvae-from")
+    assert not other.exists()
 
 
 def test_a_folder_a_failed_run_left_without_a_finished_epoch_is_started_over(trained):

@@ -101,30 +101,24 @@ def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
     assert vqvae_differences(base, make_config("default", ["epochs=3"]).to_dict()) == ["epochs"]
 
 
-def test_a_kept_top_prior_allows_only_bottom_prior_and_sampling_fields_to_change():
-    """train.py --keep-top-prior compares configs with top_prior_differences: the bottom prior's fields and
-    sampling's are free; a field the top prior reads (its own, or a shared prior_* one) is not."""
-    from hyperparameters import top_prior_differences
+@pytest.mark.parametrize("kept, free, fixed", [
+    ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9"],
+     ["top_prior_filters=32", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
+    ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
+                "temperature=0.9"],
+     ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"]),
+])
+def test_a_kept_prior_allows_only_the_other_priors_and_sampling_fields_to_change(kept, free, fixed):
+    """train.py --keep-top-prior (--keep-bottom-prior) and load_run compare configs with top_prior_differences
+    (bottom_prior_differences): the other prior's fields and sampling's are free; a field the kept prior reads (its
+    own, or a shared prior_* one) is not."""
+    import hyperparameters
 
+    differences = getattr(hyperparameters, f"{kept}_prior_differences")
     base = make_config("default").to_dict()
-    bottom = make_config("default", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3",
-                                     "temperature=0.9", "top_p=0.9"]).to_dict()
-    assert top_prior_differences(base, bottom) == []
-    for shared in ("top_prior_filters=32", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"):
-        assert top_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
-
-
-def test_a_kept_bottom_prior_allows_only_top_prior_and_sampling_fields_to_change():
-    """train.py --keep-bottom-prior and load_run compare configs with bottom_prior_differences: the top prior's
-    fields and sampling's are free; a field the bottom prior reads (its own, or a shared prior_* one) is not."""
-    from hyperparameters import bottom_prior_differences
-
-    base = make_config("default").to_dict()
-    top = make_config("default", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2",
-                                  "top_prior_residual_blocks=2", "temperature=0.9"]).to_dict()
-    assert bottom_prior_differences(base, top) == []
-    for shared in ("prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"):
-        assert bottom_prior_differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
+    assert differences(base, make_config("default", free).to_dict()) == []
+    for shared in fixed:
+        assert differences(base, make_config("default", [shared]).to_dict()) == [shared.split("=")[0]]
 
 
 def hand_made_quantizer(codebook="loss"):

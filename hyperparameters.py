@@ -10,7 +10,7 @@ Presets
   schedule over 80 epochs and left-right flips (the recipe, not the table, is this project's): 0.640 test and
   0.702 validation SSIM on the shared volumes; the report reached 0.70 with 128 codes.
 - `default`: what `python train.py` uses. A two-level VQ-VAE (VQ-VAE-2): a 64x64 bottom grid (one stride-2 level,
-  a residual block) and a 16x16 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
+  a residual block) and a 32x32 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
   schedule. Its priors are conditional gated PixelCNNs (vertical and horizontal stacks, so no blind spot;
   dilated blocks; position features; the slice's axial level): the top prior sees the whole top grid, the bottom
   prior also takes the top codes and trains on partly randomized input codes (prior_context_corruption), so that
@@ -63,9 +63,11 @@ class Config:
     ema_decay: float = 0.99
     dead_code_threshold: float = 1.0  # a code whose EMA usage falls below this many vectors per batch is restarted
     # a second, coarser code grid (VQ-VAE-2): more strided convs from the bottom encoder's features down to the top
-    # grid (64 / 4 = 16x16 by default); no strides = a single code grid
-    top_filters: list[int] = field(default_factory=lambda: [64, 64])
-    top_strides: list[int] = field(default_factory=lambda: [2, 2])
+    # grid (64 / 2 = 32x32 by default: each top code over 2x2 bottom codes, so the top grid holds the layout and the
+    # bottom prior only the texture; a 16x16 top left the bottom prior to place anatomy it could not, README); no
+    # strides = a single code grid
+    top_filters: list[int] = field(default_factory=lambda: [64])
+    top_strides: list[int] = field(default_factory=lambda: [2])
     decoder_filters: list[int] = field(default_factory=lambda: [32])
     decoder_strides: list[int] = field(default_factory=lambda: [2])
     ssim_loss_weight: float = 0.2  # loss = MSE + w * (1 - SSIM) + VQ loss; 0 gives plain MSE
@@ -91,7 +93,7 @@ class Config:
     prior_epochs: int = 16
     top_prior_filters: int = 64
     top_prior_residual_blocks: int = 6
-    top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 1, 2])
+    top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
     top_prior_epochs: int = 30
     prior_condition_filters: int = 32
     prior_condition_on_level: bool = True

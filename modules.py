@@ -241,11 +241,11 @@ class VQVAE(keras.Model):
     Config dict.
 
     One grid: image -> encoder -> quantizer -> decoder. Two grids ("top" coarse, "bottom" fine; the `default`
-    preset's 16x16 and 64x64 grids of 16 codes each): the encoder's 64x64 features go down to the top grid and are
+    preset's 32x32 and 64x64 grids of 16 codes each): the encoder's 64x64 features go down to the top grid and are
     quantized there; the quantized top, upsampled back to 64x64, joins the features before the bottom quantizer (so
     the bottom codes carry what the top left out), and joins the bottom codes again at the decoder's input.
 
-    `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns {"top": (batch, 16, 16),
+    `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns {"top": (batch, 32, 32),
     "bottom": (batch, 64, 64)} int32 code grids (only "bottom" for one grid); `decode_codes(codes)` turns such a
     dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses and
     reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM.
@@ -872,8 +872,8 @@ class GatedPixelCNN(keras.Model):
 
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it
-    and on the condition (tests check both with gradients). For `default`: top 16x16 with 64 filters, 7 blocks, a
-    view of 3 + 1 + 2 + 4 + 8 + 1 + 2 = 21 rows (the whole grid); bottom 64x64 with 48 filters, 5 blocks.
+    and on the condition (tests check both with gradients). For `default`: top 32x32 with 64 filters, 7 blocks, a
+    view of 3 + 1 + 2 + 4 + 8 + 16 + 1 = 35 rows (the whole grid); bottom 64x64 with 48 filters, 5 blocks.
     """
 
     def __init__(self, config: dict, grid: str = "bottom", **kwargs):

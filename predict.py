@@ -183,7 +183,8 @@ def write_samples(folder: Path, images: np.ndarray) -> None:
 
 def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """(levels, summary): --level for every slice; else levels drawn from the training split's known levels;
-    else NaN (unknown)."""
+    else NaN (unknown). The summary's "of_each" lists each slice's level (null: unknown) in the order of
+    generated/sample_NNN.png."""
     known = np.array([]) if real is None else real.train.levels[np.isfinite(real.train.levels)]
     if args.level is not None:
         levels, source = np.full(args.num, args.level, np.float32), "--level"
@@ -198,6 +199,7 @@ def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndar
     if len(finite):
         summary.update(min=round(float(finite.min()), 4), median=round(float(np.median(finite)), 4),
                        max=round(float(finite.max()), 4))
+    summary["of_each"] = [round(float(level), 4) if np.isfinite(level) else None for level in levels]
     return levels, summary
 
 

@@ -49,7 +49,7 @@ def test_default_preset_has_two_grids_of_16_codes():
     model = VQVAE(config.to_dict())
     images = np.random.default_rng(0).random((2, 128, 128, 1)).astype("float32")
     codes = {grid: np.asarray(value) for grid, value in model.encode(images).items()}
-    assert codes["top"].shape == (2, 16, 16) and codes["bottom"].shape == (2, 64, 64)
+    assert codes["top"].shape == (2, 32, 32) and codes["bottom"].shape == (2, 64, 64)
     assert model.quantizer.num_codes == model.quantizer_top.num_codes == 16
     np.testing.assert_allclose(np.asarray(model.decode_codes(codes)), np.asarray(model(images)), atol=1e-5)
 

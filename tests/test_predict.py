@@ -43,6 +43,9 @@ def test_a_second_call_leaves_none_of_the_first_calls_samples(two_calls):
     assert sorted(path.name for path in (out / "generated").iterdir()) == ["sample_000.png", "sample_001.png"]
     assert (out / "generated" / "sample_000.png").read_bytes() != first_sample  # seed 2's, not seed 1's
     assert report["num"] == 2 and report["top_p"] == 0.9
+    # each sample's level in file order: null where unknown (this data's 2D images have none), one per sample
+    of_each = report["levels"]["of_each"]
+    assert len(of_each) == 2 and sum(level is not None for level in of_each) == report["levels"]["known"]
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no staging folder left
 
 

@@ -1,13 +1,14 @@
 """Where generated outlines break: the brain-shaped fraction by axial level, generated against real slices.
 
-    python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...]
+    python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...] [--by-subject]
 
 Each --generated folder is a predict.py --out folder: its generated/sample_NNN.png files, and the level of each in
 its generation.json (`levels.of_each`). Real rows: every slice of the training split and of the held-out splits of
 the shared MNI volumes (skipped with a message when ../shared is absent), preprocessed with pretrained/'s config.
 Rows are the fraction of slices that pass measures.brain_shaped in each band of levels (and the slice count), so a
 sample set can be compared with the slices its prior learned from (training levels are what predict.py draws) as
-well as with the held-out slices that predict.py's brain-shaped figure compares it with.
+well as with the held-out slices that predict.py's brain-shaped figure compares it with. --by-subject adds a row per
+real subject, for how much the reference itself moves with the subjects a split happens to hold.
 """
 
 import argparse
@@ -51,6 +52,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generated", type=Path, action="append", default=[],
                         help="a predict.py --out folder (repeatable)")
+    parser.add_argument("--by-subject", action="store_true",
+                        help="also a row for each real subject, under its split's row")
     args = parser.parse_args()
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes the real rows come from)")
@@ -61,6 +64,9 @@ def main():
     for split in ("train", "validate", "test"):
         real = everything.select(split)
         rows.append(row(f"real {split} slices", real.images, real.levels, config.tissue_intensity))
+        for subject in sorted(set(real.subjects)) if args.by_subject else ():
+            mine = real.subjects == subject
+            rows.append(row(f"  {subject} ({split})", real.images[mine], real.levels[mine], config.tissue_intensity))
     for folder in args.generated:
         rows.append(row(f"generated: {folder}", *generated_slices(folder), config.tissue_intensity))
     print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {config.tissue_intensity}")

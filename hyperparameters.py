@@ -94,7 +94,7 @@ class Config:
     top_prior_filters: int = 64
     top_prior_residual_blocks: int = 6
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
-    top_prior_epochs: int = 30
+    top_prior_epochs: int = 45
     prior_condition_filters: int = 32
     prior_condition_on_level: bool = True
     # regularization: seven training subjects are few, and an unregularized prior overfits within a few epochs

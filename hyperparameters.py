@@ -16,7 +16,7 @@ Presets
   prior also takes the top codes and trains on partly randomized input codes (prior_context_corruption), so that
   its samples follow the top codes rather than copying their own slips. Dropout, flipped slices' codes and the
   best validation epoch regularize them; they train in bfloat16 mixed precision where the hardware computes it
-  natively (prior_precision).
+  natively (prior_precision). The top grid is sampled at 0.9 of the temperature (top_temperature_scale).
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ class Config:
 
     # --- sampling ---------------------------------------------------------------------------------------------
     temperature: float = 1.0
+    # the top grid of a two-level model (the layout) is drawn at temperature * top_temperature_scale: at 0.9 the
+    # samples' nearest-training SSIM came within 0.05 of real held-out slices' at seeds 0-2 (0.033-0.042 below;
+    # 0.040-0.051 at 1), with the classifier, level and outlines as at 1 (README, Generation)
+    top_temperature_scale: float = 0.9
     # nucleus sampling of the bottom (or only) grid: each code drawn from the most probable codes holding this much of
     # the probability (on the top grid it breaks the brain's outline; README)
     top_p: float = 1.0
@@ -178,6 +182,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
+    # and before top_temperature_scale existed, sampled every grid at one temperature
+    values.setdefault("top_temperature_scale", 1.0)
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -273,7 +279,7 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
     return config
 
 
-SAMPLING_KEYS = ("temperature", "top_p")
+SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
                      "prior_condition_filters", "prior_context_corruption")
@@ -288,7 +294,7 @@ def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[st
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (temperature, top_p): two configs without differences describe the same VQ-VAE trained the same way on the same
+    (temperature, top_temperature_scale, top_p): two configs without differences describe the same VQ-VAE trained the same way on the same
     data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
 
@@ -348,7 +354,8 @@ def validate(config: Config) -> None:
             raise ValueError(f"{key} must be a non-empty list of positive integers")
     if config.prior_first_kernel < 3 or config.prior_first_kernel % 2 == 0:
         raise ValueError("prior_first_kernel must be odd and at least 3")
-    if config.temperature <= 0:
-        raise ValueError("temperature must be positive")
+    for key in ("temperature", "top_temperature_scale"):
+        if not 0 < getattr(config, key) < float("inf"):
+            raise ValueError(f"{key} must be a positive number")
     if not 0 < config.top_p <= 1:
         raise ValueError("top_p must be above 0 and at most 1")

@@ -1081,26 +1081,29 @@ class SliceGenerator:
             {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}])
 
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
-                 top_p: float = 1.0) -> np.ndarray:
+                 top_p: float = 1.0, top_temperature_scale: float | None = None) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
         instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
         the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
         codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
-        outlines (README, Generation). The same seed gives the same slices."""
+        outlines (README, Generation). `top_temperature_scale`: the top grid is drawn at temperature times this
+        (None: the run's config.top_temperature_scale). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
-                codes[grid] = sampler.sample(len(levels), temperature, seed + offset, levels=levels,
+                scale = 1.0 if grid != "top" else (self.run.config.top_temperature_scale
+                                                   if top_temperature_scale is None else top_temperature_scale)
+                codes[grid] = sampler.sample(len(levels), temperature * scale, seed + offset, levels=levels,
                                              top=codes.get("top"), guidance=1.0 if offset else guidance,
                                              top_p=top_p if grid == "bottom" else 1.0)
         decoded = self.decode({grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()})
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
-             guidance: float = 1.0, top_p: float = 1.0) -> np.ndarray:
+             guidance: float = 1.0, top_p: float = 1.0, top_temperature_scale: float | None = None) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1116,7 +1119,7 @@ class SliceGenerator:
                     print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
-                                   None if top is None else top[part], guidance, top_p))
+                                   None if top is None else top[part], guidance, top_p, top_temperature_scale))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 
@@ -1129,7 +1132,7 @@ def sub_seed(seed: int, stream: int) -> int:
 
 def generate(run: Run, levels, temperature: float | None = None, seed: int = 0) -> np.ndarray:
     """len(levels) new slices of a loaded run, sampled as its config says (its temperature unless one is given, its
-    top_p): SliceGenerator(run)(levels, ...) in one call."""
+    top_p and top_temperature_scale): SliceGenerator(run)(levels, ...) in one call."""
     temperature = run.config.temperature if temperature is None else temperature
     return SliceGenerator(run)(levels, temperature, seed, top_p=run.config.top_p)
 

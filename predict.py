@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature: below 1 is more conservative, above 1 more varied "
                              "(default: the run's, 1.0)")
+    parser.add_argument("--top-temperature-scale", type=float, default=None, metavar="S",
+                        help="two-level runs: the top (layout) grid is drawn at the temperature times S, the bottom "
+                             "grid at the temperature; S > 0, 1 = one temperature for both (default: the run's "
+                             "top_temperature_scale, 0.9 for the default preset; README, Generation)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="nucleus sampling of the bottom (detail) grid: each code is drawn from the most "
                              "probable codes whose probabilities sum to at least P, never from the unlikely rest; "
@@ -100,6 +104,8 @@ def check_arguments(args) -> None:
         raise UserError("--num must be at least 1")
     if args.temperature is not None and not 0 < args.temperature < float("inf"):
         raise UserError("--temperature must be a positive number")
+    if args.top_temperature_scale is not None and not 0 < args.top_temperature_scale < float("inf"):
+        raise UserError("--top-temperature-scale must be a positive number")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be above 0 and at most 1")
     if not 0 <= args.guidance < float("inf"):
@@ -376,7 +382,8 @@ def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperatu
         rows.append([(real.split.images[index], real.split.levels[index])
                      for index in sorted(nearest, key=lambda index: real.split.levels[index])])
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
-                               progress=progress, guidance=args.guidance, top_p=args.top_p)
+                               progress=progress, guidance=args.guidance, top_p=args.top_p,
+                               top_temperature_scale=args.top_temperature_scale)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
@@ -428,8 +435,11 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top-p P" and ", guidance W" for titles and reports when they are on, else nothing."""
-    return (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
+    """", top grid at S x temperature", ", top-p P" and ", guidance W" for titles and reports when they are on (and
+    the run has a top grid), else nothing."""
+    scaled = args.top_temperature_scale != 1.0 and args.two_level
+    return (f", top grid at {args.top_temperature_scale}x temperature" if scaled else "") + \
+        (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
 
 
@@ -464,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run = load_run(args.run)
     check_run(run, args)
-    args.top_p = args.top_p or run.config.top_p  # the titles and the report read the one in use
+    # the titles and the report read the settings in use
+    args.top_p = args.top_p or run.config.top_p
+    args.top_temperature_scale = args.top_temperature_scale or run.config.top_temperature_scale
+    args.two_level = run.config.top_grid is not None
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)
     sweep = sweep_levels(real, args) if args.sweep else None
@@ -472,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     temperature, progress = args.temperature or run.config.temperature, not args.no_progress
     generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
     generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks,
-                                          args.guidance, args.top_p)
+                                          args.guidance, args.top_p, args.top_temperature_scale)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
@@ -481,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"run": shown_path(args.run), "data": source and source.shown,
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,
-              "real_slices": len(real.slices) if real else 0, "temperature": temperature, "top_p": args.top_p,
+              "real_slices": len(real.slices) if real else 0, "temperature": temperature,
+              "top_temperature_scale": args.top_temperature_scale if args.two_level else None, "top_p": args.top_p,
               "guidance": args.guidance,
               "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),

@@ -77,13 +77,17 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_and_context_corruption_load_as_they_trained():
+def test_configs_from_before_precision_context_corruption_and_top_scale_load_as_they_trained_and_sampled():
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
-    values.pop("prior_precision"), values.pop("prior_context_corruption")
+    values.pop("prior_precision"), values.pop("prior_context_corruption"), values.pop("top_temperature_scale")
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
+    assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ValueError, match="top_temperature_scale must be a positive number"):
+            make_config("default", [f"top_temperature_scale={bad}"])
     for bad in ("-0.1", "1"):
         with pytest.raises(ValueError, match="prior_context_corruption must be in"):
             make_config("default", [f"prior_context_corruption={bad}"])
@@ -326,10 +330,10 @@ def test_generate_samples_the_top_grid_then_the_bottom_and_decodes(monkeypatch):
     reused = SliceGenerator(run)  # predict.py's form: samplers built once, the same slices from the same seeds
     assert (reused([0.2, np.nan, 0.7], seed=5) != images).any()
     np.testing.assert_array_equal(reused([0.2, np.nan, 0.7], seed=4), images)
-    # generate samples as the run's config says: its nucleus too
-    nucleus = run._replace(config=make_config("default", [*SMALL_TWO_LEVEL, "top_p=0.5"]))
+    # generate samples as the run's config says: its nucleus and its top grid's temperature scale too
+    nucleus = run._replace(config=make_config("default", [*SMALL_TWO_LEVEL, "top_p=0.5", "top_temperature_scale=0.5"]))
     np.testing.assert_array_equal(generate(nucleus, [0.2, np.nan, 0.7], seed=4),
-                                  reused([0.2, np.nan, 0.7], seed=4, top_p=0.5))
+                                  reused([0.2, np.nan, 0.7], seed=4, top_p=0.5, top_temperature_scale=0.5))
     bits = prior_bits_per_code(run, images, [0.2, np.nan, 0.7])
     assert set(bits) == {"top", "bottom"} and all(0 < value < 8 for value in bits.values())
 
@@ -356,13 +360,13 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
     # level guidance steers the top grid only: under given top codes it changes nothing
     np.testing.assert_array_equal(generator.many(levels, 1.0, 7, top=top, guidance=3.0),
                                   generator.many(levels, 1.0, 7, top=top))
-    # nucleus sampling limits the bottom grid only
-    top_p_seen = []
+    # nucleus sampling limits the bottom grid only; the temperature scale cools the top grid only
+    seen = []
     for grid, sampler in generator.samplers.items():
         monkeypatch.setattr(sampler, "sample", lambda *args, grid=grid, sample=sampler.sample, **kwargs:
-                            top_p_seen.append((grid, kwargs["top_p"])) or sample(*args, **kwargs))
-    generator(levels[:2], 1.0, 7, top_p=0.8)
-    assert top_p_seen == [("top", 1.0), ("bottom", 0.8)]
+                            seen.append((grid, args[1], kwargs["top_p"])) or sample(*args, **kwargs))
+    generator.many(levels[:2], 0.8, 7, top_p=0.8, top_temperature_scale=0.5)
+    assert seen == [("top", 0.4, 1.0), ("bottom", 0.8, 0.8)]
 
 
 def monkeypatch_decoded_codes(monkeypatch, generator) -> list:

@@ -18,7 +18,7 @@ FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
            "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
-            "temperature", "top_p", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds",
+            "temperature", "top_temperature_scale", "top_p", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds",
             "classifier_folds"]
 
 
@@ -56,7 +56,7 @@ def test_generation_json_has_every_figure_or_why_it_is_skipped(two_calls):
         assert (report[key] is None) == (key in report["skipped"]), key
     assert report["nearest_train_ssim_generated"] is not None and report["brain_shaped_fraction_real"] is not None
     assert "not level-conditioned" in report["skipped"]["level_mae_generated"]
-    assert set(report["prior_bits_per_code"]) == {"bottom"}
+    assert set(report["prior_bits_per_code"]) == {"bottom"} and report["top_temperature_scale"] is None  # one grid
 
 
 def test_data_found_automatically_is_said_and_recorded_as_the_run_recorded_it(trained, two_calls):
@@ -80,6 +80,13 @@ def test_level_out_of_range_exits_2_with_one_line(level, tmp_path):
 def test_top_p_out_of_range_exits_2_with_one_line(top_p, tmp_path):
     result = run_script("predict.py", "--top-p", top_p, "--out", tmp_path / "out")
     assert_clean_usage_error(result, "--top-p", "at most 1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", ["0", "-0.5", "inf", "nan"])
+def test_top_temperature_scale_out_of_range_exits_2_with_one_line(scale, tmp_path):
+    result = run_script("predict.py", "--top-temperature-scale", scale, "--out", tmp_path / "out")
+    assert_clean_usage_error(result, "--top-temperature-scale", "positive number")
     assert not (tmp_path / "out").exists()
 
 

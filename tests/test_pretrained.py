@@ -38,6 +38,7 @@ def test_predict_on_a_fresh_clone_writes_brain_shaped_slices(tmp_path):
     assert sorted(path.name for path in (out / "generated").iterdir()) == [f"sample_{n:03d}.png" for n in range(32)]
     generation = json.loads((out / "generation.json").read_text())
     assert generation["num"] == 32 and generation["generation_seconds"] > 0
+    assert generation["top_temperature_scale"] == 0.9  # the run's, as no flag was given
     assert generation["brain_shaped_fraction_generated"] >= 0.5
 
 

@@ -294,8 +294,8 @@ def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[st
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (temperature, top_temperature_scale, top_p): two configs without differences describe the same VQ-VAE trained the same way on the same
-    data."""
+    (temperature, top_temperature_scale, top_p): two configs without differences describe the same VQ-VAE trained
+    the same way on the same data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
 
 

@@ -1092,10 +1092,11 @@ class SliceGenerator:
         (None: the run's config.top_temperature_scale). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
+        if top_temperature_scale is None:
+            top_temperature_scale = self.run.config.top_temperature_scale
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
-                scale = 1.0 if grid != "top" else (self.run.config.top_temperature_scale
-                                                   if top_temperature_scale is None else top_temperature_scale)
+                scale = top_temperature_scale if grid == "top" else 1.0
                 codes[grid] = sampler.sample(len(levels), temperature * scale, seed + offset, levels=levels,
                                              top=codes.get("top"), guidance=1.0 if offset else guidance,
                                              top_p=top_p if grid == "bottom" else 1.0)

@@ -435,9 +435,9 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top grid at S x temperature", ", top-p P" and ", guidance W" for titles and reports when they are on (and
-    the run has a top grid), else nothing."""
-    scaled = args.top_temperature_scale != 1.0 and args.two_level
+    """", top grid at S x temperature", ", top-p P" and ", guidance W" for titles and reports when they are on, else
+    nothing."""
+    scaled = args.top_temperature_scale not in (None, 1.0)
     return (f", top grid at {args.top_temperature_scale}x temperature" if scaled else "") + \
         (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     check_run(run, args)
     # the titles and the report read the settings in use
     args.top_p = args.top_p or run.config.top_p
-    args.top_temperature_scale = args.top_temperature_scale or run.config.top_temperature_scale
-    args.two_level = run.config.top_grid is not None
+    # (None for a run with one grid, which has no top grid to scale)
+    args.top_temperature_scale = (args.top_temperature_scale or run.config.top_temperature_scale
+                                  if run.config.top_grid else None)
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)
     sweep = sweep_levels(real, args) if args.sweep else None
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,
               "real_slices": len(real.slices) if real else 0, "temperature": temperature,
-              "top_temperature_scale": args.top_temperature_scale if args.two_level else None, "top_p": args.top_p,
+              "top_temperature_scale": args.top_temperature_scale, "top_p": args.top_p,
               "guidance": args.guidance,
               "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),

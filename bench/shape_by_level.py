@@ -1,6 +1,7 @@
 """Where generated outlines break: the brain-shaped fraction by axial level, generated against real slices.
 
-    python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...] [--by-subject]
+    python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...]
+        [--by-subject]
 
 Each --generated folder is a predict.py --out folder: its generated/sample_NNN.png files, and the level of each in
 its generation.json (`levels.of_each`). Real rows: every slice of the training split and of the held-out splits of

@@ -18,8 +18,8 @@ FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
            "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
-            "temperature", "top_temperature_scale", "top_p", "guidance", "seed", "levels", "generation_seconds", "scoring_seconds",
-            "classifier_folds"]
+            "temperature", "top_temperature_scale", "top_p", "guidance", "seed", "levels", "generation_seconds",
+            "scoring_seconds", "classifier_folds"]
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,11 @@ class Config:
     decoder_filters: list[int] = field(default_factory=lambda: [32])
     decoder_strides: list[int] = field(default_factory=lambda: [2])
     ssim_loss_weight: float = 0.2  # loss = MSE + w * (1 - SSIM) + VQ loss; 0 gives plain MSE
+    # share of the bottom (or only) grid's codes that the decoder reads as random codes in training, drawn anew per
+    # batch: sampled grids hold codes that disagree with their neighbours and the top codes, which a decoder trained
+    # only on clean codes renders as bright and dark specks (the mottled tissue of samples); one trained on noisy
+    # codes leans on the top codes and the neighbours and renders an odd code as what they say (README, Generation)
+    bottom_code_noise: float = 0.2
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
     batch_size: int = 32
@@ -182,8 +187,10 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
-    # and before top_temperature_scale existed, sampled every grid at one temperature
+    # and before top_temperature_scale existed, sampled every grid at one temperature; before bottom_code_noise
+    # existed, their decoders trained on clean codes
     values.setdefault("top_temperature_scale", 1.0)
+    values.setdefault("bottom_code_noise", 0.0)
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -226,6 +233,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         prior_level_dropout=0.0,
         prior_flip=False,
         prior_context_corruption=0.0,
+        bottom_code_noise=0.0,
     ),
 }
 
@@ -344,7 +352,7 @@ def validate(config: Config) -> None:
         top_down *= stride
     if config.code_grid % top_down:
         raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
-    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption"):
+    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "bottom_code_noise"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

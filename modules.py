@@ -265,6 +265,8 @@ class VQVAE(keras.Model):
             self.bottom_in = layers.Conv2D(cfg.latent_dim, 1, name="bottom_in")
             self.top_to_decoder = build_upsampler(cfg, cfg.latent_dim, "top_to_decoder")
         self.decoder = build_decoder(cfg)
+        # only a model that draws noise holds the generator's state, so earlier vqvae.keras files load unchanged
+        self.noise_seeds = keras.random.SeedGenerator(cfg.seed, name="noise_seeds") if cfg.bottom_code_noise else None
         names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim"]
         if self.two_level:
             names += ["perplexity_top", "usage_top"]
@@ -290,6 +292,15 @@ class VQVAE(keras.Model):
         joined = ops.concatenate([features, self.top_to_bottom(top["quantized"], training=training)], axis=-1)
         return {"top": top, "bottom": self.quantizer(self.bottom_in(joined), training=training)}
 
+    def with_random_codes(self, quantized):
+        """(b, g, g, latent_dim) quantized bottom vectors with a share `bottom_code_noise` of the positions holding a
+        random code's vector instead (no gradient flows through those)."""
+        shape = ops.shape(quantized)[:-1]
+        replaced = keras.random.uniform(shape, seed=self.noise_seeds) < self.cfg.bottom_code_noise
+        random_codes = keras.random.randint(shape, 0, self.cfg.num_codes, seed=self.noise_seeds)
+        noise = ops.stop_gradient(self.quantizer.lookup(random_codes))
+        return ops.where(replaced[..., None], ops.cast(noise, quantized.dtype), quantized)
+
     def decode_quantized(self, quantized, training=False):
         """Images from {grid: (b, side, side, latent_dim) quantized vectors}."""
         inputs = quantized["bottom"]
@@ -311,7 +322,10 @@ class VQVAE(keras.Model):
 
     def loss_terms(self, images, training):
         grids = self.quantize_grids(images, training)
-        reconstructions = self.decode_quantized({name: grid["quantized"] for name, grid in grids.items()}, training)
+        quantized = {name: grid["quantized"] for name, grid in grids.items()}
+        if training and self.noise_seeds is not None:
+            quantized["bottom"] = self.with_random_codes(quantized["bottom"])
+        reconstructions = self.decode_quantized(quantized, training)
         reconstruction = ops.mean((images - reconstructions) ** 2)
         if not self.cfg.ssim_loss_weight:  # reported, not trained on: no gradient to compute
             reconstructions = ops.stop_gradient(reconstructions)

@@ -248,7 +248,9 @@ class VQVAE(keras.Model):
     `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns {"top": (batch, 32, 32),
     "bottom": (batch, 64, 64)} int32 code grids (only "bottom" for one grid); `decode_codes(codes)` turns such a
     dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses and
-    reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM.
+    reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM. In training, a
+    share `bottom_code_noise` of the bottom codes reach the decoder as random codes (`with_random_codes`), so that it
+    renders the slips of a sampled grid from the top codes and the neighbours instead of as specks.
     """
 
     def __init__(self, config: dict, **kwargs):

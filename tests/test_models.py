@@ -77,14 +77,20 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_context_corruption_and_top_scale_load_as_they_trained_and_sampled():
+def test_configs_from_before_precision_context_corruption_top_scale_and_code_noise_load_as_they_trained():
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
-    values.pop("prior_precision"), values.pop("prior_context_corruption"), values.pop("top_temperature_scale")
+    for key in ("prior_precision", "prior_context_corruption", "top_temperature_scale", "bottom_code_noise"):
+        values.pop(key)
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
+    assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.2
+    assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
+    for bad in ("-0.1", "1"):
+        with pytest.raises(ValueError, match="bottom_code_noise must be in"):
+            make_config("default", [f"bottom_code_noise={bad}"])
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ValueError, match="top_temperature_scale must be a positive number"):
             make_config("default", [f"top_temperature_scale={bad}"])
@@ -130,6 +136,32 @@ def hand_made_quantizer(codebook="loss"):
     quantizer.build((None, 2))
     quantizer.embeddings.assign(np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32))
     return quantizer
+
+
+def test_code_noise_gives_the_decoder_random_codes_in_training_only():
+    """A share bottom_code_noise of the bottom positions carry another codebook vector while training (seeded, no
+    gradient through them); evaluation and encoding read the clean codes."""
+    config = make_config("default", ["bottom_code_noise=0.3"])
+    model = VQVAE(config.to_dict())
+    model.build()
+    images = np.random.default_rng(0).random((4, 128, 128, 1)).astype("float32")
+    clean = model.quantize_grids(images)["bottom"]["quantized"]
+    noisy = np.asarray(model.with_random_codes(clean))
+    changed = np.any(noisy != np.asarray(clean), axis=-1)
+    assert 0.2 < changed.mean() < 0.3  # 0.3 of the positions drawn, 1 in 16 of those given their own code back
+    codebook = np.asarray(model.quantizer.embeddings)
+    assert np.all(np.min(np.abs(noisy[changed][:, None] - codebook[None]).max(-1), axis=1) < 1e-6)
+    with tf.GradientTape() as tape:
+        tape.watch(clean)
+        noisy = model.with_random_codes(clean)
+    gradient = np.asarray(tape.gradient(noisy, clean))[..., 0]
+    assert set(np.unique(gradient)) == {0.0, 1.0} and 0.2 < (gradient == 0).mean() < 0.35
+    calls = []
+    model.with_random_codes = lambda quantized: calls.append(quantized) or quantized
+    model.loss_terms(images, training=False)
+    assert not calls
+    model.loss_terms(images, training=True)
+    assert len(calls) == 1 and calls[0].shape == (4, 64, 64, config.latent_dim)
 
 
 def test_quantizer_picks_nearest_codes_and_reports_perplexity():

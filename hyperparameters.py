@@ -74,8 +74,9 @@ class Config:
     # share of the bottom (or only) grid's codes that the decoder reads as random codes in training, drawn anew per
     # batch: sampled grids hold codes that disagree with their neighbours and the top codes, which a decoder trained
     # only on clean codes renders as bright and dark specks (the mottled tissue of samples); one trained on noisy
-    # codes leans on the top codes and the neighbours and renders an odd code as what they say (README, Generation)
-    bottom_code_noise: float = 0.2
+    # codes leans on the top codes and the neighbours and renders an odd code as what they say. 0.1: 10% random
+    # codes cost 0.010 of SSIM instead of 0.149, test SSIM 0.9732 (clean 0.9771); 0.2 took it to 0.9687 (README)
+    bottom_code_noise: float = 0.1
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
     batch_size: int = 32

@@ -86,7 +86,7 @@ def test_configs_from_before_precision_context_corruption_top_scale_and_code_noi
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
-    assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.2
+    assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.1
     assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
     for bad in ("-0.1", "1"):
         with pytest.raises(ValueError, match="bottom_code_noise must be in"):

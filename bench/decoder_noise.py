@@ -26,16 +26,17 @@ from modules import encode_all
 from rundir import load_run
 
 
-def decoded_with_random_codes(vqvae, images: np.ndarray, share: float, seed: int, batch_size: int = 64):
-    """(n, h, w) images decoded from their codes with a share of their bottom codes replaced by random ones."""
-    codes = encode_all(vqvae, images)
+def decoded_with_random_codes(vqvae, codes: dict, share: float, seed: int, batch_size: int = 64):
+    """(n, h, w) slices decoded from their encode_all codes with a share of the bottom codes replaced by random
+    ones."""
     rng = np.random.default_rng(seed)
     bottom = codes["bottom"]
     replaced = rng.random(bottom.shape) < share
-    codes["bottom"] = np.where(replaced, rng.integers(0, vqvae.cfg.num_codes, bottom.shape), bottom).astype(np.int32)
+    codes = {**codes, "bottom": np.where(replaced, rng.integers(0, vqvae.cfg.num_codes, bottom.shape),
+                                         bottom).astype(np.int32)}
     parts = [np.asarray(vqvae.decode_codes({grid: grid_codes[start:start + batch_size]
                                             for grid, grid_codes in codes.items()}))[..., 0]
-             for start in range(0, len(images), batch_size)]
+             for start in range(0, len(bottom), batch_size)]
     return np.clip(np.concatenate(parts), 0.0, 1.0)
 
 
@@ -62,7 +63,8 @@ def main():
     for run_dir in args.run or [ROOT / "pretrained"]:
         run = load_run(run_dir, need_prior=False)
         images = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False).select(args.split).images
-        scores = [float(np.mean(ssim(images[..., None], decoded_with_random_codes(run.vqvae, images, share,
+        codes = encode_all(run.vqvae, images)  # once per run: every share decodes the same codes
+        scores = [float(np.mean(ssim(images[..., None], decoded_with_random_codes(run.vqvae, codes, share,
                                                                                   args.seed)[..., None])))
                   for share in shares]
         rows.append([str(run_dir), run.config.bottom_code_noise, *(f"{score:.4f}" for score in scores)])

@@ -17,7 +17,8 @@ Presets
   prior sees the whole top grid, the bottom prior also takes the top codes and trains on partly randomized input
   codes (prior_context_corruption), so that its samples follow the top codes rather than copying their own slips.
   Dropout, flipped slices' codes and the best validation epoch regularize them; they train in bfloat16 mixed
-  precision where the hardware computes it natively (prior_precision). The top grid is sampled at 0.9 of the temperature (top_temperature_scale).
+  precision where the hardware computes it natively (prior_precision). The top grid is sampled at 0.9 of the
+  temperature (top_temperature_scale).
 """
 
 from __future__ import annotations

@@ -684,9 +684,9 @@ def with_pipeline_options(dataset):
 def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
     """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
     left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
-    `prior_level_dropout` share shown with an unknown level (NaN), and for the bottom grid a
-    `prior_context_corruption` share of the codes it reads replaced by random ones; all seeded, drawn anew each
-    epoch."""
+    `prior_level_dropout` share shown with an unknown level (NaN), and a `prior_context_corruption` (bottom grid)
+    or `top_prior_context_corruption` (top grid) share of the codes it reads replaced by random ones; all seeded,
+    drawn anew each epoch."""
     import tensorflow as tf
 
     from modules import grid_inputs
@@ -699,7 +699,7 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict 
             len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
-        corruption = config.prior_context_corruption if grid == "bottom" else 0.0
+        corruption = config.prior_context_corruption if grid == "bottom" else config.top_prior_context_corruption
         dataset = tf.data.Dataset.zip(dataset, draws).map(
             functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
                               context_corruption=corruption, num_codes=config.num_codes))

@@ -114,6 +114,9 @@ class Config:
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
     # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
     prior_context_corruption: float = 0.2
+    # the same for the top prior (20% on an older decoder: ventricles and a midline in the samples, but outlines
+    # and levels lost; README)
+    top_prior_context_corruption: float = 0.0
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
@@ -190,6 +193,7 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     # prior_context_corruption existed on clean codes
     values.setdefault("prior_precision", "float32")
     values.setdefault("prior_context_corruption", 0.0)
+    values.setdefault("top_prior_context_corruption", 0.0)
     # and before top_temperature_scale existed, sampled every grid at one temperature; before bottom_code_noise
     # existed, their decoders trained on clean codes
     values.setdefault("top_temperature_scale", 1.0)
@@ -295,7 +299,8 @@ SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p")
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
                      "prior_condition_filters", "prior_context_corruption")
 # the fields that only the top prior reads
-TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs")
+TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
+                  "top_prior_context_corruption")
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
@@ -355,7 +360,8 @@ def validate(config: Config) -> None:
         top_down *= stride
     if config.code_grid % top_down:
         raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
-    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "bottom_code_noise"):
+    for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "top_prior_context_corruption",
+                "bottom_code_noise"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

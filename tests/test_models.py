@@ -81,10 +81,12 @@ def test_configs_from_before_precision_context_corruption_top_scale_and_code_noi
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
-    for key in ("prior_precision", "prior_context_corruption", "top_temperature_scale", "bottom_code_noise"):
+    for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
+                "bottom_code_noise"):
         values.pop(key)
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
+    assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
     assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.1
     assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
@@ -94,9 +96,10 @@ def test_configs_from_before_precision_context_corruption_top_scale_and_code_noi
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ValueError, match="top_temperature_scale must be a positive number"):
             make_config("default", [f"top_temperature_scale={bad}"])
-    for bad in ("-0.1", "1"):
-        with pytest.raises(ValueError, match="prior_context_corruption must be in"):
-            make_config("default", [f"prior_context_corruption={bad}"])
+    for key in ("prior_context_corruption", "top_prior_context_corruption"):
+        for bad in ("-0.1", "1"):
+            with pytest.raises(ValueError, match=f"^{key} must be in"):
+                make_config("default", [f"{key}={bad}"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
@@ -113,9 +116,9 @@ def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
 
 @pytest.mark.parametrize("kept, free, fixed", [
     ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9"],
-     ["top_prior_filters=32", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
+     ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
     ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
-                "temperature=0.9"],
+                "top_prior_context_corruption=0.1", "temperature=0.9"],
      ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"]),
 ])
 def test_a_kept_prior_allows_only_the_other_priors_and_sampling_fields_to_change(kept, free, fixed):

@@ -276,7 +276,8 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
 
 def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets():
     """With prior_context_corruption, about that share of the bottom grid's input codes are random codes, drawn anew
-    each epoch, while the targets stay the true grid; validation grids and the top grid stay clean."""
+    each epoch, while the targets stay the true grid; validation grids stay clean, and so does the top grid unless
+    top_prior_context_corruption asks for its own share."""
     from dataset import prior_dataset
     from hyperparameters import make_config
 
@@ -297,6 +298,10 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
     (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
+    config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "top_prior_context_corruption=0.5"])
+    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
+    np.testing.assert_array_equal(np.asarray(targets), codes["top"])
+    assert 0.5 * 15 / 16 - 0.03 < (np.asarray(inputs["codes"]) != 0).mean() < 0.5 * 15 / 16 + 0.03
 
 
 def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotuning():

@@ -108,3 +108,21 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     save_figure(figure, path, 90)
+
+
+
+def save_strips(path: Path, strips: list, title: str) -> None:
+    """One row per slice set, `strips[i]` = (name, [((h, w) slice, caption) ...]): a few slices of each set side
+    by side, the set's name over its first (bench/shape_by_level.py and bench/realism_by_grid.py --figure)."""
+    plt = pyplot()
+    columns = max(len(cells) for _, cells in strips)
+    figure, axes = plt.subplots(len(strips), columns, figsize=(1.5 * columns, 1.65 * len(strips) + 0.4),
+                                squeeze=False)
+    for row, (name, cells) in enumerate(strips):
+        for axis in axes[row]:
+            axis.axis("off")
+        for column, (image, caption) in enumerate(cells):
+            show(axes[row, column], image, f"{name}\n{caption}" if column == 0 else f"\n{caption}")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path, 80)

@@ -1,6 +1,7 @@
 """Which part of a two-level run costs realism: the decoder, the bottom prior or the top prior.
 
     python bench/realism_by_grid.py [--run pretrained] [--split validate] [--num 256] [--seed 0]
+        [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
 slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
@@ -13,6 +14,8 @@ SSIM with its most similar training slice, against every training slice):
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
+--figure draws the four sets side by side at a few levels (the same slices in each set), for what the figures do
+not measure: whether the anatomy is there.
 """
 
 import argparse
@@ -24,9 +27,12 @@ import numpy as np
 
 from cli import DEFAULT_CACHE
 from dataset import draw_real_slices, load_slices
+from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, nearest_ssim, reconstruct
 from modules import SliceGenerator, encode_all
 from rundir import load_run
+
+FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
 
 def main():
@@ -37,6 +43,8 @@ def main():
                              "once OAS1_0198 is excluded; the classifier's control needs two)")
     parser.add_argument("--num", type=int, default=256, help="slices per row (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="draws the real slices and seeds the samplers")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also write a PNG: each set's slices at the real slices nearest a few levels")
     args = parser.parse_args()
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark scores against)")
@@ -66,6 +74,13 @@ def main():
           f"seed {args.seed}; {machine()}")
     print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM"],
                 table)
+    if args.figure:
+        picks = [int(np.argmin(np.abs(real.levels - level))) for level in FIGURE_LEVELS]
+        strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
+                  for name, (images, _) in rows.items()]
+        save_strips(args.figure, strips, f"the same {args.split} slices' levels in each row, run {args.run.name}, "
+                                         f"seed {args.seed}")
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where generated outlines break: the brain-shaped fraction by axial level, generated against real slices.
 
     python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...]
-        [--by-subject]
+        [--by-subject] [--figure Images/realism/shape_by_level.png]
 
 Each --generated folder is a predict.py --out folder: its generated/sample_NNN.png files, and the level of each in
 its generation.json (`levels.of_each`). Real rows: every slice of the training split and of the held-out splits of
@@ -9,7 +9,9 @@ the shared MNI volumes (skipped with a message when ../shared is absent), prepro
 Rows are the fraction of slices that pass measures.brain_shaped in each band of levels (and the slice count), so a
 sample set can be compared with the slices its prior learned from (training levels are what predict.py draws) as
 well as with the held-out slices that predict.py's brain-shaped figure compares it with. --by-subject adds a row per
-real subject, for how much the reference itself moves with the subjects a split happens to hold.
+real subject, for how much the reference itself moves with the subjects a split happens to hold. --figure draws
+each real subject's slices and each --generated folder's samples nearest a few low and high levels, each marked
+with whether it passes, to see why they fail.
 """
 
 import argparse
@@ -23,10 +25,12 @@ from PIL import Image
 
 from cli import DEFAULT_CACHE
 from dataset import load_slices
+from figures import save_strips
 from measures import brain_shaped
 from rundir import load_run
 
 BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
+FIGURE_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 0.8, 0.85, 0.9)
 
 
 def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -49,29 +53,49 @@ def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> lis
     return cells
 
 
+def strip(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> tuple[str, list]:
+    """The slices of a set nearest each of FIGURE_LEVELS, captioned with their levels and brain_shaped outcome."""
+    known = np.where(~np.isnan(levels))[0]
+    picks = [known[np.argmin(np.abs(levels[known] - level))] for level in FIGURE_LEVELS]
+    return name, [(images[i], f"{levels[i]:.2f} {'ok' if brain_shaped(images[i], tissue) else 'fails'}")
+                  for i in picks]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generated", type=Path, action="append", default=[],
                         help="a predict.py --out folder (repeatable)")
     parser.add_argument("--by-subject", action="store_true",
                         help="also a row for each real subject, under its split's row")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also write a PNG: each real subject's slices and each --generated folder's samples "
+                             "nearest a few levels, marked with whether they pass")
     args = parser.parse_args()
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes the real rows come from)")
         return
     config = load_run(ROOT / "pretrained").config
     everything = load_slices(str(SHARED_VOLUMES), config, DEFAULT_CACHE, progress=False)
-    rows = []
+    tissue = config.tissue_intensity
+    rows, strips = [], []
     for split in ("train", "validate", "test"):
         real = everything.select(split)
-        rows.append(row(f"real {split} slices", real.images, real.levels, config.tissue_intensity))
-        for subject in sorted(set(real.subjects)) if args.by_subject else ():
+        rows.append(row(f"real {split} slices", real.images, real.levels, tissue))
+        for subject in sorted(set(real.subjects)):
             mine = real.subjects == subject
-            rows.append(row(f"  {subject} ({split})", real.images[mine], real.levels[mine], config.tissue_intensity))
+            if args.by_subject:
+                rows.append(row(f"  {subject} ({split})", real.images[mine], real.levels[mine], tissue))
+            strips.append(strip(f"{subject} ({split})", real.images[mine], real.levels[mine], tissue))
     for folder in args.generated:
-        rows.append(row(f"generated: {folder}", *generated_slices(folder), config.tissue_intensity))
+        images, levels = generated_slices(folder)
+        rows.append(row(f"generated: {folder}", images, levels, tissue))
+        strips.append(strip(f"generated: {folder.name}", images, levels, tissue))
     print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {config.tissue_intensity}")
     print_table(["slices", "all", *(f"level {low:.1f}-{high:.1f}" for low, high in BANDS)], rows)
+    if args.figure:
+        save_strips(args.figure, strips, "slices nearest each level, real subjects and generated sets: "
+                                               f"brain-shaped at tissue threshold {tissue} (ok) or not (fails)")
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

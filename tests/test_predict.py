@@ -108,3 +108,20 @@ def test_level_with_a_run_that_is_not_level_conditioned_exits_2_saying_how_to_ge
     result = run_in_process("predict.py", ["--run", run, *flag, "--out", tmp_path / "out"], monkeypatch, capfd)
     assert_clean_usage_error(result, flag[0], "not level-conditioned", "train.py")
     assert not (tmp_path / "out").exists()
+
+
+def test_strip_figures_lay_out_one_row_per_set_and_leave_no_partial_file(tmp_path):
+    """figures.save_strips (the bench scripts' --figure): a PNG with a row per set, as wide as the longest row, and
+    nothing else in the folder (written atomically)."""
+    import numpy as np
+    from PIL import Image
+
+    from figures import save_strips
+
+    slices = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    path = tmp_path / "strips.png"
+    save_strips(path, [("real", [(slices[0], "0.10 ok"), (slices[1], "0.50 fails")]),
+                       ("generated", [(slices[2], "0.10 ok")])], "title")
+    assert [item.name for item in tmp_path.iterdir()] == ["strips.png"]
+    width, height = Image.open(path).size
+    assert (width, height) == (int(1.5 * 2 * 80), int((1.65 * 2 + 0.4) * 80))  # 2 columns, 2 rows at 80 dpi

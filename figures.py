@@ -110,19 +110,20 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
     save_figure(figure, path, 90)
 
 
-
 def save_strips(path: Path, strips: list, title: str) -> None:
     """One row per slice set, `strips[i]` = (name, [((h, w) slice, caption) ...]): a few slices of each set side
-    by side, the set's name over its first (bench/shape_by_level.py and bench/realism_by_grid.py --figure)."""
+    by side under their captions, the set's name above the row (bench/shape_by_level.py and
+    bench/realism_by_grid.py --figure)."""
     plt = pyplot()
     columns = max(len(cells) for _, cells in strips)
-    figure, axes = plt.subplots(len(strips), columns, figsize=(1.5 * columns, 1.65 * len(strips) + 0.4),
-                                squeeze=False)
-    for row, (name, cells) in enumerate(strips):
-        for axis in axes[row]:
+    figure = plt.figure(figsize=(1.5 * columns, 1.8 * len(strips) + 0.4), layout="constrained")
+    # a subfigure per row, so that a name wider than one picture has the row's width
+    for row, (name, cells) in zip(np.atleast_1d(figure.subfigures(len(strips), 1)), strips):
+        row.suptitle(name, x=0.01, ha="left", fontsize=8, fontweight="bold")
+        padded = [*cells, *[(None, None)] * (columns - len(cells))]
+        for axis, (image, caption) in zip(row.subplots(1, columns, squeeze=False)[0], padded):
             axis.axis("off")
-        for column, (image, caption) in enumerate(cells):
-            show(axes[row, column], image, f"{name}\n{caption}" if column == 0 else f"\n{caption}")
+            if caption is not None:
+                show(axis, image, caption)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     save_figure(figure, path, 80)

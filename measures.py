@@ -187,7 +187,7 @@ def mean_off_diagonal(matrix: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Realism of generated slices: shape
+# Realism of generated slices: shape and sharpness
 # ---------------------------------------------------------------------------------------------------------------
 
 def brain_shaped(image: np.ndarray, tissue: float, min_share: float = 0.98, min_solidity: float = 0.9) -> bool:
@@ -212,6 +212,20 @@ def brain_shaped_fraction(images: np.ndarray, tissue: float) -> float:
     """Share of (n, h, w) slices that are brain_shaped with tissue threshold `tissue` (the run's
     config.tissue_intensity)."""
     return float(np.mean([brain_shaped(image, tissue) for image in images]))
+
+
+def edge_strength(images: np.ndarray, tissue: float) -> np.ndarray:
+    """Sharpness of each (n, h, w) [0, 1] slice: the mean gradient magnitude (forward differences) over its pixels
+    above `tissue`, NaN for a slice with none. Edges between cortex, white matter and fluid make it: the validate
+    slices of the shared MNI volumes score 0.103 and their reconstructions 0.100, where blurred or washed-out
+    tissue scores less, which the outline and nearest-SSIM figures do not see (README, Generation)."""
+    images = np.asarray(images, np.float32)
+    corner = images[:, :-1, :-1]
+    magnitude = np.hypot(images[:, :-1, 1:] - corner, images[:, 1:, :-1] - corner)
+    mask = corner > tissue
+    counts = mask.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (magnitude * mask).sum(axis=(1, 2)) / counts, np.nan)
 
 
 # ---------------------------------------------------------------------------------------------------------------

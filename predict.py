@@ -18,6 +18,8 @@ reason under "skipped"):
   real brains are, and not copies of training slices when clearly below 1);
 - diversity: mean pairwise SSIM among generated and among real slices (lower is more varied);
 - brain-shaped fraction: slices whose tissue is one piece with an intact outline (measures.brain_shaped);
+- edge strength: mean gradient magnitude inside the tissue of generated and of real slices (lower: blurrier;
+  measures.edge_strength);
 - the prior's bits per code on the codes of the real slices compared (held-out ones with the default --split test),
   per code grid (4 bits is a uniform guess over 16 codes).
 """
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with data reconstructions.png (up to 16 slices of the split), with --sweep sweep.png, and "
                     "generation.json: the realism figures (classifier two-sample AUC against training slices "
                     "beside its real held-out control, level error, nearest-training SSIM, pairwise SSIM, "
-                    "brain-shaped fraction, bits per code; explained at the top of predict.py).",
+                    "brain-shaped fraction, edge strength, bits per code; explained at the top of predict.py).",
         epilog="Without --data, the data the run was trained on is used when that folder is on this machine (the "
                "first line printed says so); otherwise only generation runs and the figures that need real slices "
                "are skipped.")
@@ -218,6 +220,7 @@ NEEDS = {"classifier_auc_generated_vs_train": ("data", "train", "groups"),
          "nearest_train_ssim_real_heldout": ("data", "train", "held-out"),
          "diversity_pairwise_ssim_generated": ("pairs",), "diversity_pairwise_ssim_real": ("data", "real pairs"),
          "brain_shaped_fraction_generated": (), "brain_shaped_fraction_real": ("data",),
+         "edge_strength_generated": (), "edge_strength_real": ("data",),
          "prior_bits_per_code": ("data",), "reconstruction_ssim_mean": ("data",)}
 
 
@@ -267,6 +270,7 @@ class Scorer:
         """[(name, method)] of the steps with at least one figure to compute."""
         steps = [("reconstructions", self.reconstructions, ["reconstruction_ssim_mean"]),
                  ("brain-shaped fraction", self.brain_shape, ["brain_shaped_fraction_generated"]),
+                 ("edge strength", self.edges, ["edge_strength_generated"]),
                  ("prior bits per code", self.bits, ["prior_bits_per_code"]),
                  ("pairwise SSIM", self.diversity, ["diversity_pairwise_ssim_generated"]),
                  ("nearest-training SSIM", self.nearest, ["nearest_train_ssim_generated"]),
@@ -293,6 +297,14 @@ class Scorer:
         self.figures["brain_shaped_fraction_generated"] = rounded(brain_shaped_fraction(self.generated, tissue))
         if self.wanted("brain_shaped_fraction_real"):
             self.figures["brain_shaped_fraction_real"] = rounded(brain_shaped_fraction(self.real.slices, tissue))
+
+    def edges(self) -> None:
+        from measures import edge_strength
+
+        tissue = self.run.config.tissue_intensity
+        self.figures["edge_strength_generated"] = rounded(np.nanmean(edge_strength(self.generated, tissue)))
+        if self.wanted("edge_strength_real"):
+            self.figures["edge_strength_real"] = rounded(np.nanmean(edge_strength(self.real.slices, tissue)))
 
     def bits(self) -> None:
         from modules import prior_bits_per_code
@@ -401,7 +413,9 @@ PRINTED = [("classifier two-sample AUC against training slices (0.5: indistingui
            ("pairwise SSIM, mean (lower: more varied)", ("generated", "diversity_pairwise_ssim_generated"),
             ("real", "diversity_pairwise_ssim_real")),
            ("brain-shaped fraction", ("generated", "brain_shaped_fraction_generated"),
-            ("real", "brain_shaped_fraction_real"))]
+            ("real", "brain_shaped_fraction_real")),
+           ("edge strength, mean gradient inside the tissue (lower: blurrier)",
+            ("generated", "edge_strength_generated"), ("real", "edge_strength_real"))]
 
 
 def print_figures(report: dict) -> None:

@@ -6,8 +6,9 @@
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
 slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
-slices, the same for every row), brain-shaped fraction and nearest-training SSIM (mean over the row of each slice's
-SSIM with its most similar training slice, against every training slice):
+slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
+SSIM with its most similar training slice, against every training slice) and edge strength (measures.edge_strength:
+lower is blurrier):
 - real: the held-out slices themselves (the classifier's control);
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
@@ -28,7 +29,7 @@ import numpy as np
 from cli import DEFAULT_CACHE
 from dataset import draw_real_slices, load_slices
 from figures import save_strips
-from measures import brain_shaped_fraction, classifier_auc, nearest_ssim, reconstruct
+from measures import brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct
 from modules import SliceGenerator, encode_all
 from rundir import load_run
 
@@ -69,11 +70,12 @@ def main():
         test_result = classifier_auc(images, real.reference, groups, real.reference_subjects, seed=args.seed)
         table.append([name, f"{test_result.auc:.4f}",
                       f"{brain_shaped_fraction(images, run.config.tissue_intensity):.4f}",
-                      f"{nearest_ssim(images, training).mean():.4f}"])
+                      f"{nearest_ssim(images, training).mean():.4f}",
+                      f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}"])
     print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "
           f"seed {args.seed}; {machine()}")
-    print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM"],
-                table)
+    print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM",
+                 "edge strength"], table)
     if args.figure:
         picks = [int(np.argmin(np.abs(real.levels - level))) for level in FIGURE_LEVELS]
         strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from measures import (classifier_auc, grouped_folds, level_mae, mean_off_diagonal, nearest_ssim,  # noqa: E402
-                      pairwise_ssim, roc_auc, ssim)
+from measures import (classifier_auc, edge_strength, grouped_folds, level_mae, mean_off_diagonal,  # noqa: E402
+                      nearest_ssim, pairwise_ssim, roc_auc, ssim)
 
 SIZE = 32
 
@@ -45,6 +45,21 @@ def test_pairwise_ssim_is_the_plain_ssim_of_every_pair():
 def test_mean_off_diagonal_leaves_out_each_slice_against_itself():
     assert mean_off_diagonal(np.array([[1.0, 0.2], [0.4, 1.0]])) == pytest.approx(0.3)
     assert np.isnan(mean_off_diagonal(np.ones((1, 1))))
+
+
+def test_edge_strength_is_the_mean_gradient_inside_the_tissue_and_falls_with_blur():
+    from scipy import ndimage
+
+    step = np.zeros((1, 8, 8), np.float32)
+    step[0, :, 4:] = 1.0  # tissue in columns 4-7: gradient 0 inside it but where column 3 meets it
+    assert edge_strength(step, tissue=0.5)[0] == 0.0  # column 3 is not tissue, so its edge is not counted
+    step[0, :, 4:6] = 0.6  # two tissue levels: an edge of 0.4 at column 5, 1 of the 3 tissue columns measured
+    assert edge_strength(step, tissue=0.5)[0] == pytest.approx(0.4 / 3)
+    assert np.isnan(edge_strength(np.zeros((1, 8, 8), np.float32), tissue=0.5)[0])  # no tissue, no figure
+    sharp = ellipses(4, seed=3)
+    sharp[:, ::4] *= 0.5  # stripes: edges inside the tissue
+    blurred = np.stack([ndimage.gaussian_filter(image, 1.5) for image in sharp])
+    assert (edge_strength(blurred, 0.1) < 0.6 * edge_strength(sharp, 0.1)).all()
 
 
 def test_roc_auc_is_the_rank_statistic():

@@ -16,7 +16,8 @@ from test_reliability import run_in_process
 FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train", "level_mae_generated",
            "level_mae_real_heldout", "nearest_train_ssim_generated", "nearest_train_ssim_real_heldout",
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
-           "brain_shaped_fraction_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
+           "brain_shaped_fraction_real", "edge_strength_generated", "edge_strength_real", "prior_bits_per_code",
+           "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
             "temperature", "top_temperature_scale", "top_p", "guidance", "seed", "levels", "generation_seconds",
             "scoring_seconds", "classifier_folds"]
@@ -124,4 +125,4 @@ def test_strip_figures_lay_out_one_row_per_set_and_leave_no_partial_file(tmp_pat
                        ("generated", [(slices[2], "0.10 ok")])], "title")
     assert [item.name for item in tmp_path.iterdir()] == ["strips.png"]
     width, height = Image.open(path).size
-    assert (width, height) == (int(1.5 * 2 * 80), int((1.65 * 2 + 0.4) * 80))  # 2 columns, 2 rows at 80 dpi
+    assert (width, height) == (int(1.5 * 2 * 80), int((1.8 * 2 + 0.4) * 80))  # 2 columns, 2 rows at 80 dpi

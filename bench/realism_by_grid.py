@@ -15,8 +15,8 @@ lower is blurrier):
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
---figure draws the four sets side by side at a few levels (the same slices in each set), for what the figures do
-not measure: whether the anatomy is there.
+--figure draws the four sets side by side at a few levels (the same slices in each set), for what no figure here
+measures: whether the anatomy is there.
 """
 
 import argparse

@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables, medians."""
+description, training-step timing on random code grids, tables, medians, the slices nearest given levels."""
 
 import os
 import platform
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +69,14 @@ def random_code_grids(config, batch: int, rng) -> dict:
     timings that do not depend on the codes' values."""
     return {grid: rng.integers(0, config.num_codes, (batch, config.grid_side(grid), config.grid_side(grid)))
             .astype("int32") for grid in config.code_grids}
+
+
+def nearest_levels(levels, targets) -> list[int]:
+    """For each target level, the index of the slice whose known (not NaN) level in `levels` is nearest: the
+    slices the --figure options show."""
+    levels = np.asarray(levels, np.float32)
+    known = np.flatnonzero(np.isfinite(levels))
+    return [int(known[np.argmin(np.abs(levels[known] - target))]) for target in targets]
 
 
 def median(values):

@@ -22,7 +22,7 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, machine, print_table
+from common import ROOT, SHARED_VOLUMES, machine, nearest_levels, print_table
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def main():
     print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM",
                  "edge strength"], table)
     if args.figure:
-        picks = [int(np.argmin(np.abs(real.levels - level))) for level in FIGURE_LEVELS]
+        picks = nearest_levels(real.levels, FIGURE_LEVELS)
         strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
                   for name, (images, _) in rows.items()]
         save_strips(args.figure, strips, f"the same {args.split} slices' levels in each row, run {args.run.name}, "

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, print_table
+from common import ROOT, SHARED_VOLUMES, nearest_levels, print_table
 
 import numpy as np
 from PIL import Image
@@ -55,10 +55,8 @@ def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> lis
 
 def strip(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> tuple[str, list]:
     """The slices of a set nearest each of FIGURE_LEVELS, captioned with their levels and brain_shaped outcome."""
-    known = np.where(~np.isnan(levels))[0]
-    picks = [known[np.argmin(np.abs(levels[known] - level))] for level in FIGURE_LEVELS]
     return name, [(images[i], f"{levels[i]:.2f} {'ok' if brain_shaped(images[i], tissue) else 'fails'}")
-                  for i in picks]
+                  for i in nearest_levels(levels, FIGURE_LEVELS)]
 
 
 def main():
@@ -85,12 +83,14 @@ def main():
             mine = real.subjects == subject
             if args.by_subject:
                 rows.append(row(f"  {subject} ({split})", real.images[mine], real.levels[mine], tissue))
-            strips.append(strip(f"{subject} ({split})", real.images[mine], real.levels[mine], tissue))
+            if args.figure:
+                strips.append(strip(f"{subject} ({split})", real.images[mine], real.levels[mine], tissue))
     for folder in args.generated:
         images, levels = generated_slices(folder)
         rows.append(row(f"generated: {folder}", images, levels, tissue))
-        strips.append(strip(f"generated: {folder.name}", images, levels, tissue))
-    print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {config.tissue_intensity}")
+        if args.figure:
+            strips.append(strip(f"generated: {folder.name}", images, levels, tissue))
+    print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {tissue}")
     print_table(["slices", "all", *(f"level {low:.1f}-{high:.1f}" for low, high in BANDS)], rows)
     if args.figure:
         save_strips(args.figure, strips, "slices nearest each level, real subjects and generated sets: "

@@ -51,8 +51,8 @@ def test_edge_strength_is_the_mean_gradient_inside_the_tissue_and_falls_with_blu
     from scipy import ndimage
 
     step = np.zeros((1, 8, 8), np.float32)
-    step[0, :, 4:] = 1.0  # tissue in columns 4-7: gradient 0 inside it but where column 3 meets it
-    assert edge_strength(step, tissue=0.5)[0] == 0.0  # column 3 is not tissue, so its edge is not counted
+    step[0, :, 4:] = 1.0  # tissue in columns 4-7, flat: the edge is measured at column 3, which is not tissue
+    assert edge_strength(step, tissue=0.5)[0] == 0.0
     step[0, :, 4:6] = 0.6  # two tissue levels: an edge of 0.4 at column 5, 1 of the 3 tissue columns measured
     assert edge_strength(step, tissue=0.5)[0] == pytest.approx(0.4 / 3)
     assert np.isnan(edge_strength(np.zeros((1, 8, 8), np.float32), tissue=0.5)[0])  # no tissue, no figure

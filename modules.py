@@ -268,7 +268,8 @@ class VQVAE(keras.Model):
             self.top_to_decoder = build_upsampler(cfg, cfg.latent_dim, "top_to_decoder")
         self.decoder = build_decoder(cfg)
         # only a model that draws noise holds the generator's state, so earlier vqvae.keras files load unchanged
-        self.noise_seeds = keras.random.SeedGenerator(cfg.seed, name="noise_seeds") if cfg.bottom_code_noise else None
+        noisy = cfg.bottom_code_noise or cfg.bottom_code_dropout
+        self.noise_seeds = keras.random.SeedGenerator(cfg.seed, name="noise_seeds") if noisy else None
         names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim"]
         if self.two_level:
             names += ["perplexity_top", "usage_top"]
@@ -295,10 +296,13 @@ class VQVAE(keras.Model):
         return {"top": top, "bottom": self.quantizer(self.bottom_in(joined), training=training)}
 
     def with_random_codes(self, quantized):
-        """(b, g, g, latent_dim) quantized bottom vectors with a share `bottom_code_noise` of the positions holding a
-        random code's vector instead (no gradient flows through those)."""
+        """(b, g, g, latent_dim) quantized bottom vectors with a share `bottom_code_noise` of the positions, and every
+        position of a share `bottom_code_dropout` of the slices, holding a random code's vector instead (no gradient
+        flows through those)."""
         shape = ops.shape(quantized)[:-1]
         replaced = keras.random.uniform(shape, seed=self.noise_seeds) < self.cfg.bottom_code_noise
+        dropped = keras.random.uniform(shape[:1], seed=self.noise_seeds) < self.cfg.bottom_code_dropout
+        replaced = ops.logical_or(replaced, dropped[:, None, None])
         random_codes = keras.random.randint(shape, 0, self.cfg.num_codes, seed=self.noise_seeds)
         noise = ops.stop_gradient(self.quantizer.lookup(random_codes))
         return ops.where(replaced[..., None], ops.cast(noise, quantized.dtype), quantized)

@@ -82,17 +82,19 @@ def test_configs_from_before_precision_context_corruption_top_scale_and_code_noi
 
     values = make_config("default").to_dict()
     for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
-                "bottom_code_noise"):
+                "bottom_code_noise", "bottom_code_dropout"):
         values.pop(key)
     config = Config.from_dict(values)
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
     assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.1
+    assert config.bottom_code_dropout == 0.0
     assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
-    for bad in ("-0.1", "1"):
-        with pytest.raises(ValueError, match="bottom_code_noise must be in"):
-            make_config("default", [f"bottom_code_noise={bad}"])
+    for key in ("bottom_code_noise", "bottom_code_dropout"):
+        for bad in ("-0.1", "1"):
+            with pytest.raises(ValueError, match=f"{key} must be in"):
+                make_config("default", [f"{key}={bad}"])
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ValueError, match="top_temperature_scale must be a positive number"):
             make_config("default", [f"top_temperature_scale={bad}"])
@@ -165,6 +167,20 @@ def test_code_noise_gives_the_decoder_random_codes_in_training_only():
     assert not calls
     model.loss_terms(images, training=True)
     assert len(calls) == 1 and calls[0].shape == (4, 64, 64, config.latent_dim)
+
+
+def test_code_dropout_gives_the_decoder_whole_slices_of_random_codes():
+    """A share bottom_code_dropout of the slices carry random codes at every bottom position (a random code is the
+    slice's own about 1 time in 16), the other slices their clean codes; a model with only dropout draws noise too."""
+    config = make_config("default", ["bottom_code_noise=0", "bottom_code_dropout=0.5"])
+    model = VQVAE(config.to_dict())
+    model.build()
+    images = np.random.default_rng(0).random((32, 128, 128, 1)).astype("float32")
+    clean = model.quantize_grids(images)["bottom"]["quantized"]
+    changed = np.any(np.asarray(model.with_random_codes(clean)) != np.asarray(clean), axis=-1).mean(axis=(1, 2))
+    dropped = changed > 0.8
+    assert np.all(changed[~dropped] == 0) and np.all(changed[dropped] > 0.9)
+    assert 8 <= dropped.sum() <= 24
 
 
 def test_quantizer_picks_nearest_codes_and_reports_perplexity():

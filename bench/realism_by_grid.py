@@ -7,10 +7,11 @@ On a held-out split of the shared MNI volumes (--split, skipped with a message w
 slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
-SSIM with its most similar training slice, against every training slice) and edge strength (measures.edge_strength:
-lower is blurrier):
+SSIM with its most similar training slice, against every training slice), edge strength (measures.edge_strength:
+lower is blurrier) and, for the rows made from the real slices, the mean SSIM of each slice with its real slice:
 - real: the held-out slices themselves (the classifier's control);
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
+- real top, random bottom: their own top codes with uniformly random bottom codes (what the top grid carries alone);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
@@ -29,7 +30,8 @@ import numpy as np
 from cli import DEFAULT_CACHE
 from dataset import draw_real_slices, load_slices
 from figures import save_strips
-from measures import brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct
+from measures import (brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct,
+                      slice_scores)
 from modules import SliceGenerator, encode_all
 from rundir import load_run
 
@@ -56,26 +58,30 @@ def main():
     everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
     generator = SliceGenerator(run)
+    top = encode_all(run.vqvae, real.slices)["top"]
+    random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top),) + (
+        run.config.code_grid,) * 2)
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
-        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed,
-                                                          top=encode_all(run.vqvae, real.slices)["top"]),
-                                           real.subjects),
+        "real top codes, random bottom": (np.clip(np.asarray(run.vqvae.decode_codes(
+            {"top": top, "bottom": random_bottom}))[..., 0], 0.0, 1.0), real.subjects),
+        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),
         "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
     }
     training = real.train.images
     table = []
     for name, (images, groups) in rows.items():
         test_result = classifier_auc(images, real.reference, groups, real.reference_subjects, seed=args.seed)
+        same_slice = "-" if groups is None else f"{np.mean(slice_scores(real.slices, images)[0]):.4f}"
         table.append([name, f"{test_result.auc:.4f}",
                       f"{brain_shaped_fraction(images, run.config.tissue_intensity):.4f}",
                       f"{nearest_ssim(images, training).mean():.4f}",
-                      f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}"])
+                      f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}", same_slice])
     print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "
           f"seed {args.seed}; {machine()}")
     print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM",
-                 "edge strength"], table)
+                 "edge strength", "SSIM with the real slice"], table)
     if args.figure:
         picks = nearest_levels(real.levels, FIGURE_LEVELS)
         strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])

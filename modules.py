@@ -250,7 +250,9 @@ class VQVAE(keras.Model):
     dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses and
     reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM. In training, a
     share `bottom_code_noise` of the bottom codes reach the decoder as random codes (`with_random_codes`), so that it
-    renders the slips of a sampled grid from the top codes and the neighbours instead of as specks.
+    renders the slips of a sampled grid from the top codes and the neighbours instead of as specks; and for a share
+    `bottom_code_dropout` of the slices all of them do, so that the top codes alone must render those slices and the
+    top grid carries the anatomy.
     """
 
     def __init__(self, config: dict, **kwargs):

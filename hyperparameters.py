@@ -9,17 +9,17 @@ Presets
   its masked PixelCNN prior), trained with an EMA codebook, dead-code restarts, MSE + (1 - SSIM), a cosine
   schedule over 80 epochs and left-right flips (the recipe, not the table, is this project's): 0.640 test and
   0.702 validation SSIM on the shared volumes; the report reached 0.70 with 128 codes.
-- `default`: what `python train.py` uses. A two-level VQ-VAE (VQ-VAE-2): a 64x64 bottom grid (one stride-2 level,
-  a residual block) and a 32x32 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine
-  schedule; its decoder trains with 10% of the bottom codes random (bottom_code_noise), so that it renders the slips
-  of sampled grids from the top codes instead of as specks, and with the whole bottom grid random for 20% of the
-  slices (bottom_code_dropout), so that the top grid carries the anatomy and not only the outline. Its priors are conditional gated PixelCNNs (vertical
-  and horizontal stacks, so no blind spot; dilated blocks; position features; the slice's axial level): the top
-  prior sees the whole top grid, the bottom prior also takes the top codes and trains on partly randomized input
-  codes (prior_context_corruption), so that its samples follow the top codes rather than copying their own slips.
-  Dropout, flipped slices' codes and the best validation epoch regularize them; they train in bfloat16 mixed
-  precision where the hardware computes it natively (prior_precision). The top grid is sampled at 0.9 of the
-  temperature (top_temperature_scale).
+- `default`: what `python train.py` uses. A two-level VQ-VAE (VQ-VAE-2): a 64x64 bottom grid (one stride-2 level, a
+  residual block) and a 32x32 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine schedule;
+  its decoder trains with 10% of the bottom codes random (bottom_code_noise), so that it renders the slips of sampled
+  grids from the top codes instead of as specks, and with the whole bottom grid random for 20% of the slices
+  (bottom_code_dropout), so that the top grid carries the anatomy and not only the outline. Its priors are conditional
+  gated PixelCNNs (vertical and horizontal stacks, so no blind spot; dilated blocks; position features; the slice's
+  axial level): the top prior sees the whole top grid, the bottom prior also takes the top codes and trains on partly
+  randomized input codes (prior_context_corruption), so that its samples follow the top codes rather than copying
+  their own slips. Dropout, flipped slices' codes and the best validation epoch regularize them; they train in
+  bfloat16 mixed precision where the hardware computes it natively (prior_precision). The top grid is sampled at 0.9
+  of the temperature (top_temperature_scale).
 """
 
 from __future__ import annotations

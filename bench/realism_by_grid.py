@@ -4,7 +4,7 @@
         [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
-slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and four sets of as
+slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and five sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
 SSIM with its most similar training slice, against every training slice), edge strength (measures.edge_strength:
@@ -16,7 +16,7 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
---figure draws the four sets side by side at a few levels (the same slices in each set), for what no figure here
+--figure draws the five sets side by side at a few levels (the same slices in each set), for what no figure here
 measures: whether the anatomy is there.
 """
 
@@ -59,8 +59,8 @@ def main():
     real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
     generator = SliceGenerator(run)
     top = encode_all(run.vqvae, real.slices)["top"]
-    random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top),) + (
-        run.config.code_grid,) * 2)
+    side = run.config.code_grid
+    random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top), side, side))
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),

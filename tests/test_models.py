@@ -177,6 +177,7 @@ def test_code_dropout_gives_the_decoder_whole_slices_of_random_codes():
     config = make_config("default", ["bottom_code_noise=0", "bottom_code_dropout=0.5"])
     model = VQVAE(config.to_dict())
     model.build()
+    assert model.noise_seeds is not None
     images = np.random.default_rng(0).random((32, 128, 128, 1)).astype("float32")
     clean = model.quantize_grids(images)["bottom"]["quantized"]
     changed = np.any(np.asarray(model.with_random_codes(clean)) != np.asarray(clean), axis=-1).mean(axis=(1, 2))

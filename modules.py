@@ -1122,6 +1122,11 @@ class SliceGenerator:
                 codes[grid] = sampler.sample(len(levels), temperature * scale, seed + offset, levels=levels,
                                              top=codes.get("top"), guidance=1.0 if offset else guidance,
                                              top_p=top_p if grid == "bottom" else 1.0)
+        return self.render(codes)
+
+    def render(self, codes: dict) -> np.ndarray:
+        """(n, size, size) float32 slices in [0, 1] decoded from {grid: (n, side, side) int code grids}, every grid of
+        the run (sampled or not: bench/realism_by_grid.py renders real top codes over random bottom ones)."""
         decoded = self.decode({grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()})
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 

@@ -64,8 +64,7 @@ def main():
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
-        "real top codes, random bottom": (np.clip(np.asarray(run.vqvae.decode_codes(
-            {"top": top, "bottom": random_bottom}))[..., 0], 0.0, 1.0), real.subjects),
+        "real top codes, random bottom": (generator.render({"top": top, "bottom": random_bottom}), real.subjects),
         "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),
         "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
     }

@@ -681,46 +681,68 @@ def with_pipeline_options(dataset):
     return dataset.with_options(options)
 
 
-def prior_dataset(config: Config, grid: str, codes: dict, levels, flipped: dict | None = None):
-    """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `flipped` (the codes of the
-    left-right flipped slices) it is a training pipeline: shuffled, each grid drawn flipped or not at random, a
-    `prior_level_dropout` share shown with an unknown level (NaN), and a `prior_context_corruption` (bottom grid)
-    or `top_prior_context_corruption` (top grid) share of the codes it reads replaced by random ones; all seeded,
-    drawn anew each epoch."""
+def deformed_slices(images: np.ndarray, rng: np.random.Generator, pixels: float, smoothness: float = 12.0):
+    """Each (n, h, w) slice warped by its own smooth random displacement field (the elastic deformation of Simard
+    et al., 2003, used for medical images since U-Net): white noise per axis, Gaussian-smoothed with sigma
+    `smoothness` pixels and scaled so its largest displacement is `pixels`, then bilinear resampling; each warped
+    slice is also left-right flipped with probability 1/2. The scans are atlas-registered, so what remains between
+    subjects is such local shape; a warped slice is a plausible slice of a subject the training split lacks."""
+    from scipy import ndimage
+
+    height, width = images.shape[1:]
+    rows, columns = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32),
+                                indexing="ij")
+    warped = np.empty_like(images)
+    for index, image in enumerate(images):
+        field = ndimage.gaussian_filter(rng.standard_normal((2, height, width)).astype(np.float32),
+                                        (0, smoothness, smoothness))
+        field *= pixels / max(float(np.abs(field).max()), 1e-12)
+        warped[index] = ndimage.map_coordinates(image, [rows + field[0], columns + field[1]], order=1,
+                                                mode="constant", cval=0.0)
+        if rng.random() < 0.5:
+            warped[index] = warped[index][:, ::-1]
+    return warped
+
+
+def prior_dataset(config: Config, grid: str, codes: dict, levels, variants: list[dict] | None = None):
+    """A tf.data pipeline of (prior_inputs, codes) batches for the prior of `grid`. With `variants` (each the codes
+    of the same slices augmented: left-right flipped, deformed) it is a training pipeline: shuffled, each grid drawn
+    as itself or one of its variants at random, a `prior_level_dropout` share shown with an unknown level (NaN),
+    and a `prior_context_corruption` (bottom grid) or `top_prior_context_corruption` (top grid) share of the codes
+    it reads replaced by random ones; all seeded, drawn anew each epoch."""
     import tensorflow as tf
 
     from modules import grid_inputs
 
     columns = grid_inputs(grid, codes, np.asarray(levels, np.float32))
+    if variants is not None:
+        # every key but the levels (a slice's level is its variants' level) gets an axis of versions: (n, 1 + v, ...)
+        versions = [columns] + [grid_inputs(grid, variant, None) for variant in variants]
+        columns = {key: value if key == "levels" else np.stack([version[key] for version in versions], axis=1)
+                   for key, value in columns.items()}
     dataset = tf.data.Dataset.from_tensor_slices(columns)
-    if flipped is not None:
-        mirrored = grid_inputs(grid, flipped, None)
-        dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.from_tensor_slices(mirrored)).cache().shuffle(
-            len(levels), seed=config.seed, reshuffle_each_iteration=True)
+    if variants is not None:
+        dataset = dataset.cache().shuffle(len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
         corruption = config.prior_context_corruption if grid == "bottom" else config.top_prior_context_corruption
         dataset = tf.data.Dataset.zip(dataset, draws).map(
-            functools.partial(augment, flip=config.prior_flip, level_dropout=config.prior_level_dropout,
-                              context_corruption=corruption, num_codes=config.num_codes))
+            functools.partial(augment, level_dropout=config.prior_level_dropout, context_corruption=corruption,
+                              num_codes=config.num_codes))
     else:
         dataset = dataset.map(lambda inputs: (inputs, inputs["codes"]))
     return with_pipeline_options(dataset.batch(config.prior_batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def augment(pair, draw, flip: bool, level_dropout: float, context_corruption: float, num_codes: int):
-    """One training example (inputs, target codes) from (a grid's inputs, its flipped slice's inputs) and a random
-    int64 `draw`: the grid or its flip, its level or unknown, and the codes it reads with a `context_corruption`
-    share replaced by random codes; the targets stay the true codes."""
+def augment(inputs, draw, level_dropout: float, context_corruption: float, num_codes: int):
+    """One training example (inputs, target codes) from a grid's inputs with an axis of versions (the slice and its
+    variants) and a random int64 `draw`: one version, its level or unknown, and the codes it reads with a
+    `context_corruption` share replaced by random codes; the targets stay the version's true codes."""
     import tensorflow as tf
 
-    inputs, mirrored = pair
-    chosen = dict(inputs)
-    if flip:
-        use_mirror = tf.equal(draw % 2, 1)
-        for key in mirrored:
-            chosen[key] = tf.where(use_mirror, mirrored[key], inputs[key])
-    hide = tf.cast((draw // 2) % 10000, tf.float32) < level_dropout * 10000
+    versions = tf.shape(inputs["codes"], out_type=tf.int64)[0]
+    chosen = {key: value if key == "levels" else value[draw % versions] for key, value in inputs.items()}
+    hide = tf.cast((draw // versions) % 10000, tf.float32) < level_dropout * 10000
     chosen["levels"] = tf.where(hide, tf.constant(np.nan, tf.float32), inputs["levels"])
     targets = chosen["codes"]
     if context_corruption:

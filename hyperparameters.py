@@ -116,6 +116,13 @@ class Config:
     prior_dropout: float = 0.1  # on each gated block's residual branch
     prior_level_dropout: float = 0.1  # share of training grids shown with an unknown level, so "unknown" is learned
     prior_flip: bool = True  # train on the codes of left-right flipped slices too (drawn per grid, per epoch)
+    # and on the codes of this many copies of the training slices (bottom prior; top_prior_ for the top one), each
+    # slice warped by its own smooth random displacement field of at most prior_deformation pixels and flipped at
+    # random: new local shapes, as between subjects, for priors that have seen seven (drawn like the flips: each
+    # grid its own codes or one of its variants, anew each epoch)
+    prior_deformed_copies: int = 0
+    top_prior_deformed_copies: int = 0
+    prior_deformation: float = 4.0
     # share of the codes the bottom prior reads (its input, never its targets) replaced by random codes in training,
     # drawn anew per grid and epoch: its sampler reads the prior's own draws, and a prior that learned to copy its
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
@@ -306,10 +313,10 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
 SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
-                     "prior_condition_filters", "prior_context_corruption")
+                     "prior_condition_filters", "prior_context_corruption", "prior_deformed_copies")
 # the fields that only the top prior reads
 TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
-                  "top_prior_context_corruption")
+                  "top_prior_context_corruption", "top_prior_deformed_copies")
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
@@ -373,6 +380,10 @@ def validate(config: Config) -> None:
                 "bottom_code_noise", "bottom_code_dropout"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
+    if min(config.prior_deformed_copies, config.top_prior_deformed_copies) < 0:
+        raise ValueError("prior_deformed_copies and top_prior_deformed_copies must be 0 or more")
+    if not 0 < config.prior_deformation < config.image_size / 4:
+        raise ValueError("prior_deformation must be a positive number of pixels below a quarter of image_size")
     if config.bottom_code_dropout and not config.top_strides:
         raise ValueError("bottom_code_dropout needs a top grid (top_strides) to render the dropped slices from")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

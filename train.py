@@ -543,9 +543,9 @@ def random_flips(batches, seed: int):
 
 
 def train_prior(config, grid, train, validate, precision, strategy, state, verbose, callbacks):
-    """Trains the prior of code grid `grid` on `train` = {"codes", "flipped", "levels"} (codes by grid), validated
-    on `validate` = {"codes", "levels"}, computing in `precision`; returns its epoch checkpointer, or None when it
-    had already finished."""
+    """Trains the prior of code grid `grid` on `train` = {"codes", "levels", "flipped", "deformed"} (codes by grid,
+    from encode_for_priors), validated on `validate` = {"codes", "levels"}, computing in `precision`; returns its
+    epoch checkpointer, or None when it had already finished."""
     from dataset import prior_dataset
     from modules import bits_metric, build_prior, compile_prior, compute_precision
 
@@ -564,7 +564,9 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
             rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
                                  epochs, len(train["levels"]), config.prior_batch_size)
             model = compile_prior(build_prior(config, grid), rate)
-    training = prior_dataset(config, grid, train["codes"], train["levels"], train["flipped"])
+    copies = config.top_prior_deformed_copies if grid == "top" else config.prior_deformed_copies
+    variants = train["flipped"] + train["deformed"][:copies]
+    training = prior_dataset(config, grid, train["codes"], train["levels"], variants)
     sample = next(iter(prior_dataset(config, grid, train["codes"], train["levels"])))
     fit_under_strategy(model, strategy, ({k: v[:1] for k, v in sample[0].items()}, sample[1][:1]))
     validation = prior_dataset(config, grid, validate["codes"], validate["levels"]) if has_validation else None
@@ -575,17 +577,21 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
 
 
 def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> tuple[dict, dict]:
-    """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips
-    (when `prior_flip`), and of the validation slices, with each slice's level."""
+    """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips (when
+    `prior_flip`), of as many deformed copies as either prior takes, and of the validation slices, with each
+    slice's level."""
     import keras
 
+    from dataset import deformed_slices
     from modules import encode_all
 
     vqvae = keras.saving.load_model(run.model_path("vqvae"), safe_mode=True)
-    codes = encode_all(vqvae, train_set.images)
-    # without prior_flip the training pipeline pairs each grid with itself, and augment never picks the pair
-    flipped = encode_all(vqvae, train_set.images[:, :, ::-1]) if config.prior_flip else codes
-    train = {"codes": codes, "levels": train_set.levels, "flipped": flipped}
+    rng = np.random.default_rng([config.seed, 1])
+    copies = max(config.prior_deformed_copies, config.top_prior_deformed_copies)
+    train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,
+             "flipped": [encode_all(vqvae, train_set.images[:, :, ::-1])] if config.prior_flip else [],
+             "deformed": [encode_all(vqvae, deformed_slices(train_set.images, rng, config.prior_deformation))
+                          for _ in range(copies)]}
     return train, {"codes": encode_all(vqvae, validate_set.images), "levels": validate_set.levels}
 
 

@@ -60,7 +60,7 @@ def epoch_times(config, grid: str, epochs: int, variant: str, meter: IdleMeter, 
     rng = np.random.default_rng(seed)
     codes = random_code_grids(config, TRAIN_GRIDS, rng)
     levels = rng.random(TRAIN_GRIDS).astype("float32")
-    training = prior_dataset(config, grid, codes, levels, random_code_grids(config, TRAIN_GRIDS, rng))
+    training = prior_dataset(config, grid, codes, levels, [random_code_grids(config, TRAIN_GRIDS, rng)])
     validation = prior_dataset(config, grid, random_code_grids(config, VALIDATE_GRIDS, rng),
                                rng.random(VALIDATE_GRIDS).astype("float32"))
     if variant == "autotune":

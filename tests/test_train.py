@@ -256,7 +256,7 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
     slices, levels = 8, np.linspace(0, 1, 8, dtype=np.float32)
     codes = {"top": np.zeros((slices, 4, 4), np.int32) + np.arange(slices)[:, None, None]}
     flipped = {"top": codes["top"] + 100}
-    dataset = prior_dataset(config, "top", codes, levels, flipped)
+    dataset = prior_dataset(config, "top", codes, levels, [flipped])
     seen, hidden = set(), 0
     for _ in range(6):  # epochs
         (inputs, targets), = list(dataset)
@@ -284,7 +284,7 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "prior_context_corruption=0.3"])
     slices, levels = 16, np.linspace(0, 1, 16, dtype=np.float32)
     codes = {"bottom": np.full((slices, 64, 64), 3, np.int32), "top": np.zeros((slices, 16, 16), np.int32)}
-    dataset = prior_dataset(config, "bottom", codes, levels, codes)
+    dataset = prior_dataset(config, "bottom", codes, levels, [])
     changed = []
     for _ in range(2):  # epochs
         (inputs, targets), = list(dataset)
@@ -296,10 +296,10 @@ def test_prior_training_corrupts_the_codes_a_prior_reads_but_never_its_targets()
     assert (changed[0] != changed[1]).any()
     (inputs, targets), = list(prior_dataset(config, "bottom", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), np.asarray(targets))
-    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
+    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, []))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
     config = make_config("default", ["prior_batch_size=16", "prior_flip=false", "top_prior_context_corruption=0.5"])
-    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, codes))
+    (inputs, targets), = list(prior_dataset(config, "top", codes, levels, []))
     np.testing.assert_array_equal(np.asarray(targets), codes["top"])
     assert 0.5 * 15 / 16 - 0.03 < (np.asarray(inputs["codes"]) != 0).mean() < 0.5 * 15 / 16 + 0.03
 
@@ -314,7 +314,7 @@ def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotu
 
     config = make_config("default", ["prior_batch_size=4"])
     codes, levels = {"top": np.zeros((4, 16, 16), np.int32)}, np.zeros(4, np.float32)
-    pipelines = (prior_dataset(config, "top", codes, levels, codes),  # training
+    pipelines = (prior_dataset(config, "top", codes, levels, []),  # training
                  prior_dataset(config, "top", codes, levels),  # validation
                  with_pipeline_options(tf.data.Dataset.range(3)))
     for pipeline in pipelines:

@@ -111,6 +111,11 @@ class Config:
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
     top_prior_epochs: int = 45
     prior_condition_filters: int = 32
+    # per-position ReLU layers (as wide as their input) over the condition map (position, level, top codes),
+    # whose output joins it in every gate: without them the gates take position and level as a sum of two biases,
+    # and a brain's layout at one level (where its ventricles lie at 0.4) must be inferred from the codes above
+    prior_condition_layers: int = 0
+    top_prior_condition_layers: int = 0
     prior_condition_on_level: bool = True
     # regularization: seven training subjects are few, and an unregularized prior overfits within a few epochs
     prior_dropout: float = 0.1  # on each gated block's residual branch
@@ -213,6 +218,11 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("top_temperature_scale", 1.0)
     values.setdefault("bottom_code_noise", 0.0)
     values.setdefault("bottom_code_dropout", 0.0)
+    # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
+    # their flips only (took the condition map in their gates as it was)
+    for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
+                "top_prior_condition_layers"):
+        values.setdefault(key, 0)
     if values.get("config_version") == 1:
         values.setdefault("prior_lr_schedule", "constant")
         values.update(top_filters=[], top_strides=[], prior_condition_on_level=False, prior_dropout=0.0,
@@ -313,10 +323,12 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
 SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
-                     "prior_condition_filters", "prior_context_corruption", "prior_deformed_copies")
+                     "prior_condition_filters", "prior_context_corruption", "prior_deformed_copies",
+                     "prior_condition_layers")
 # the fields that only the top prior reads
 TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
-                  "top_prior_context_corruption", "top_prior_deformed_copies")
+                  "top_prior_context_corruption", "top_prior_deformed_copies",
+                  "top_prior_condition_layers")
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
@@ -380,8 +392,10 @@ def validate(config: Config) -> None:
                 "bottom_code_noise", "bottom_code_dropout"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
-    if min(config.prior_deformed_copies, config.top_prior_deformed_copies) < 0:
-        raise ValueError("prior_deformed_copies and top_prior_deformed_copies must be 0 or more")
+    for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
+                "top_prior_condition_layers"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key} must be 0 or more")
     if not 0 < config.prior_deformation < config.image_size / 4:
         raise ValueError("prior_deformation must be a positive number of pixels below a quarter of image_size")
     if config.bottom_code_dropout and not config.top_strides:

@@ -913,6 +913,10 @@ class GatedPixelCNN(keras.Model):
         self.level_conditioned = cfg.prior_condition_on_level
         self.takes_top = grid == "bottom" and cfg.top_grid is not None
         self.positions = position_features(self.side)
+        mixing = cfg.top_prior_condition_layers if top else cfg.prior_condition_layers
+        self.condition_mixer = keras.Sequential(
+            [layers.Dense(self.linear_condition_channels, activation="relu") for _ in range(mixing)],
+            name="condition_mixer") if mixing else None
         self.level_embedding = layers.Dense(16, activation="relu", name="level_embedding")
         self.top_stack = keras.Sequential([
             keras.Input((cfg.top_grid, cfg.top_grid, cfg.num_codes)),
@@ -932,6 +936,10 @@ class GatedPixelCNN(keras.Model):
 
     @property
     def condition_channels(self) -> int:
+        return self.linear_condition_channels * (1 + (self.condition_mixer is not None))
+
+    @property
+    def linear_condition_channels(self) -> int:
         return (self.positions.shape[-1] + 16 * self.level_conditioned
                 + self.cfg.prior_condition_filters * self.takes_top)
 
@@ -949,7 +957,10 @@ class GatedPixelCNN(keras.Model):
             parts.append(ops.broadcast_to(embedded[:, None, None, :], (count, side, side, 16)))
         if self.takes_top:
             parts.append(self.top_stack(ops.one_hot(ops.cast(inputs["top"], "int32"), self.cfg.num_codes)))
-        return ops.concatenate(parts, axis=-1)
+        condition = ops.concatenate(parts, axis=-1)
+        if self.condition_mixer is None:
+            return condition
+        return ops.concatenate([condition, self.condition_mixer(condition)], axis=-1)
 
     def call(self, inputs, training=False):
         return self.logits_from_one_hot(ops.one_hot(ops.cast(inputs["codes"], "int32"), self.cfg.num_codes), inputs,
@@ -971,6 +982,8 @@ class GatedPixelCNN(keras.Model):
         self.level_embedding.build((None, 2 + 2 * 3))
         if self.takes_top:
             self.top_stack.build((None, self.cfg.top_grid, self.cfg.top_grid, self.cfg.num_codes))
+        if self.condition_mixer is not None:
+            self.condition_mixer.build((None, self.side, self.side, self.linear_condition_channels))
         channels = self.cfg.num_codes
         for block in self.blocks:
             block.build((channels, self.condition_channels))

@@ -452,7 +452,7 @@ def guided(args) -> str:
     """", top grid at S x temperature", ", top-p P" and ", guidance W" for titles and reports when they are on, else
     nothing."""
     scaled = args.top_temperature_scale not in (None, 1.0)
-    return (f", top grid at {args.top_temperature_scale}x temperature" if scaled else "") + \
+    return (f", top grid at {args.top_temperature_scale:g}x temperature" if scaled else "") + \
         (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
 

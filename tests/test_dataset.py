@@ -823,3 +823,25 @@ def test_shared_t88_jpegs(shared_data, tmp_path, config):
     assert all(subject.startswith("OAS1_") for subject in everything.subjects)
     assert_no_subject_in_two_splits(slices)
     assert sum(len(slices.select(split)) for split in dataset.SPLITS) == 96
+
+
+def test_deformed_slices_move_each_pixel_at_most_the_given_distance_and_are_seeded():
+    """A lone bright dot lands within `pixels` of where it was (or of its mirror image, for the flipped half of the
+    slices), each slice gets its own field, a uniform image stays uniform away from the border, and one seed
+    gives the same copies."""
+    images = np.zeros((40, 64, 64), np.float32)
+    images[:, 30, 20] = 1.0
+    warped = dataset.deformed_slices(images, np.random.default_rng(0), pixels=3.0)
+    assert warped.shape == images.shape and warped.dtype == images.dtype
+    flipped = 0
+    for image in warped:
+        rows, cols = np.nonzero(image > 0)
+        assert len(rows), "the dot must survive the warp"
+        mirrored = abs(cols.mean() - (63 - 20)) < abs(cols.mean() - 20)
+        flipped += mirrored
+        assert np.hypot(rows - 30, cols - (63 - 20 if mirrored else 20)).max() <= 3.0 + 1.5
+    assert 8 < flipped < 32
+    assert len({image.tobytes() for image in warped}) == len(warped)
+    uniform = dataset.deformed_slices(np.full((2, 64, 64), 0.5, np.float32), np.random.default_rng(1), 3.0)
+    np.testing.assert_allclose(uniform[:, 4:-4, 4:-4], 0.5, atol=1e-6)
+    np.testing.assert_array_equal(dataset.deformed_slices(images, np.random.default_rng(0), 3.0), warped)

@@ -77,14 +77,17 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_context_corruption_top_scale_and_code_noise_load_as_they_trained():
+def test_configs_from_before_precision_corruption_top_scale_code_noise_and_deformation_load_as_they_trained():
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
     for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
-                "bottom_code_noise", "bottom_code_dropout"):
+                "bottom_code_noise", "bottom_code_dropout", "prior_deformed_copies", "top_prior_deformed_copies",
+                "prior_condition_layers", "top_prior_condition_layers"):
         values.pop(key)
     config = Config.from_dict(values)
+    assert config.prior_deformed_copies == config.top_prior_deformed_copies == 0
+    assert config.prior_condition_layers == config.top_prior_condition_layers == 0
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
@@ -104,6 +107,13 @@ def test_configs_from_before_precision_context_corruption_top_scale_and_code_noi
         for bad in ("-0.1", "1"):
             with pytest.raises(ValueError, match=f"^{key} must be in"):
                 make_config("default", [f"{key}={bad}"])
+    for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
+                "top_prior_condition_layers"):
+        with pytest.raises(ValueError, match=f"^{key} must be 0 or more"):
+            make_config("default", [f"{key}=-1"])
+    for bad in ("0", "32"):
+        with pytest.raises(ValueError, match="prior_deformation must be a positive number of pixels"):
+            make_config("default", [f"prior_deformation={bad}"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
@@ -237,6 +247,7 @@ def test_causal_mask(kind):
 SMALL_TWO_LEVEL = ["image_size=32", "prior_filters=16", "top_prior_filters=16", "prior_condition_filters=8"]
 PRIORS = {"seed": ("seed", ["image_size=256", "prior_filters=16"], "bottom"),
           "gated_top": ("default", SMALL_TWO_LEVEL, "top"),
+          "gated_top_mixed": ("default", [*SMALL_TWO_LEVEL, "top_prior_condition_layers=2"], "top"),
           "gated_bottom": ("default", SMALL_TWO_LEVEL, "bottom")}
 
 

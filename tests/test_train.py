@@ -246,17 +246,18 @@ def test_training_on_one_device_turns_onednn_on_and_keeps_its_notice_off_stderr(
 
 
 
-def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
-    """Training grids are each slice's codes or its flipped slice's, drawn anew each epoch, with the slice's own
-    level or, for a prior_level_dropout share, NaN; validation grids are the slices' own, with their levels."""
+def test_prior_training_draws_each_slice_or_one_of_its_variants_and_hides_some_levels():
+    """Training grids are each slice's codes or one of its variants' (flipped, deformed), drawn anew each epoch,
+    with the slice's own level or, for a prior_level_dropout share, NaN; validation grids are the slices' own, with
+    their levels."""
     from dataset import prior_dataset
     from hyperparameters import make_config
 
     config = make_config("default", ["prior_batch_size=8", "prior_level_dropout=0.3"])
     slices, levels = 8, np.linspace(0, 1, 8, dtype=np.float32)
     codes = {"top": np.zeros((slices, 4, 4), np.int32) + np.arange(slices)[:, None, None]}
-    flipped = {"top": codes["top"] + 100}
-    dataset = prior_dataset(config, "top", codes, levels, [flipped])
+    variants = [{"top": codes["top"] + 100}, {"top": codes["top"] + 200}]  # its flip, a deformed copy
+    dataset = prior_dataset(config, "top", codes, levels, variants)
     seen, hidden = set(), 0
     for _ in range(6):  # epochs
         (inputs, targets), = list(dataset)
@@ -268,7 +269,7 @@ def test_prior_training_draws_each_slice_or_its_flip_and_hides_some_levels():
         hidden += np.isnan(shown).sum()
         known = ~np.isnan(shown)
         np.testing.assert_array_equal(shown[known], levels[grids[:, 0, 0] % 100][known])
-    assert seen == {0, 1} and 0 < hidden < 6 * slices / 2
+    assert seen == {0, 1, 2} and 0 < hidden < 6 * slices / 2
     (inputs, _), = list(prior_dataset(config, "top", codes, levels))
     np.testing.assert_array_equal(np.asarray(inputs["codes"]), codes["top"])
     np.testing.assert_array_equal(np.asarray(inputs["levels"]), levels)

@@ -681,12 +681,14 @@ def with_pipeline_options(dataset):
     return dataset.with_options(options)
 
 
-def deformed_slices(images: np.ndarray, rng: np.random.Generator, pixels: float, smoothness: float = 12.0):
+def deformed_slices(images: np.ndarray, rng: np.random.Generator, pixels: float, flip: bool = True,
+                    smoothness: float = 12.0) -> np.ndarray:
     """Each (n, h, w) slice warped by its own smooth random displacement field (the elastic deformation of Simard
     et al., 2003, used for medical images since U-Net): white noise per axis, Gaussian-smoothed with sigma
-    `smoothness` pixels and scaled so its largest displacement is `pixels`, then bilinear resampling; each warped
-    slice is also left-right flipped with probability 1/2. The scans are atlas-registered, so what remains between
-    subjects is such local shape; a warped slice is a plausible slice of a subject the training split lacks."""
+    `smoothness` pixels and scaled so its largest displacement is `pixels`, then bilinear resampling; with `flip`
+    each warped slice is also left-right flipped with probability 1/2. The scans are atlas-registered, so what
+    remains between subjects is such local shape; a warped slice is a plausible slice of a subject the training
+    split lacks."""
     from scipy import ndimage
 
     height, width = images.shape[1:]
@@ -699,7 +701,7 @@ def deformed_slices(images: np.ndarray, rng: np.random.Generator, pixels: float,
         field *= pixels / max(float(np.abs(field).max()), 1e-12)
         warped[index] = ndimage.map_coordinates(image, [rows + field[0], columns + field[1]], order=1,
                                                 mode="constant", cval=0.0)
-        if rng.random() < 0.5:
+        if flip and rng.random() < 0.5:
             warped[index] = warped[index][:, ::-1]
     return warped
 

@@ -587,11 +587,12 @@ def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> t
 
     vqvae = keras.saving.load_model(run.model_path("vqvae"), safe_mode=True)
     rng = np.random.default_rng([config.seed, 1])
-    copies = max(config.prior_deformed_copies, config.top_prior_deformed_copies)
+    copies = max(config.prior_deformed_copies, config.top_prior_deformed_copies if config.top_grid else 0)
+    deformed = (deformed_slices(train_set.images, rng, config.prior_deformation, config.prior_flip)
+                for _ in range(copies))
     train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,
              "flipped": [encode_all(vqvae, train_set.images[:, :, ::-1])] if config.prior_flip else [],
-             "deformed": [encode_all(vqvae, deformed_slices(train_set.images, rng, config.prior_deformation))
-                          for _ in range(copies)]}
+             "deformed": [encode_all(vqvae, images) for images in deformed]}
     return train, {"codes": encode_all(vqvae, validate_set.images), "levels": validate_set.levels}
 
 

@@ -827,7 +827,7 @@ def test_shared_t88_jpegs(shared_data, tmp_path, config):
 
 def test_deformed_slices_move_each_pixel_at_most_the_given_distance_and_are_seeded():
     """A lone bright dot lands within `pixels` of where it was (or of its mirror image, for the flipped half of the
-    slices), each slice gets its own field, a uniform image stays uniform away from the border, and one seed
+    slices; none without `flip`), each slice gets its own field, a uniform image stays uniform away from the border, and one seed
     gives the same copies."""
     images = np.zeros((40, 64, 64), np.float32)
     images[:, 30, 20] = 1.0
@@ -845,3 +845,5 @@ def test_deformed_slices_move_each_pixel_at_most_the_given_distance_and_are_seed
     uniform = dataset.deformed_slices(np.full((2, 64, 64), 0.5, np.float32), np.random.default_rng(1), 3.0)
     np.testing.assert_allclose(uniform[:, 4:-4, 4:-4], 0.5, atol=1e-6)
     np.testing.assert_array_equal(dataset.deformed_slices(images, np.random.default_rng(0), 3.0), warped)
+    unflipped = dataset.deformed_slices(images, np.random.default_rng(0), 3.0, flip=False)
+    assert all(abs(np.nonzero(image > 0)[1].mean() - 20) <= 3.0 + 1.5 for image in unflipped)

@@ -88,6 +88,7 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_and_defor
     config = Config.from_dict(values)
     assert config.prior_deformed_copies == config.top_prior_deformed_copies == 0
     assert config.prior_condition_layers == config.top_prior_condition_layers == 0
+    assert make_config("default").top_prior_deformed_copies == 4 and make_config("default").top_prior_condition_layers
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
@@ -247,7 +248,7 @@ def test_causal_mask(kind):
 SMALL_TWO_LEVEL = ["image_size=32", "prior_filters=16", "top_prior_filters=16", "prior_condition_filters=8"]
 PRIORS = {"seed": ("seed", ["image_size=256", "prior_filters=16"], "bottom"),
           "gated_top": ("default", SMALL_TWO_LEVEL, "top"),
-          "gated_top_mixed": ("default", [*SMALL_TWO_LEVEL, "top_prior_condition_layers=2"], "top"),
+          "gated_top_linear": ("default", [*SMALL_TWO_LEVEL, "top_prior_condition_layers=0"], "top"),
           "gated_bottom": ("default", SMALL_TWO_LEVEL, "bottom")}
 
 

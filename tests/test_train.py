@@ -154,7 +154,8 @@ TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1",
 
 def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_runs_kept_one(tmp_path):
     """--vqvae-from RUN --keep-top-prior copies RUN's VQ-VAE and top prior and trains only the bottom prior (here a
-    wider one); --keep-bottom-prior copies the bottom prior and trains only the top one; predict.py samples both
+    wider one); --keep-bottom-prior copies the bottom prior and trains only the top one (here a wider one with a
+    condition mixer, on deformed copies of the slices too); predict.py samples both
     mixed runs. A kept prior's field that differs from RUN's, a keep flag without --vqvae-from, or both keep flags
     are refused with one line before anything is created."""
     data = make_brain_slices(tmp_path / "slices", size=32)
@@ -163,20 +164,23 @@ def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_r
     assert result.returncode == 0, result.stderr[-3000:]
     kept_files = {"--keep-top-prior": ("pixelcnn_top.keras", "history_prior_top.csv"),
                   "--keep-bottom-prior": ("pixelcnn.keras", "history_prior.csv")}
-    for flag, change, done_line, record in (
-            ("--keep-top-prior", "prior_filters=12", "top-grid PixelCNN prior: all 1 epochs", "top_prior_from"),
-            ("--keep-bottom-prior", "top_prior_filters=12", "\nPixelCNN prior: all 1 epochs", "bottom_prior_from")):
+    for flag, changes, done_line, record in (
+            ("--keep-top-prior", ["prior_filters=12"], "top-grid PixelCNN prior: all 1 epochs", "top_prior_from"),
+            ("--keep-bottom-prior", ["top_prior_filters=12", "top_prior_deformed_copies=2",
+                                     "top_prior_condition_layers=1"],
+             "\nPixelCNN prior: all 1 epochs", "bottom_prior_from")):
         run = tmp_path / flag.strip("-")
         result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, flag,
-                            *TINY_TWO_LEVEL, "--set", change, "--no-progress")
+                            *TINY_TWO_LEVEL, *[word for change in changes for word in ("--set", change)],
+                            "--no-progress")
         assert result.returncode == 0, result.stderr[-3000:]
         assert done_line in result.stdout
         for name in ("vqvae.keras", *kept_files[flag]):
             assert (run / name).read_bytes() == (source / name).read_bytes(), name
         other = next(name for key, (name, _) in kept_files.items() if key != flag)
         assert (run / other).read_bytes() != (source / other).read_bytes()
-        key, value = change.split("=")
-        assert json.loads((run / "config.json").read_text())[key] == int(value)
+        saved = json.loads((run / "config.json").read_text())
+        assert all(saved[key] == int(value) for key, value in (change.split("=") for change in changes))
         summary = json.loads((run / "summary.json").read_text())
         assert summary[record] == str(source) and summary["vqvae_from"] == str(source)
         out = tmp_path / f"predictions_{flag.strip('-')}"

@@ -727,7 +727,7 @@ def prior_dataset(config: Config, grid: str, codes: dict, levels, variants: list
         dataset = dataset.cache().shuffle(len(levels), seed=config.seed, reshuffle_each_iteration=True)
         draws = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
         # functools.partial, not a lambda split over lines, which AutoGraph cannot read back (it warns each run)
-        corruption = config.prior_context_corruption if grid == "bottom" else config.top_prior_context_corruption
+        corruption = config.prior_field("prior_context_corruption", grid)
         dataset = tf.data.Dataset.zip(dataset, draws).map(
             functools.partial(augment, level_dropout=config.prior_level_dropout, context_corruption=corruption,
                               num_codes=config.num_codes))

@@ -188,6 +188,11 @@ class Config:
         """Side of code grid `grid` ("top" or "bottom")."""
         return self.top_grid if grid == "top" else self.code_grid
 
+    def prior_field(self, name: str, grid: str):
+        """The prior field `name`, spelled as the bottom prior's (e.g. "prior_epochs"), for the prior of `grid`: its
+        top_ twin (top_prior_epochs) for the top grid, itself for the bottom grid."""
+        return getattr(self, f"top_{name}" if grid == "top" else name)
+
     def to_dict(self) -> dict[str, Any]:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 

@@ -905,15 +905,14 @@ class GatedPixelCNN(keras.Model):
         if grid not in cfg.code_grids:
             raise ValueError(f"grid must be one of {cfg.code_grids}, not {grid!r}")
         self.grid = grid
-        top = grid == "top"
         self.side = cfg.grid_side(grid)
-        self.filters = cfg.top_prior_filters if top else cfg.prior_filters
-        blocks = cfg.top_prior_residual_blocks if top else cfg.prior_residual_blocks
-        dilations = cfg.top_prior_dilations if top else cfg.prior_dilations
+        self.filters = cfg.prior_field("prior_filters", grid)
+        blocks = cfg.prior_field("prior_residual_blocks", grid)
+        dilations = cfg.prior_field("prior_dilations", grid)
         self.level_conditioned = cfg.prior_condition_on_level
         self.takes_top = grid == "bottom" and cfg.top_grid is not None
         self.positions = position_features(self.side)
-        mixing = cfg.top_prior_condition_layers if top else cfg.prior_condition_layers
+        mixing = cfg.prior_field("prior_condition_layers", grid)
         self.condition_mixer = keras.Sequential(
             [layers.Dense(self.linear_condition_channels, activation="relu") for _ in range(mixing)],
             name="condition_mixer") if mixing else None

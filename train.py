@@ -550,7 +550,7 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
     from modules import bits_metric, build_prior, compile_prior, compute_precision
 
     phase = PRIOR_PHASES[grid]
-    epochs = config.top_prior_epochs if grid == "top" else config.prior_epochs
+    epochs = config.prior_field("prior_epochs", grid)
     done = state.epochs_done(phase)
     has_validation = len(validate["levels"]) > 0
     monitor, mode = phase_monitor(phase, has_validation)
@@ -564,8 +564,7 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
             rate = learning_rate(config.prior_learning_rate, config.prior_lr_schedule, config.lr_floor,
                                  epochs, len(train["levels"]), config.prior_batch_size)
             model = compile_prior(build_prior(config, grid), rate)
-    copies = config.top_prior_deformed_copies if grid == "top" else config.prior_deformed_copies
-    variants = train["flipped"] + train["deformed"][:copies]
+    variants = train["flipped"] + train["deformed"][:config.prior_field("prior_deformed_copies", grid)]
     training = prior_dataset(config, grid, train["codes"], train["levels"], variants)
     sample = next(iter(prior_dataset(config, grid, train["codes"], train["levels"])))
     fit_under_strategy(model, strategy, ({k: v[:1] for k, v in sample[0].items()}, sample[1][:1]))

@@ -299,7 +299,9 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
     if not finished_finitely(config, state, "vqvae", train_vqvae(config, train_set.images, validate_set.images,
                                                                    **fit)):
         return 1
-    train, validate = encode_for_priors(run, config, train_set, validate_set)
+    pending = [grid for grid in config.code_grids
+               if state.epochs_done(PRIOR_PHASES[grid]) < phase_epochs(config, PRIOR_PHASES[grid])]
+    train, validate = encode_for_priors(run, config, train_set, validate_set, pending)
     precision = resolved_precision(config.prior_precision)
     for grid in config.code_grids:
         announce_phase(config, state, PRIOR_PHASES[grid], precision)
@@ -575,10 +577,11 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
     return checkpoint
 
 
-def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> tuple[dict, dict]:
+def encode_for_priors(run: RunDir, config: Config, train_set, validate_set, grids) -> tuple[dict, dict]:
     """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips (when
-    `prior_flip`), of as many deformed copies as either prior takes, and of the validation slices, with each
-    slice's level."""
+    `prior_flip`), of as many deformed copies as the priors of `grids` (those still to train) take, and of the
+    validation slices, with each slice's level. The copies are drawn in order from one seeded generator, so a prior
+    trains on the same ones whether or not the other prior is trained in the same session."""
     import keras
 
     from dataset import deformed_slices
@@ -586,7 +589,7 @@ def encode_for_priors(run: RunDir, config: Config, train_set, validate_set) -> t
 
     vqvae = keras.saving.load_model(run.model_path("vqvae"), safe_mode=True)
     rng = np.random.default_rng([config.seed, 1])
-    copies = max(config.prior_deformed_copies, config.top_prior_deformed_copies if config.top_grid else 0)
+    copies = max((config.prior_field("prior_deformed_copies", grid) for grid in grids), default=0)
     deformed = (deformed_slices(train_set.images, rng, config.prior_deformation, config.prior_flip)
                 for _ in range(copies))
     train = {"codes": encode_all(vqvae, train_set.images), "levels": train_set.levels,

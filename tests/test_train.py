@@ -325,3 +325,36 @@ def test_training_and_validation_pipelines_shard_by_data_and_skip_tf_data_autotu
     for pipeline in pipelines:
         assert pipeline.options().autotune.enabled is False
         assert pipeline.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA
+
+
+def test_deformed_copies_are_made_only_for_the_priors_still_to_train_and_are_the_same_either_way(tmp_path,
+                                                                                                 monkeypatch):
+    """encode_for_priors warps as many copies as the priors of the grids it is given take (none for a bottom prior
+    without copies, as under --keep-top-prior), and the copies a prior takes are the same whichever grids are
+    given: they are drawn in order from one seeded generator. Codes here are the images' pixels, binned, so that
+    they show the warps (an untrained VQ-VAE gives every position one code)."""
+    from types import SimpleNamespace
+
+    import modules
+    from hyperparameters import make_config
+    from rundir import RunDir
+    from train import encode_for_priors
+
+    config = make_config("default", ["image_size=32", "top_prior_deformed_copies=2", "prior_deformed_copies=1"])
+    vqvae = modules.VQVAE(config.to_dict())
+    vqvae.build()
+    vqvae.save(tmp_path / "vqvae.keras")
+    monkeypatch.setattr(modules, "encode_all", lambda model, images: {
+        "top": np.round(images[:, ::4, ::4] * 15).astype(np.int32),
+        "bottom": np.round(images[:, ::2, ::2] * 15).astype(np.int32)})
+    slices = SimpleNamespace(images=np.random.default_rng(0).random((3, 32, 32)).astype("float32"),
+                             levels=np.linspace(0, 1, 3))
+    both, _ = encode_for_priors(RunDir(tmp_path), config, slices, slices, ["top", "bottom"])
+    bottom, _ = encode_for_priors(RunDir(tmp_path), config, slices, slices, ["bottom"])
+    assert len(both["deformed"]) == 2 and len(bottom["deformed"]) == 1 and len(both["flipped"]) == 1
+    for grid in ("top", "bottom"):
+        np.testing.assert_array_equal(bottom["deformed"][0][grid], both["deformed"][0][grid])
+        assert (both["deformed"][0][grid] != both["codes"][grid]).any()
+        assert (both["deformed"][1][grid] != both["deformed"][0][grid]).any()
+    none, _ = encode_for_priors(RunDir(tmp_path), config, slices, slices, [])
+    assert none["deformed"] == []

@@ -576,6 +576,35 @@ def cache_key(files: list[SourceFile], root: Path, config: Config) -> str:
     return digest.hexdigest()[:20]
 
 
+def _read_cached(cache_file: Path) -> tuple[np.ndarray, dict, list] | None:
+    """(images, columns, skipped) of a cache entry, or None when there is none; an entry that does not load is
+    deleted (and so rebuilt), never trusted."""
+    if not cache_file.exists():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as stored:
+            images = stored["images"].astype(np.float32) / 65535.0
+            columns = {name: stored[name] for name in ("subjects", "sources", "indices", "levels", "fixed_splits")}
+            return images, columns, list(stored["skipped"])
+    except Exception:
+        cache_file.unlink(missing_ok=True)
+        return None
+
+
+def _preprocess_files(files: list, config: Config, progress: bool, workers: int | None) -> list:
+    """_preprocess_one of every source file, in order: in a pool of processes for volumes (each takes seconds),
+    in this process for 2D images or a handful of files."""
+    from tqdm import tqdm
+
+    items = [(item, config) for item in files]
+    workers = workers or min(os.cpu_count() or 1, 4, len(items))
+    bar = dict(total=len(items), desc="preprocessing", unit="file", disable=not progress, file=sys.stderr)
+    if workers > 1 and len(items) > 4 and any(item.kind == "volume" for item in files):
+        with ProcessPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(_preprocess_one, items, chunksize=1), **bar))
+    return [_preprocess_one(item) for item in tqdm(items, **bar)]
+
+
 def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIAL_OASIS_URL,
                 discs: str = "1-12", delete_archives: bool = False, strict: bool = False,
                 progress: bool = True, workers: int | None = None) -> SliceSet:
@@ -584,35 +613,17 @@ def load_slices(data: str, config: Config, cache: Path, oasis_url: str = OFFICIA
     A file that cannot be read is skipped with a warning (its path goes into `skipped`), unless `strict`;
     a source with no usable slice at all raises DataError.
     """
-    from tqdm import tqdm
-
     cache = Path(cache)
     root, note = resolve_source(data, cache, oasis_url, discs, delete_archives, progress)
     files = list_source_files(root)
     key = cache_key(files, root, config)
     label = data if data in ("oasis", "oasis2") else root.name  # downloaded sources keep apart by name
     cache_file = cache / "slices" / f"{label}-{key}.npz"
-    if cache_file.exists():
-        try:
-            with np.load(cache_file, allow_pickle=False) as stored:
-                images = stored["images"].astype(np.float32) / 65535.0
-                columns = {name: stored[name] for name in ("subjects", "sources", "indices", "levels",
-                                                           "fixed_splits")}
-                skipped = list(stored["skipped"])
-        except Exception:  # a cache entry that does not load is rebuilt, never trusted
-            cache_file.unlink(missing_ok=True)
-        else:
-            return _with_splits(images, columns, config, str(data), skipped, note)
-
-    items = [(item, config) for item in files]
-    workers = workers or min(os.cpu_count() or 1, 4, len(items))
-    if workers > 1 and len(items) > 4 and any(item.kind == "volume" for item in files):
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_preprocess_one, items, chunksize=1), total=len(items),
-                                desc="preprocessing", unit="file", disable=not progress, file=sys.stderr))
-    else:
-        results = [_preprocess_one(item) for item in tqdm(items, desc="preprocessing", unit="file",
-                                                          disable=not progress, file=sys.stderr)]
+    cached = _read_cached(cache_file)
+    if cached is not None:
+        images, columns, skipped = cached
+        return _with_splits(images, columns, config, str(data), skipped, note)
+    results = _preprocess_files(files, config, progress, workers)
     images, subjects, sources, indices, levels, fixed_splits, skipped = [], [], [], [], [], [], []
     for item, result in zip(files, results):
         if isinstance(result, str):

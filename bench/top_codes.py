@@ -1,0 +1,107 @@
+"""Where the mottled tissue of generated slices comes from: the top codes or the bottom grid.
+
+    python bench/top_codes.py [--run pretrained] [--split validate] [--num 256] [--seed 0] [--figure PATH]
+
+On --num real slices of a held-out split of the shared MNI volumes (drawn as predict.py draws them; skipped with a
+message when ../shared is absent):
+- the top prior's bits per code on their real top codes, at the positions inside the tissue (whose pixels average
+  above the run's tissue_intensity) and outside; 4 bits is a uniform guess over 16 codes;
+- how often a top code equals the one above it and the one left of it, in those real top grids and in as many
+  top grids sampled at the same levels (the run's temperature and top_temperature_scale);
+- the sampled top grids decoded under three bottom grids: sampled by the bottom prior (as predict.py does), sampled
+  at temperature 0.3 (nearly its most likely codes), and uniformly random codes; each scored by predict.py's
+  classifier two-sample test against as many training slices, brain-shaped fraction and edge strength.
+If the three decodings score and look alike, the detail of a sample, and its blotches, is set by its top codes.
+--figure draws the real slices and the three decodings at a few levels.
+"""
+
+import argparse
+from pathlib import Path
+
+from common import ROOT, SHARED_VOLUMES, machine, nearest_levels, print_table
+
+import keras
+import numpy as np
+
+from cli import DEFAULT_CACHE
+from dataset import draw_real_slices, load_slices
+from figures import save_strips
+from measures import brain_shaped_fraction, classifier_auc, edge_strength
+from modules import SliceGenerator, encode_all, grid_inputs
+from rundir import load_run
+
+FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
+
+
+def top_bits_by_region(run, slices: np.ndarray, levels: np.ndarray, batch_size: int = 64) -> tuple[float, float]:
+    """Mean bits per code of the top prior on the slices' real top codes, inside and outside the tissue."""
+    codes = encode_all(run.vqvae, slices)
+    inputs = grid_inputs("top", codes, levels)
+    logits = np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
+                                                           for name, value in inputs.items()}), np.float32)
+                             for start in range(0, len(slices), batch_size)])
+    bits = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
+        codes["top"], logits, from_logits=True)) / np.log(2.0)
+    side = codes["top"].shape[1]
+    pixels = slices.shape[1] // side
+    tissue = slices.reshape(len(slices), side, pixels, side, pixels).mean(axis=(2, 4)) > run.config.tissue_intensity
+    return float(bits[tissue].mean()), float(bits[~tissue].mean())
+
+
+def neighbour_agreement(grids: np.ndarray) -> float:
+    """Share of (n, g, g) code grid positions whose code equals the one above it, and the one left of it."""
+    return float(np.mean([np.mean(grids[:, 1:] == grids[:, :-1]), np.mean(grids[:, :, 1:] == grids[:, :, :-1])]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "pretrained", help="a two-level run (default: pretrained/)")
+    parser.add_argument("--split", default="validate", choices=["validate", "test"],
+                        help="the held-out split whose slices are encoded and whose levels are sampled at")
+    parser.add_argument("--num", type=int, default=256, help="slices (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the real slices and seeds the samplers")
+    parser.add_argument("--figure", type=Path, default=None, help="also write a PNG of the three decodings")
+    args = parser.parse_args()
+    if not SHARED_VOLUMES.is_dir():
+        print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark encodes)")
+        return
+    run = load_run(args.run)
+    if run.config.top_grid is None:
+        parser.error(f"--run {args.run} has a single code grid; this benchmark looks at the top one")
+    everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
+    real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
+    inside, outside = top_bits_by_region(run, real.slices, real.levels)
+    generator = SliceGenerator(run)
+    temperature = run.config.temperature
+    top = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
+                                           args.seed, levels=real.levels)
+    bottom_sampler, side = generator.samplers["bottom"], run.config.code_grid
+    bottoms = {"sampled bottom grid": bottom_sampler.sample(len(top), temperature, args.seed + 1, levels=real.levels,
+                                                            top=top),
+               "bottom grid at temperature 0.3": bottom_sampler.sample(len(top), 0.3, args.seed + 1,
+                                                                       levels=real.levels, top=top),
+               "random bottom codes": np.random.default_rng(args.seed).integers(0, run.config.num_codes,
+                                                                                (len(top), side, side))}
+    decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
+    print(f"{len(real.slices)} {args.split} slices, run {args.run}, seed {args.seed}; {machine()}")
+    print(f"top prior on the real top codes: {inside:.3f} bits/code inside the tissue, {outside:.3f} outside")
+    real_top = encode_all(run.vqvae, real.slices)["top"]
+    print(f"neighbouring top codes equal: real grids {neighbour_agreement(real_top):.3f}, sampled grids "
+          f"{neighbour_agreement(top):.3f}")
+    table = []
+    for name, images in decoded.items():
+        auc = classifier_auc(images, real.reference, None, real.reference_subjects, seed=args.seed).auc
+        table.append([f"sampled top codes, {name}", f"{auc:.4f}",
+                      f"{brain_shaped_fraction(images, run.config.tissue_intensity):.4f}",
+                      f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}"])
+    print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "edge strength"], table)
+    if args.figure:
+        picks = nearest_levels(real.levels, FIGURE_LEVELS)
+        strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
+                  for name, images in {f"real {args.split} slices": real.slices, **decoded}.items()]
+        save_strips(args.figure, strips, f"sampled top codes under three bottom grids, run {args.run.name}")
+        print(f"wrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -79,6 +79,25 @@ def nearest_levels(levels, targets) -> list[int]:
     return [int(known[np.argmin(np.abs(levels[known] - target))]) for target in targets]
 
 
+def two_level_run_and_held_out_slices(parser, args, needs: str):
+    """(run, real) for the benchmarks that take --run, --split, --num and --seed: the two-level run loaded and --num
+    real slices of the held-out split drawn as predict.py draws them (dataset.draw_real_slices); None, after a
+    "skipped" line saying what the shared MNI volumes were `needs`-ed for, when ../shared is absent. A single-grid
+    run is a usage error."""
+    from cli import DEFAULT_CACHE
+    from dataset import draw_real_slices, load_slices
+    from rundir import load_run
+
+    if not SHARED_VOLUMES.is_dir():
+        print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark {needs})")
+        return None
+    run = load_run(args.run)
+    if run.config.top_grid is None:
+        parser.error(f"--run {args.run} has a single code grid; this benchmark needs a two-level run")
+    everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
+    return run, draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
+
+
 def median(values):
     return statistics.median(values)
 

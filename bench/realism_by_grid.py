@@ -23,17 +23,14 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, machine, nearest_levels, print_table
+from common import ROOT, machine, nearest_levels, print_table, two_level_run_and_held_out_slices
 
 import numpy as np
 
-from cli import DEFAULT_CACHE
-from dataset import draw_real_slices, load_slices
 from figures import save_strips
 from measures import (brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct,
                       slice_scores)
 from modules import SliceGenerator, encode_all
-from rundir import load_run
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -49,14 +46,10 @@ def main():
     parser.add_argument("--figure", type=Path, default=None,
                         help="also write a PNG: each set's slices at the real slices nearest a few levels")
     args = parser.parse_args()
-    if not SHARED_VOLUMES.is_dir():
-        print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark scores against)")
+    loaded = two_level_run_and_held_out_slices(parser, args, "scores against")
+    if loaded is None:
         return
-    run = load_run(args.run)
-    if run.config.top_grid is None:
-        parser.error(f"--run {args.run} has a single code grid; this benchmark splits a two-level run")
-    everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
-    real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
+    run, real = loaded
     generator = SliceGenerator(run)
     top = encode_all(run.vqvae, real.slices)["top"]
     side = run.config.code_grid

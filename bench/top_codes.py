@@ -18,17 +18,14 @@ If the three decodings score and look alike, the detail of a sample, and its blo
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, machine, nearest_levels, print_table
+from common import ROOT, machine, nearest_levels, print_table, two_level_run_and_held_out_slices
 
 import keras
 import numpy as np
 
-from cli import DEFAULT_CACHE
-from dataset import draw_real_slices, load_slices
 from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
 from modules import SliceGenerator, encode_all, grid_inputs
-from rundir import load_run
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -62,14 +59,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="draws the real slices and seeds the samplers")
     parser.add_argument("--figure", type=Path, default=None, help="also write a PNG of the three decodings")
     args = parser.parse_args()
-    if not SHARED_VOLUMES.is_dir():
-        print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes this benchmark encodes)")
+    loaded = two_level_run_and_held_out_slices(parser, args, "encodes")
+    if loaded is None:
         return
-    run = load_run(args.run)
-    if run.config.top_grid is None:
-        parser.error(f"--run {args.run} has a single code grid; this benchmark looks at the top one")
-    everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
-    real = draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
+    run, real = loaded
     inside, outside = top_bits_by_region(run, real.slices, real.levels)
     generator = SliceGenerator(run)
     temperature = run.config.temperature

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,19 +369,28 @@ def bottom_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> l
 
 
 def validate(config: Config) -> None:
-    if len(config.encoder_filters) != len(config.encoder_strides):
-        raise ValueError("encoder_filters and encoder_strides must have the same length")
-    if len(config.decoder_filters) != len(config.decoder_strides):
-        raise ValueError("decoder_filters and decoder_strides must have the same length")
-    down = 1
-    for stride in config.encoder_strides:
-        down *= stride
-    up = 1
-    for stride in config.decoder_strides:
-        up *= stride
+    """Raises ValueError, naming the key, for a config no model can be built or trained from."""
+    _validate_geometry(config)
+    _validate_choices(config)
+    _validate_ranges(config)
+
+
+def _validate_geometry(config: Config) -> None:
+    """The encoder, decoder and top-grid strides fit together and the image size."""
+    for name in ("encoder", "decoder", "top"):
+        if len(getattr(config, f"{name}_filters")) != len(getattr(config, f"{name}_strides")):
+            raise ValueError(f"{name}_filters and {name}_strides must have the same length")
+    down, up = math.prod(config.encoder_strides), math.prod(config.decoder_strides)
     if down != up or config.image_size % down:
         raise ValueError(f"encoder downsamples by {down} and decoder upsamples by {up}: they must match and divide "
                          f"image_size {config.image_size}")
+    top_down = math.prod(config.top_strides)
+    if config.code_grid % top_down:
+        raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
+
+
+def _validate_choices(config: Config) -> None:
+    """The keys that name one of a few options, and the options that exclude each other."""
     if config.codebook not in ("ema", "loss"):
         raise ValueError(f"codebook must be 'ema' or 'loss', not {config.codebook!r}")
     for key in ("lr_schedule", "prior_lr_schedule"):
@@ -393,13 +403,12 @@ def validate(config: Config) -> None:
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):
         raise ValueError("prior_layout seed (the report's masked PixelCNN) takes no condition: it needs "
                          "top_strides= (one code grid) and prior_condition_on_level=false")
-    if len(config.top_filters) != len(config.top_strides):
-        raise ValueError("top_filters and top_strides must have the same length")
-    top_down = 1
-    for stride in config.top_strides:
-        top_down *= stride
-    if config.code_grid % top_down:
-        raise ValueError(f"top_strides downsample by {top_down}, which must divide the code grid {config.code_grid}")
+    if config.bottom_code_dropout and not config.top_strides:
+        raise ValueError("bottom_code_dropout needs a top grid (top_strides) to render the dropped slices from")
+
+
+def _validate_ranges(config: Config) -> None:
+    """Shares, counts, sizes and temperatures within their ranges."""
     for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "top_prior_context_corruption",
                 "bottom_code_noise", "bottom_code_dropout"):
         if not 0 <= getattr(config, key) < 1:
@@ -410,8 +419,6 @@ def validate(config: Config) -> None:
             raise ValueError(f"{key} must be 0 or more")
     if not 0 < config.prior_deformation < config.image_size / 4:
         raise ValueError("prior_deformation must be a positive number of pixels below a quarter of image_size")
-    if config.bottom_code_dropout and not config.top_strides:
-        raise ValueError("bottom_code_dropout needs a top grid (top_strides) to render the dropped slices from")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:
         raise ValueError("validate_fraction + test_fraction must be in [0, 1)")
     for key in ("prior_dilations", "top_prior_dilations"):

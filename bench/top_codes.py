@@ -30,9 +30,10 @@ from modules import SliceGenerator, encode_all, grid_inputs
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
 
-def top_bits_by_region(run, slices: np.ndarray, levels: np.ndarray, batch_size: int = 64) -> tuple[float, float]:
-    """Mean bits per code of the top prior on the slices' real top codes, inside and outside the tissue."""
-    codes = encode_all(run.vqvae, slices)
+def top_bits_by_region(run, slices: np.ndarray, codes: dict, levels: np.ndarray,
+                       batch_size: int = 64) -> tuple[float, float]:
+    """Mean bits per code of the top prior on the slices' real top codes (`codes`, encode_all's), inside and outside
+    the tissue."""
     inputs = grid_inputs("top", codes, levels)
     logits = np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
                                                            for name, value in inputs.items()}), np.float32)
@@ -63,7 +64,8 @@ def main():
     if loaded is None:
         return
     run, real = loaded
-    inside, outside = top_bits_by_region(run, real.slices, real.levels)
+    real_codes = encode_all(run.vqvae, real.slices)
+    inside, outside = top_bits_by_region(run, real.slices, real_codes, real.levels)
     generator = SliceGenerator(run)
     temperature = run.config.temperature
     top = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
@@ -78,8 +80,7 @@ def main():
     decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
     print(f"{len(real.slices)} {args.split} slices, run {args.run}, seed {args.seed}; {machine()}")
     print(f"top prior on the real top codes: {inside:.3f} bits/code inside the tissue, {outside:.3f} outside")
-    real_top = encode_all(run.vqvae, real.slices)["top"]
-    print(f"neighbouring top codes equal: real grids {neighbour_agreement(real_top):.3f}, sampled grids "
+    print(f"neighbouring top codes equal: real grids {neighbour_agreement(real_codes['top']):.3f}, sampled grids "
           f"{neighbour_agreement(top):.3f}")
     table = []
     for name, images in decoded.items():

@@ -827,8 +827,8 @@ def test_shared_t88_jpegs(shared_data, tmp_path, config):
 
 def test_deformed_slices_move_each_pixel_at_most_the_given_distance_and_are_seeded():
     """A lone bright dot lands within `pixels` of where it was (or of its mirror image, for the flipped half of the
-    slices; none without `flip`), each slice gets its own field, a uniform image stays uniform away from the border, and one seed
-    gives the same copies."""
+    slices; none without `flip`), each slice gets its own field, a uniform image stays uniform away from the border,
+    and one seed gives the same copies."""
     images = np.zeros((40, 64, 64), np.float32)
     images[:, 30, 20] = 1.0
     warped = dataset.deformed_slices(images, np.random.default_rng(0), pixels=3.0)

@@ -90,6 +90,10 @@ class Config:
     # at 0.2), a sampled bottom grid keeps the ventricles and the white matter of the top codes, and reconstruction
     # keeps both targets (T88 0.9634, where 0.2 gave 0.9599; README, Generation)
     bottom_code_dropout: float = 0.15
+    # weight of the top encoder's spatial roughness (modules.spatial_roughness, about 1 for noise, 0 for a constant
+    # map) in the loss: real top grids are speckled (neighbouring codes agree in 43%), and a prior left with 2.5 bits
+    # per code inside the tissue samples mottled tissue (README, Generation); a smoother top grid is easier to predict
+    top_code_smoothness: float = 0.0
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
     batch_size: int = 32
@@ -231,6 +235,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("top_temperature_scale", 1.0)
     values.setdefault("bottom_code_noise", 0.0)
     values.setdefault("bottom_code_dropout", 0.0)
+    # and before top_code_smoothness existed, their top encoders trained without a roughness term
+    values.setdefault("top_code_smoothness", 0.0)
     # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
     # their flips only (took the condition map in their gates as it was)
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
@@ -417,6 +423,8 @@ def _validate_ranges(config: Config) -> None:
                 "top_prior_condition_layers"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be 0 or more")
+    if config.top_code_smoothness < 0:
+        raise ValueError("top_code_smoothness must be 0 or more")
     if not 0 < config.prior_deformation < config.image_size / 4:
         raise ValueError("prior_deformation must be a positive number of pixels below a quarter of image_size")
     if not 0 <= config.validate_fraction + config.test_fraction < 1:

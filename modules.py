@@ -175,6 +175,28 @@ class ResidualConvBlock(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "transpose": self.transpose}
 
 
+def spatial_roughness(features):
+    """How much (b, h, w, d) feature maps change between horizontally and vertically adjacent positions, relative
+    to how much they vary at all: mean ||f(i) - f(j)||^2 over adjacent pairs, divided by twice the mean squared
+    distance of the vectors from their batch mean. Independent noise scores about 1, a constant map 0; scaling the
+    features leaves it unchanged, so an encoder cannot lower it by shrinking its outputs."""
+    rows = ops.mean(ops.sum((features[:, 1:] - features[:, :-1]) ** 2, axis=-1))
+    columns = ops.mean(ops.sum((features[:, :, 1:] - features[:, :, :-1]) ** 2, axis=-1))
+    spread = ops.mean(ops.sum((features - ops.mean(features, axis=(0, 1, 2))) ** 2, axis=-1))
+    return (rows + columns) / (4.0 * spread + 1e-8)
+
+
+def neighbour_agreement(codes, where=None):
+    """Share of the pairs of vertically and horizontally adjacent positions of (b, h, w) code grids that hold the
+    same code; with a (b, h, w) boolean `where`, of the pairs whose two positions it marks (the tissue)."""
+    pairs = [(codes[:, 1:], codes[:, :-1]), (codes[:, :, 1:], codes[:, :, :-1])]
+    masks = ([ops.ones_like(a, "float32") for a, _ in pairs] if where is None else
+             [ops.cast(ops.logical_and(where[:, 1:], where[:, :-1]), "float32"),
+              ops.cast(ops.logical_and(where[:, :, 1:], where[:, :, :-1]), "float32")])
+    equal = sum(ops.sum(ops.cast(ops.equal(a, b), "float32") * mask) for (a, b), mask in zip(pairs, masks))
+    return equal / ops.maximum(sum(ops.sum(mask) for mask in masks), 1.0)
+
+
 def conv_stack(config: Config, size: int, channels: int, filters, strides, name: str,
                to_latent: bool = True) -> keras.Sequential:
     """Strided 3x3 convs (ReLU, 'same'), a 3x3 conv to `residual_filters`, residual blocks, and (`to_latent`) a 1x1
@@ -247,8 +269,10 @@ class VQVAE(keras.Model):
 
     `call(images)` returns reconstructions (batch, 128, 128, 1); `encode(images)` returns {"top": (batch, 32, 32),
     "bottom": (batch, 64, 64)} int32 code grids (only "bottom" for one grid); `decode_codes(codes)` turns such a
-    dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses and
-    reports loss, reconstruction loss, VQ loss, perplexity and code usage of each grid, and SSIM. In training, a
+    dict back into images. `fit` minimises MSE + ssim_loss_weight * (1 - SSIM) + the quantizers' losses
+    (+ top_code_smoothness * the spatial roughness of the top encoder's outputs, so that neighbouring top codes agree
+    more often and the top prior can predict them) and reports loss, reconstruction loss, VQ loss, perplexity and
+    code usage of each grid, the share of neighbouring top codes that agree, and SSIM. In training, a
     share `bottom_code_noise` of the bottom codes reach the decoder as random codes (`with_random_codes`), so that it
     renders the slips of a sampled grid from the top codes and the neighbours instead of as specks; and for a share
     `bottom_code_dropout` of the slices all of them do, so that the top codes alone must render those slices and the
@@ -274,7 +298,7 @@ class VQVAE(keras.Model):
         self.noise_seeds = keras.random.SeedGenerator(cfg.seed, name="noise_seeds") if noisy else None
         names = ["loss", "reconstruction_loss", "vq_loss", "perplexity", "usage", "ssim"]
         if self.two_level:
-            names += ["perplexity_top", "usage_top"]
+            names += ["perplexity_top", "usage_top", "agreement_top"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 
     def _quantizer(self, name, grid):
@@ -293,7 +317,9 @@ class VQVAE(keras.Model):
         features = self.encoder(images, training=training)
         if not self.two_level:
             return {"bottom": self.quantizer(features, training=training)}
-        top = self.quantizer_top(self.top_encoder(features, training=training), training=training)
+        top_features = self.top_encoder(features, training=training)
+        top = self.quantizer_top(top_features, training=training)
+        top = {**top, "roughness": spatial_roughness(top_features), "agreement": neighbour_agreement(top["indices"])}
         joined = ops.concatenate([features, self.top_to_bottom(top["quantized"], training=training)], axis=-1)
         return {"top": top, "bottom": self.quantizer(self.bottom_in(joined), training=training)}
 
@@ -339,11 +365,15 @@ class VQVAE(keras.Model):
             reconstructions = ops.stop_gradient(reconstructions)
         similarity = ops.mean(ssim(images, reconstructions))
         vq_loss = sum(grid["loss"] for grid in grids.values())
-        values = {"loss": reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + vq_loss,
+        loss = reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + vq_loss
+        if self.two_level:
+            loss = loss + self.cfg.top_code_smoothness * grids["top"]["roughness"]
+        values = {"loss": loss,
                   "reconstruction_loss": reconstruction, "vq_loss": vq_loss,
                   "perplexity": grids["bottom"]["perplexity"], "usage": grids["bottom"]["usage"], "ssim": similarity}
         if self.two_level:
-            values.update(perplexity_top=grids["top"]["perplexity"], usage_top=grids["top"]["usage"])
+            values.update(perplexity_top=grids["top"]["perplexity"], usage_top=grids["top"]["usage"],
+                          agreement_top=grids["top"]["agreement"])
         return values
 
     def _report(self, values, count):

@@ -7,7 +7,8 @@ message when ../shared is absent):
 - the top prior's bits per code on their real top codes, at the positions inside the tissue (whose pixels average
   above the run's tissue_intensity) and outside; 4 bits is a uniform guess over 16 codes;
 - how often a top code equals the one above it and the one left of it, in those real top grids and in as many
-  top grids sampled at the same levels (the run's temperature and top_temperature_scale);
+  top grids sampled at the same levels (the run's temperature and top_temperature_scale), over the whole grid and
+  inside the tissue (of the real slices; of the sampled grids decoded under their sampled bottom grid);
 - the sampled top grids decoded under three bottom grids: sampled by the bottom prior (as predict.py does), sampled
   at temperature 0.3 (nearly its most likely codes), and uniformly random codes; each scored by predict.py's
   classifier two-sample test against as many training slices, brain-shaped fraction and edge strength.
@@ -25,30 +26,29 @@ import numpy as np
 
 from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
-from modules import SliceGenerator, encode_all, grid_inputs
+from modules import SliceGenerator, encode_all, grid_inputs, neighbour_agreement
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
 
-def top_bits_by_region(run, slices: np.ndarray, codes: dict, levels: np.ndarray,
+def tissue_positions(slices: np.ndarray, side: int, tissue_intensity: float) -> np.ndarray:
+    """(n, side, side) booleans: the code positions of (n, h, w) slices whose pixels average above
+    `tissue_intensity`."""
+    pixels = slices.shape[1] // side
+    return slices.reshape(len(slices), side, pixels, side, pixels).mean(axis=(2, 4)) > tissue_intensity
+
+
+def top_bits_by_region(run, codes: dict, levels: np.ndarray, tissue: np.ndarray,
                        batch_size: int = 64) -> tuple[float, float]:
-    """Mean bits per code of the top prior on the slices' real top codes (`codes`, encode_all's), inside and outside
-    the tissue."""
+    """Mean bits per code of the top prior on the slices' real top codes (`codes`, encode_all's), at the `tissue`
+    positions and outside them."""
     inputs = grid_inputs("top", codes, levels)
     logits = np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
                                                            for name, value in inputs.items()}), np.float32)
-                             for start in range(0, len(slices), batch_size)])
+                             for start in range(0, len(levels), batch_size)])
     bits = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
         codes["top"], logits, from_logits=True)) / np.log(2.0)
-    side = codes["top"].shape[1]
-    pixels = slices.shape[1] // side
-    tissue = slices.reshape(len(slices), side, pixels, side, pixels).mean(axis=(2, 4)) > run.config.tissue_intensity
     return float(bits[tissue].mean()), float(bits[~tissue].mean())
-
-
-def neighbour_agreement(grids: np.ndarray) -> float:
-    """Share of (n, g, g) code grid positions whose code equals the one above it, and the one left of it."""
-    return float(np.mean([np.mean(grids[:, 1:] == grids[:, :-1]), np.mean(grids[:, :, 1:] == grids[:, :, :-1])]))
 
 
 def main():
@@ -65,23 +65,27 @@ def main():
         return
     run, real = loaded
     real_codes = encode_all(run.vqvae, real.slices)
-    inside, outside = top_bits_by_region(run, real.slices, real_codes, real.levels)
+    side, tissue_intensity = run.config.top_grid, run.config.tissue_intensity
+    real_tissue = tissue_positions(real.slices, side, tissue_intensity)
+    inside, outside = top_bits_by_region(run, real_codes, real.levels, real_tissue)
     generator = SliceGenerator(run)
     temperature = run.config.temperature
     top = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
                                            args.seed, levels=real.levels)
-    bottom_sampler, side = generator.samplers["bottom"], run.config.code_grid
+    bottom_sampler, bottom_side = generator.samplers["bottom"], run.config.code_grid
     bottoms = {"sampled bottom grid": bottom_sampler.sample(len(top), temperature, args.seed + 1, levels=real.levels,
                                                             top=top),
                "bottom grid at temperature 0.3": bottom_sampler.sample(len(top), 0.3, args.seed + 1,
                                                                        levels=real.levels, top=top),
                "random bottom codes": np.random.default_rng(args.seed).integers(0, run.config.num_codes,
-                                                                                (len(top), side, side))}
+                                                                                (len(top), bottom_side, bottom_side))}
     decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
     print(f"{len(real.slices)} {args.split} slices, run {args.run}, seed {args.seed}; {machine()}")
     print(f"top prior on the real top codes: {inside:.3f} bits/code inside the tissue, {outside:.3f} outside")
-    print(f"neighbouring top codes equal: real grids {neighbour_agreement(real_codes['top']):.3f}, sampled grids "
-          f"{neighbour_agreement(top):.3f}")
+    sampled_tissue = tissue_positions(decoded["sampled bottom grid"], side, tissue_intensity)
+    print(f"neighbouring top codes equal: real grids {float(neighbour_agreement(real_codes['top'])):.3f} "
+          f"({float(neighbour_agreement(real_codes['top'], real_tissue)):.3f} inside the tissue), sampled grids "
+          f"{float(neighbour_agreement(top)):.3f} ({float(neighbour_agreement(top, sampled_tissue)):.3f})")
     table = []
     for name, images in decoded.items():
         auc = classifier_auc(images, real.reference, None, real.reference_subjects, seed=args.seed).auc

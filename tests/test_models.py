@@ -82,7 +82,8 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_and_defor
 
     values = make_config("default").to_dict()
     for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
-                "bottom_code_noise", "bottom_code_dropout", "prior_deformed_copies", "top_prior_deformed_copies",
+                "bottom_code_noise", "bottom_code_dropout", "top_code_smoothness", "prior_deformed_copies",
+                "top_prior_deformed_copies",
                 "prior_condition_layers", "top_prior_condition_layers"):
         values.pop(key)
     config = Config.from_dict(values)
@@ -93,7 +94,7 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_and_defor
     assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
     assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.1
-    assert config.bottom_code_dropout == 0.0
+    assert config.bottom_code_dropout == 0.0 and config.top_code_smoothness == 0.0
     assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
     for key in ("bottom_code_noise", "bottom_code_dropout"):
         for bad in ("-0.1", "1"):
@@ -195,6 +196,44 @@ def test_code_dropout_gives_the_decoder_whole_slices_of_random_codes():
     dropped = changed > 0.8
     assert np.all(changed[~dropped] == 0) and np.all(changed[dropped] > 0.9)
     assert 8 <= dropped.sum() <= 24
+
+
+def test_spatial_roughness_is_zero_for_constant_maps_one_for_noise_and_ignores_scale():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(8, 32, 32, 16)).astype("float32")
+    assert 0.95 < float(modules.spatial_roughness(noise)) < 1.05
+    assert abs(float(modules.spatial_roughness(10 * noise)) - float(modules.spatial_roughness(noise))) < 1e-4
+    assert float(modules.spatial_roughness(np.ones((2, 8, 8, 4), "float32"))) == 0.0
+    ramp = np.broadcast_to(np.arange(32, dtype="float32")[None, :, None, None], (2, 32, 32, 4))
+    assert float(modules.spatial_roughness(ramp)) < 0.01
+
+
+def test_neighbour_agreement_counts_equal_adjacent_codes_within_a_mask():
+    codes = np.array([[[0, 0, 1], [0, 0, 1], [2, 2, 2]]])
+    # vertical pairs: 0-0, 0-0, 1-1 equal, 0-2, 0-2, 1-2 not; horizontal: 0-0, 0-0, 2-2, 2-2 equal, 0-1, 0-1 not
+    assert float(modules.neighbour_agreement(codes)) == pytest.approx(7 / 12)
+    inside = np.zeros((1, 3, 3), bool)
+    inside[0, :2, :2] = True  # the 2x2 block of zeros: 2 vertical and 2 horizontal pairs, all equal
+    assert float(modules.neighbour_agreement(codes, inside)) == 1.0
+
+
+def test_top_code_smoothness_adds_the_top_features_roughness_to_the_loss():
+    """The weighted roughness of the top encoder's outputs joins the loss (and only there); the top codes'
+    neighbour agreement is reported."""
+    config = make_config("default", ["top_code_smoothness=0", "bottom_code_noise=0", "bottom_code_dropout=0"])
+    model = VQVAE(config.to_dict())
+    model.build()
+    images = np.random.default_rng(0).random((4, 128, 128, 1)).astype("float32")
+    plain = model.loss_terms(images, training=False)
+    roughness = float(modules.spatial_roughness(model.top_encoder(model.encoder(images))))
+    model.cfg.top_code_smoothness = 0.5
+    smoothed = model.loss_terms(images, training=False)
+    assert float(smoothed["loss"] - plain["loss"]) == pytest.approx(0.5 * roughness, rel=1e-4)
+    assert float(smoothed["reconstruction_loss"]) == float(plain["reconstruction_loss"])
+    codes = np.asarray(model.encode(images)["top"])
+    assert float(smoothed["agreement_top"]) == pytest.approx(float(modules.neighbour_agreement(codes)))
+    with pytest.raises(ValueError, match="top_code_smoothness must be 0 or more"):
+        make_config("default", ["top_code_smoothness=-1"])
 
 
 def test_quantizer_picks_nearest_codes_and_reports_perplexity():

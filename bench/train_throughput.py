@@ -30,18 +30,13 @@ from common import machine, median, print_table
 TRAINERS = ("baseline", "project-tf-defaults", "project")
 
 
-def child(trainer: str, spec: str, count: int) -> dict:
-    """Runs in a fresh process: warm-up epoch, then one timed epoch; returns its epoch and step seconds."""
-    if trainer == "project":
-        from cli import configure_tensorflow
-        configure_tensorflow()
+def keras_example_model(config, train_variance: float):
+    """The baseline: the Keras example's quantizer and trainer around the project's encoder and decoder (built in the
+    child process, after its TensorFlow settings)."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    from dataset import make_tf_dataset
-    from hyperparameters import make_config
-    from modules import VQVAE, build_decoder, build_encoder
+    from modules import build_decoder, build_encoder
 
     class ExampleQuantizer(keras.layers.Layer):
         """The Keras example's VectorQuantizer: codebook + commitment loss via add_loss, straight-through output."""
@@ -65,9 +60,8 @@ def child(trainer: str, spec: str, count: int) -> dict:
             return x + tf.stop_gradient(quantized - x)
 
     class ExampleTrainer(keras.Model):
-        def __init__(self, config, train_variance, **kwargs):
+        def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.train_variance = train_variance
             inputs = keras.Input((config.image_size, config.image_size, 1))
             quantized = ExampleQuantizer(config.num_codes, config.latent_dim)(build_encoder(config)(inputs))
             self.vqvae = keras.Model(inputs, build_decoder(config)(quantized))
@@ -76,16 +70,22 @@ def child(trainer: str, spec: str, count: int) -> dict:
         def train_step(self, x):
             with tf.GradientTape() as tape:
                 reconstructions = self.vqvae(x)
-                reconstruction_loss = tf.reduce_mean((x - reconstructions) ** 2) / self.train_variance
+                reconstruction_loss = tf.reduce_mean((x - reconstructions) ** 2) / train_variance
                 total_loss = reconstruction_loss + sum(self.vqvae.losses)
             grads = tape.gradient(total_loss, self.vqvae.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.vqvae.trainable_variables))
             self.total_loss_tracker.update_state(total_loss)
             return {"loss": self.total_loss_tracker.result()}
 
-    class StepTimes(keras.callbacks.Callback):
-        """Wall seconds of every training step (on a CPU the step runs synchronously between the two calls)."""
+    return ExampleTrainer()
 
+
+def step_timer():
+    """A Keras callback that records the wall seconds of every training step (on a CPU the step runs synchronously
+    between the two calls) in its `seconds`."""
+    import keras
+
+    class StepTimes(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.seconds = []
@@ -96,12 +96,27 @@ def child(trainer: str, spec: str, count: int) -> dict:
         def on_train_batch_end(self, batch, logs=None):
             self.seconds.append(time.perf_counter() - self.begin)
 
+    return StepTimes()
+
+
+def child(trainer: str, spec: str, count: int) -> dict:
+    """Runs in a fresh process: warm-up epoch, then one timed epoch; returns its epoch and step seconds."""
+    if trainer == "project":
+        from cli import configure_tensorflow
+        configure_tensorflow()
+    import keras
+    import numpy as np
+
+    from dataset import make_tf_dataset
+    from hyperparameters import make_config
+    from modules import VQVAE
+
     preset, *overrides = spec.split(":")
     config = make_config(preset, overrides)
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).random((count, 128, 128, 1)).astype("float32")
     if trainer == "baseline":
-        model = ExampleTrainer(config, float(images.var()))
+        model = keras_example_model(config, float(images.var()))
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=False)
 
         def fit_epoch(callbacks):
@@ -116,7 +131,7 @@ def child(trainer: str, spec: str, count: int) -> dict:
             model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)  # the dataset shuffles
 
     fit_epoch([])
-    steps = StepTimes()
+    steps = step_timer()
     begin = time.perf_counter()
     fit_epoch([steps])
     full_batches = count // config.batch_size  # a last, smaller batch would bias the median

@@ -4,7 +4,7 @@
         [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
-slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and five sets of as
+slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and six sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
 SSIM with its most similar training slice, against every training slice), edge strength (measures.edge_strength:
@@ -13,10 +13,13 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, random bottom: their own top codes with uniformly random bottom codes (what the top grid carries alone);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
+- real top, bottom at temperature 0.3: the same, the bottom codes drawn near the prior's most likely ones (what the
+  bottom prior adds at its surest: if this row is no closer to the real slices than random bottom codes, the bottom
+  prior has not learned the detail the real bottom codes hold);
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
---figure draws the five sets side by side at a few levels (the same slices in each set), for what no figure here
+--figure draws the six sets side by side at a few levels (the same slices in each set), for what no figure here
 measures: whether the anatomy is there.
 """
 
@@ -59,6 +62,8 @@ def main():
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
         "real top codes, random bottom": (generator.render({"top": top, "bottom": random_bottom}), real.subjects),
         "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),
+        "real top codes, bottom at temperature 0.3": (generator.many(real.levels, 0.3, args.seed, top=top),
+                                                      real.subjects),
         "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
     }
     training = real.train.images

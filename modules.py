@@ -189,10 +189,10 @@ def spatial_roughness(features):
 def neighbour_agreement(codes, where=None):
     """Share of the pairs of vertically and horizontally adjacent positions of (b, h, w) code grids that hold the
     same code; with a (b, h, w) boolean `where`, of the pairs whose two positions it marks (the tissue)."""
+    where = ops.ones(ops.shape(codes), "bool") if where is None else where
     pairs = [(codes[:, 1:], codes[:, :-1]), (codes[:, :, 1:], codes[:, :, :-1])]
-    masks = ([ops.ones_like(a, "float32") for a, _ in pairs] if where is None else
-             [ops.cast(ops.logical_and(where[:, 1:], where[:, :-1]), "float32"),
-              ops.cast(ops.logical_and(where[:, :, 1:], where[:, :, :-1]), "float32")])
+    masks = [ops.cast(ops.logical_and(where[:, 1:], where[:, :-1]), "float32"),
+             ops.cast(ops.logical_and(where[:, :, 1:], where[:, :, :-1]), "float32")]
     equal = sum(ops.sum(ops.cast(ops.equal(a, b), "float32") * mask) for (a, b), mask in zip(pairs, masks))
     return equal / ops.maximum(sum(ops.sum(mask) for mask in masks), 1.0)
 
@@ -318,8 +318,7 @@ class VQVAE(keras.Model):
         if not self.two_level:
             return {"bottom": self.quantizer(features, training=training)}
         top_features = self.top_encoder(features, training=training)
-        top = self.quantizer_top(top_features, training=training)
-        top = {**top, "roughness": spatial_roughness(top_features), "agreement": neighbour_agreement(top["indices"])}
+        top = {**self.quantizer_top(top_features, training=training), "features": top_features}
         joined = ops.concatenate([features, self.top_to_bottom(top["quantized"], training=training)], axis=-1)
         return {"top": top, "bottom": self.quantizer(self.bottom_in(joined), training=training)}
 
@@ -366,15 +365,15 @@ class VQVAE(keras.Model):
         similarity = ops.mean(ssim(images, reconstructions))
         vq_loss = sum(grid["loss"] for grid in grids.values())
         loss = reconstruction + self.cfg.ssim_loss_weight * (1.0 - similarity) + vq_loss
-        if self.two_level:
-            loss = loss + self.cfg.top_code_smoothness * grids["top"]["roughness"]
-        values = {"loss": loss,
-                  "reconstruction_loss": reconstruction, "vq_loss": vq_loss,
+        values = {"reconstruction_loss": reconstruction, "vq_loss": vq_loss,
                   "perplexity": grids["bottom"]["perplexity"], "usage": grids["bottom"]["usage"], "ssim": similarity}
         if self.two_level:
-            values.update(perplexity_top=grids["top"]["perplexity"], usage_top=grids["top"]["usage"],
-                          agreement_top=grids["top"]["agreement"])
-        return values
+            top = grids["top"]
+            if self.cfg.top_code_smoothness:
+                loss = loss + self.cfg.top_code_smoothness * spatial_roughness(top["features"])
+            values.update(perplexity_top=top["perplexity"], usage_top=top["usage"],
+                          agreement_top=neighbour_agreement(top["indices"]))
+        return {"loss": loss, **values}
 
     def _report(self, values, count):
         for name, value in values.items():

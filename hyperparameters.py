@@ -53,7 +53,7 @@ class Config:
     split_seed: int = 42
     # subjects left out of every split, for scans that are not what their files claim to be: the MNI volume of
     # OAS1_0198 in ../shared is not atlas-registered (its head is pitched far back, so its "axial" slices turn from
-    # axial to nearly coronal and a level does not hold the anatomy it holds in the other volumes; README, Data).
+    # axial to nearly coronal and a level does not hold the anatomy it holds in the other volumes; EXPERIMENTS.md).
     # Splits are drawn with them counted, so leaving a subject out never moves another one between splits.
     exclude_subjects: list[str] = field(default_factory=lambda: ["OAS1_0198"])
 
@@ -70,8 +70,8 @@ class Config:
     dead_code_threshold: float = 1.0  # a code whose EMA usage falls below this many vectors per batch is restarted
     # a second, coarser code grid (VQ-VAE-2): more strided convs from the bottom encoder's features down to the top
     # grid (64 / 2 = 32x32 by default: each top code over 2x2 bottom codes, so the top grid holds the layout and the
-    # bottom prior only the texture; a 16x16 top left the bottom prior to place anatomy it could not, README); no
-    # strides = a single code grid
+    # bottom prior only the texture; a 16x16 top left the bottom prior to place anatomy it could not,
+    # EXPERIMENTS.md); no strides = a single code grid
     top_filters: list[int] = field(default_factory=lambda: [64])
     top_strides: list[int] = field(default_factory=lambda: [2])
     decoder_filters: list[int] = field(default_factory=lambda: [32])
@@ -81,19 +81,19 @@ class Config:
     # batch: sampled grids hold codes that disagree with their neighbours and the top codes, which a decoder trained
     # only on clean codes renders as bright and dark specks (the mottled tissue of samples); one trained on noisy
     # codes leans on the top codes and the neighbours and renders an odd code as what they say. 0.1: 10% random
-    # codes cost 0.010 of SSIM instead of 0.149, test SSIM 0.9732 (clean 0.9771); 0.2 took it to 0.9687 (README)
+    # codes cost 0.010 of SSIM instead of 0.149, test SSIM 0.9732 (clean 0.9771); 0.2 took it to 0.9687 (EXPERIMENTS.md)
     bottom_code_noise: float = 0.1
     # share of the training slices whose whole bottom grid reaches the decoder as random codes, so that the top codes
     # alone must render them (the level-by-level reconstruction of Jukebox and HQA): without it the bottom grid holds
     # the anatomy and the top little more than the outline (real top codes under random bottom ones decoded at SSIM
     # 0.724, without ventricles), and the bottom prior had to invent the anatomy. At 0.15 they decode at 0.888 (0.891
     # at 0.2), a sampled bottom grid keeps the ventricles and the white matter of the top codes, and reconstruction
-    # keeps both targets (T88 0.9634, where 0.2 gave 0.9599; README, Generation)
+    # keeps both targets (T88 0.9634, where 0.2 gave 0.9599; EXPERIMENTS.md, Generation)
     bottom_code_dropout: float = 0.15
     # weight of the top encoder's spatial roughness (modules.spatial_roughness, about 1 for noise, 0 for a constant
     # map) in the loss: real top grids are speckled (neighbouring codes inside the tissue agree in 17%). At 0.005 they
     # agree in 22% and both priors lose 0.17 bits/code, but the samples were no more real and reconstruction fell
-    # to 0.9730 / 0.9614 (test / T88); at 0.02 the samples blurred (README, Generation)
+    # to 0.9730 / 0.9614 (test / T88); at 0.02 the samples blurred (EXPERIMENTS.md, Generation)
     top_code_smoothness: float = 0.0
 
     # --- VQ-VAE training --------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class Config:
     # whose output joins it in every gate: without them the gates take position and level as a sum of two biases,
     # and a brain's layout at one level (where its ventricles lie at 0.4) must be inferred from the codes above. Two
     # on the top prior (with its deformed copies): 1.400 validation bits/code against 1.405, and its samples fooled
-    # the classifier two-sample test less at every seed (README, Generation)
+    # the classifier two-sample test less at every seed (EXPERIMENTS.md, Generation)
     prior_condition_layers: int = 0
     top_prior_condition_layers: int = 2
     prior_condition_on_level: bool = True
@@ -137,17 +137,17 @@ class Config:
     # random: new local shapes, as between subjects, for priors that have seen seven (drawn like the flips: each
     # grid its own codes or one of its variants, anew each epoch)
     # (the top prior at 4 copies: 1.405 validation bits/code against 1.434, samples more often with ventricles and
-    # solid crowns; README, Generation)
+    # solid crowns; EXPERIMENTS.md, Generation)
     prior_deformed_copies: int = 0
     top_prior_deformed_copies: int = 4
     prior_deformation: float = 4.0
     # share of the codes the bottom prior reads (its input, never its targets) replaced by random codes in training,
     # drawn anew per grid and epoch: its sampler reads the prior's own draws, and a prior that learned to copy its
     # neighbours carries their slips on, where one trained on noisy context leans on the top codes and the level
-    # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; README)
+    # (0.2: nearest-training SSIM of samples 0.539 against 0.503; the top prior gained nothing from it; EXPERIMENTS.md)
     prior_context_corruption: float = 0.2
     # the same for the top prior: at 0.1 its samples' nearest-training SSIM came to real's, but the classifier and
-    # the level error worsened at every seed (README, Generation), so the default reads clean top codes
+    # the level error worsened at every seed (EXPERIMENTS.md, Generation), so the default reads clean top codes
     top_prior_context_corruption: float = 0.0
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
@@ -162,10 +162,10 @@ class Config:
     temperature: float = 1.0
     # the top grid of a two-level model (the layout) is drawn at temperature * top_temperature_scale: at 0.9 the
     # samples' nearest-training SSIM came within 0.05 of real held-out slices' at seeds 0-2 (0.033-0.042 below;
-    # 0.040-0.051 at 1), with the classifier, level and outlines as at 1 (README, Generation)
+    # 0.040-0.051 at 1), with the classifier, level and outlines as at 1 (EXPERIMENTS.md, Generation)
     top_temperature_scale: float = 0.9
     # nucleus sampling of the bottom (or only) grid: each code drawn from the most probable codes holding this much of
-    # the probability (on the top grid it breaks the brain's outline; README)
+    # the probability (on the top grid it breaks the brain's outline; EXPERIMENTS.md)
     top_p: float = 1.0
 
     @property
@@ -266,8 +266,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         top_filters=[],
         top_strides=[],
         # measured on the shared volumes: MSE alone reached 0.591 validation SSIM in 30 epochs, MSE + 0.2 (1 - SSIM)
-        # 0.685 in 50 (with flips), MSE + 1.0 (1 - SSIM) 0.702 in 80, and more on every held-out set (README); at
-        # learning rate 2e-3 this 8x8 model was unstable with either loss.
+        # 0.685 in 50 (with flips), MSE + 1.0 (1 - SSIM) 0.702 in 80, and more on every held-out set
+        # (EXPERIMENTS.md); at learning rate 2e-3 this 8x8 model was unstable with either loss.
         learning_rate=1e-3,
         epochs=80,
         ssim_loss_weight=1.0,

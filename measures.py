@@ -218,7 +218,7 @@ def edge_strength(images: np.ndarray, tissue: float) -> np.ndarray:
     """Sharpness of each (n, h, w) [0, 1] slice: the mean gradient magnitude (forward differences) over its pixels
     above `tissue`, NaN for a slice with none. Edges between cortex, white matter and fluid make it: the validate
     slices of the shared MNI volumes score 0.103 and their reconstructions 0.100, where blurred or washed-out
-    tissue scores less, which the outline and nearest-SSIM figures do not see (README, Generation)."""
+    tissue scores less, which the outline and nearest-SSIM figures do not see (EXPERIMENTS.md, Generation)."""
     images = np.asarray(images, np.float32)
     corner = images[:, :-1, :-1]
     magnitude = np.hypot(images[:, :-1, 1:] - corner, images[:, 1:, :-1] - corner)

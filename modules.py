@@ -1151,7 +1151,7 @@ class SliceGenerator:
         instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
         the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
         codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
-        outlines (README, Generation). `top_temperature_scale`: the top grid is drawn at temperature times this
+        outlines (EXPERIMENTS.md, Generation). `top_temperature_scale`: the top grid is drawn at temperature times this
         (None: the run's config.top_temperature_scale). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}

@@ -72,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-temperature-scale", type=float, default=None, metavar="S",
                         help="two-level runs: the top (layout) grid is drawn at the temperature times S, the bottom "
                              "grid at the temperature; S > 0, 1 = one temperature for both (default: the run's "
-                             "top_temperature_scale, 0.9 for the default preset; README, Generation)")
+                             "top_temperature_scale, 0.9 for the default preset; EXPERIMENTS.md, Generation)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="nucleus sampling of the bottom (detail) grid: each code is drawn from the most "
                              "probable codes whose probabilities sum to at least P, never from the unlikely rest; "
-                             "0 < P <= 1, 1 = none (default: the run's top_p; README, Generation)")
+                             "0 < P <= 1, 1 = none (default: the run's top_p; EXPERIMENTS.md, Generation)")
     parser.add_argument("--guidance", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance on the level (level-conditioned runs): codes are drawn from "
                              "u + W (c - u), c and u being the top prior's logits given the level and not; above 1 "
-                             "holds each slice closer to its level but makes the slices less real (README, "
+                             "holds each slice closer to its level but makes the slices less real (EXPERIMENTS.md, "
                              "Generation); 1 = none (default)")
     parser.add_argument("--level", type=float, default=None,
                         help="axial level of every generated slice, 0.0 (lowest slice of a volume) to 1.0 "

@@ -319,8 +319,11 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
 
 
 def phase_epochs(config: Config, phase: str) -> int:
-    return {"vqvae": config.epochs, "prior_top": config.top_prior_epochs if config.top_grid else 0,
-            "prior": config.prior_epochs}[phase]
+    """The epochs of a phase: the VQ-VAE's, or the prior's of its code grid (0 for a grid the run does not have)."""
+    if phase == "vqvae":
+        return config.epochs
+    grid = {name: grid for grid, name in PRIOR_PHASES.items()}[phase]
+    return config.prior_field("prior_epochs", grid) if grid in config.code_grids else 0
 
 
 def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:

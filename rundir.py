@@ -36,6 +36,7 @@ from hyperparameters import (PRESETS, Config, bottom_prior_differences, top_prio
 
 PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
+PHASE_GRIDS = {phase: grid for grid, phase in PRIOR_PHASES.items()}  # the code grid of each prior phase
 MODEL_STEMS = {"vqvae": "vqvae", "prior_top": "pixelcnn_top", "prior": "pixelcnn"}
 PRIOR_FILES = {grid: MODEL_STEMS[phase] for grid, phase in PRIOR_PHASES.items()}
 CONFIG, SUMMARY, CHECKPOINTS, STATE, LOGS = "config.json", "summary.json", "checkpoints", "state.json", "logs"

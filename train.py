@@ -32,7 +32,7 @@ from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_
                  config_from_args, configure_tensorflow, resolved_precision, run_main)
 from hyperparameters import (BOTTOM_PRIOR_KEYS, TOP_PRIOR_KEYS, Config, bottom_prior_differences,
                              top_prior_differences, vqvae_differences)
-from rundir import PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
+from rundir import PHASE_GRIDS, PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
 PROCESS_START = time.time()
 PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
@@ -219,7 +219,7 @@ def check_vqvae_source(path: Path, config: Config, kept: tuple[str, ...] = ("vqv
 def check_kept_prior(source: RunDir, saved: Config, state: RunState, config: Config, phase: str) -> None:
     """UserError unless the run `source` holds a finished prior `phase` ("prior_top" for --keep-top-prior, "prior"
     for --keep-bottom-prior) that `config` would train."""
-    flag, grid = KEEP_FLAGS[phase], {"prior_top": "top", "prior": "bottom"}[phase]
+    flag, grid = KEEP_FLAGS[phase], PHASE_GRIDS[phase]
     if config.top_grid is None:
         raise UserError(f"{flag}: this preset has a single code grid and a single prior, so there is no {grid} "
                         f"prior to keep beside another")
@@ -322,7 +322,7 @@ def phase_epochs(config: Config, phase: str) -> int:
     """The epochs of a phase: the VQ-VAE's, or the prior's of its code grid (0 for a grid the run does not have)."""
     if phase == "vqvae":
         return config.epochs
-    grid = {name: grid for grid, name in PRIOR_PHASES.items()}[phase]
+    grid = PHASE_GRIDS[phase]
     return config.prior_field("prior_epochs", grid) if grid in config.code_grids else 0
 
 

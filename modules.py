@@ -1033,63 +1033,77 @@ class GatedPixelCNNSampler(Sampler):
     Per code, only the horizontal stack's arithmetic runs; the logits equal the full network's (a test checks this).
     """
 
+    def _history(self, batch, channels, width=None):
+        """A TensorArray of grid + 1 entries of (batch, [width,] channels); entry `grid` stays zero: the value a tap
+        reads outside the grid."""
+        shape = (batch, channels) if width is None else (batch, width, channels)
+        array = tf.TensorArray(tf.float32, size=self.grid + 1, clear_after_read=False, element_shape=shape)
+        return array.write(self.grid, tf.zeros(shape))
+
+    def _tap_table(self, offsets):
+        """(g, taps) int32: the history index each tap reads at each row or column; `grid` outside the grid."""
+        indices = np.arange(self.grid)[:, None] + np.asarray(offsets)[None, :]
+        return tf.constant(np.where(indices >= 0, indices, self.grid).astype(np.int32))
+
+    def _vertical_stack(self, row, vertical_rows, row_tables, condition):
+        """The vertical stack of every block for the whole of `row`, from the rows above it in `vertical_rows`
+        (each block's history of its input rows, updated in place); returns each block's contribution to its
+        horizontal stack, (batch, g, 2 * filters)."""
+        from_vertical, vertical = [], None
+        for index, block in enumerate(self.model.blocks):
+            if index:  # later blocks see their input's current row, computed just now
+                vertical_rows[index] = vertical_rows[index].write(row, vertical)
+            rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
+            pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
+            vertical, contribution = block.vertical(pre, condition[:, row])
+            from_vertical.append(contribution)
+        return from_vertical
+
+    def _sample_row(self, row, batch, from_vertical, col_tables, kernels, draw):
+        """Codes (batch, g) and logits (batch, g, k) of `row`, one column at a time through the horizontal stacks;
+        `kernels` are the blocks' horizontal kernels flattened to (taps * in, 2 * filters)."""
+        blocks = self.model.blocks
+
+        def column_step(col, horizontal_cols, row_codes, row_logits):
+            horizontal_cols, horizontal = list(horizontal_cols), None
+            for index, block in enumerate(blocks):
+                if index:
+                    horizontal_cols[index] = horizontal_cols[index].write(col, horizontal)
+                taps = horizontal_cols[index].gather(col_tables[index][col])  # (kw, batch, in)
+                flat = tf.reshape(tf.transpose(taps, (1, 0, 2)), (batch, -1))
+                pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
+                horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
+            logits = self.model.output_logits(horizontal)
+            chosen = draw(logits, row * self.grid + col)
+            horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, self.num_codes))
+            return col + 1, horizontal_cols, row_codes.write(col, chosen), row_logits.write(col, logits)
+
+        horizontal_cols = [self._history(batch, block.horizontal_conv.kernel.shape[2]) for block in blocks]
+        row_codes = tf.TensorArray(tf.int32, size=self.grid, element_shape=(None,))
+        row_logits = tf.TensorArray(tf.float32, size=self.grid, element_shape=(None, self.num_codes))
+        _, _, row_codes, row_logits = tf.while_loop(lambda col, *_: col < self.grid, column_step,
+                                                    (tf.constant(0), horizontal_cols, row_codes, row_logits))
+        return tf.transpose(row_codes.stack()), tf.transpose(row_logits.stack(), (1, 0, 2))
+
     def _sample(self, batch, temperature, prefix, prefix_length, condition, guidance, top_p):
-        grid, num_codes, blocks = self.grid, self.num_codes, self.model.blocks
-
-        def history(channels, width=None):  # entry `grid` stays zero: the value read outside the grid
-            shape = (batch, channels) if width is None else (batch, width, channels)
-            array = tf.TensorArray(tf.float32, size=grid + 1, clear_after_read=False, element_shape=shape)
-            return array.write(grid, tf.zeros(shape))
-
-        def table(offsets):  # (g, taps): the history index each tap reads at each row or column; `grid` outside
-            indices = np.arange(grid)[:, None] + np.asarray(offsets)[None, :]
-            return tf.constant(np.where(indices >= 0, indices, grid).astype(np.int32))
-
-        row_tables = [table(block.vertical_conv.row_offsets()) for block in blocks]
-        col_tables = [table([dx for _, dx in block.horizontal_conv.offsets()]) for block in blocks]
+        grid, blocks = self.grid, self.model.blocks
+        row_tables = [self._tap_table(block.vertical_conv.row_offsets()) for block in blocks]
+        col_tables = [self._tap_table([dx for _, dx in block.horizontal_conv.offsets()]) for block in blocks]
         kernels = [tf.reshape(block.horizontal_conv.kernel, (-1, 2 * block.filters)) for block in blocks]
+
+        def draw(logits, position):
+            return self._draw(logits, temperature, position, prefix, prefix_length, guidance, top_p)
 
         def row_step(row, vertical_rows, codes, all_logits):
             vertical_rows = list(vertical_rows)
-            from_vertical = []
-            vertical = None
-            for index, block in enumerate(blocks):
-                if index:  # later blocks see their input's current row, computed just now
-                    vertical_rows[index] = vertical_rows[index].write(row, vertical)
-                rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
-                pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
-                vertical, contribution = block.vertical(pre, condition[:, row])
-                from_vertical.append(contribution)
+            from_vertical = self._vertical_stack(row, vertical_rows, row_tables, condition)
+            row_codes, row_logits = self._sample_row(row, batch, from_vertical, col_tables, kernels, draw)
+            vertical_rows[0] = vertical_rows[0].write(row, tf.one_hot(row_codes, self.num_codes))
+            return row + 1, vertical_rows, codes.write(row, row_codes), all_logits.write(row, row_logits)
 
-            def column_step(col, horizontal_cols, row_codes, row_logits):
-                horizontal_cols = list(horizontal_cols)
-                horizontal = None
-                for index, block in enumerate(blocks):
-                    if index:
-                        horizontal_cols[index] = horizontal_cols[index].write(col, horizontal)
-                    taps = horizontal_cols[index].gather(col_tables[index][col])  # (kw, batch, in)
-                    flat = tf.reshape(tf.transpose(taps, (1, 0, 2)), (batch, -1))
-                    pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
-                    horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
-                logits = self.model.output_logits(horizontal)
-                chosen = self._draw(logits, temperature, row * grid + col, prefix, prefix_length, guidance,
-                                    top_p)
-                horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, num_codes))
-                return col + 1, horizontal_cols, row_codes.write(col, chosen), row_logits.write(col, logits)
-
-            horizontal_cols = [history(block.horizontal_conv.kernel.shape[2]) for block in blocks]
-            row_codes = tf.TensorArray(tf.int32, size=grid, element_shape=(None,))
-            row_logits = tf.TensorArray(tf.float32, size=grid, element_shape=(None, num_codes))
-            _, _, row_codes, row_logits = tf.while_loop(lambda col, *_: col < grid, column_step,
-                                                        (tf.constant(0), horizontal_cols, row_codes, row_logits))
-            row_codes = tf.transpose(row_codes.stack())  # (batch, g)
-            vertical_rows[0] = vertical_rows[0].write(row, tf.one_hot(row_codes, num_codes))
-            return (row + 1, vertical_rows, codes.write(row, row_codes),
-                    all_logits.write(row, tf.transpose(row_logits.stack(), (1, 0, 2))))
-
-        vertical_rows = [history(block.vertical_conv.kernel.shape[2], grid) for block in blocks]
+        vertical_rows = [self._history(batch, block.vertical_conv.kernel.shape[2], grid) for block in blocks]
         codes = tf.TensorArray(tf.int32, size=grid, element_shape=(None, grid))
-        all_logits = tf.TensorArray(tf.float32, size=grid, element_shape=(None, grid, num_codes))
+        all_logits = tf.TensorArray(tf.float32, size=grid, element_shape=(None, grid, self.num_codes))
         _, _, codes, all_logits = tf.while_loop(lambda row, *_: row < grid, row_step,
                                                 (tf.constant(0), vertical_rows, codes, all_logits))
         return tf.transpose(codes.stack(), (1, 0, 2)), tf.transpose(all_logits.stack(), (1, 0, 2, 3))

@@ -118,9 +118,9 @@ class Config:
     top_prior_filters: int = 64
     top_prior_residual_blocks: int = 6
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
-    # 56 (45 before): validation 1.369 bits/code against 1.378; on the validate split the classifier AUC nearer
-    # chance and the nearest-training SSIM nearer real's at every seed; the whole training within the hour
-    # (EXPERIMENTS.md, Generation)
+    # 56: validation 1.369 bits/code against 1.378 at 45, and on the validate split the classifier AUC nearer chance
+    # and the nearest-training SSIM nearer real's at every seed; the whole training within the hour (EXPERIMENTS.md,
+    # Generation)
     top_prior_epochs: int = 56
     prior_condition_filters: int = 32
     # per-position ReLU layers (as wide as their input) over the condition map (position, level, top codes),

@@ -623,6 +623,14 @@ class Sampler:
         self.seeds = keras.random.SeedGenerator(0)
         self._compiled = tf.function(self._sample)
 
+    @staticmethod
+    def _history(batch, entries, channels, width=None):
+        """A TensorArray of `entries` + 1 entries of (batch, [width,] channels) for the inputs a layer has seen; the
+        last entry stays zero: the value a tap reads outside the grid."""
+        shape = (batch, channels) if width is None else (batch, width, channels)
+        array = tf.TensorArray(tf.float32, size=entries + 1, clear_after_read=False, element_shape=shape)
+        return array.write(entries, tf.zeros(shape))
+
     def _draw(self, logits, temperature, position, prefix, prefix_length, guidance, top_p):
         """The code at flat `position`: the prefix's while inside it, else a draw from softmax(logits / T), limited
         to the nucleus when `top_p` is not None. With `guidance` w (not None) the batch holds each grid twice, given
@@ -721,11 +729,7 @@ class PixelCNNSampler(Sampler):
         size = self.grid * self.grid
         tables = [tf.constant(table) for table in self.tables]
         weights = [tf.concat([layer.kernel[row, col] for row, col in layer.taps()], axis=0) for layer in self.spatial]
-        histories = []
-        for layer in self.spatial:
-            history = tf.TensorArray(tf.float32, size=size + 1, clear_after_read=False,
-                                     element_shape=(None, layer.kernel.shape[2]))
-            histories.append(history.write(size, tf.zeros((batch, layer.kernel.shape[2]))))
+        histories = [self._history(batch, size, layer.kernel.shape[2]) for layer in self.spatial]
         codes = tf.TensorArray(tf.int32, size=size, element_shape=(None,))
         all_logits = tf.TensorArray(tf.float32, size=size, element_shape=(None, self.num_codes))
 
@@ -1033,13 +1037,6 @@ class GatedPixelCNNSampler(Sampler):
     Per code, only the horizontal stack's arithmetic runs; the logits equal the full network's (a test checks this).
     """
 
-    def _history(self, batch, channels, width=None):
-        """A TensorArray of grid + 1 entries of (batch, [width,] channels); entry `grid` stays zero: the value a tap
-        reads outside the grid."""
-        shape = (batch, channels) if width is None else (batch, width, channels)
-        array = tf.TensorArray(tf.float32, size=self.grid + 1, clear_after_read=False, element_shape=shape)
-        return array.write(self.grid, tf.zeros(shape))
-
     def _tap_table(self, offsets):
         """(g, taps) int32: the history index each tap reads at each row or column; `grid` outside the grid."""
         indices = np.arange(self.grid)[:, None] + np.asarray(offsets)[None, :]
@@ -1078,7 +1075,7 @@ class GatedPixelCNNSampler(Sampler):
             horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, self.num_codes))
             return col + 1, horizontal_cols, row_codes.write(col, chosen), row_logits.write(col, logits)
 
-        horizontal_cols = [self._history(batch, block.horizontal_conv.kernel.shape[2]) for block in blocks]
+        horizontal_cols = [self._history(batch, self.grid, block.horizontal_conv.kernel.shape[2]) for block in blocks]
         row_codes = tf.TensorArray(tf.int32, size=self.grid, element_shape=(None,))
         row_logits = tf.TensorArray(tf.float32, size=self.grid, element_shape=(None, self.num_codes))
         _, _, row_codes, row_logits = tf.while_loop(lambda col, *_: col < self.grid, column_step,
@@ -1101,7 +1098,7 @@ class GatedPixelCNNSampler(Sampler):
             vertical_rows[0] = vertical_rows[0].write(row, tf.one_hot(row_codes, self.num_codes))
             return row + 1, vertical_rows, codes.write(row, row_codes), all_logits.write(row, row_logits)
 
-        vertical_rows = [self._history(batch, block.vertical_conv.kernel.shape[2], grid) for block in blocks]
+        vertical_rows = [self._history(batch, grid, block.vertical_conv.kernel.shape[2], grid) for block in blocks]
         codes = tf.TensorArray(tf.int32, size=grid, element_shape=(None, grid))
         all_logits = tf.TensorArray(tf.float32, size=grid, element_shape=(None, grid, self.num_codes))
         _, _, codes, all_logits = tf.while_loop(lambda row, *_: row < grid, row_step,

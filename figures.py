@@ -3,6 +3,7 @@ killed script never leaves half a figure. Images are (n, h, w) float32 in [0, 1]
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,15 @@ def save_grid(path: Path, images: np.ndarray, title: str) -> None:
     plt = pyplot()
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.4), squeeze=False)
+    # about 11 characters of a 10-point title per inch of width; a long title (every sampling setting) wraps
+    lines = textwrap.wrap(title, width=max(30, int(11 * 1.6 * columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.2 + 0.2 * len(lines)),
+                                squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image in zip(axes.flat, images):
         show(axis, image)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle("\n".join(lines), fontsize=10)
     figure.tight_layout()
     save_figure(figure, path, 100)
 

@@ -21,7 +21,9 @@ Presets
   that position and level meet before its gates (where the ventricles lie at this level). Dropout, flipped slices'
   codes, the codes of deformed copies of the slices (top_prior_deformed_copies) and the best validation epoch
   regularize them; they train in bfloat16 mixed precision where the hardware computes it natively (prior_precision).
-  The top grid is sampled at 0.9 of the temperature (top_temperature_scale).
+  The top grid is sampled at 0.9 of the temperature (top_temperature_scale) and reaches the decoder as each
+  position's mean codebook vector under its prior's softmax at 0.25 (top_decoding_temperature), not as the codes
+  drawn, whose unpredictable speckle decodes as mottled tissue.
 """
 
 from __future__ import annotations
@@ -170,6 +172,12 @@ class Config:
     # nucleus sampling of the bottom (or only) grid: each code drawn from the most probable codes holding this much of
     # the probability (on the top grid it breaks the brain's outline; EXPERIMENTS.md)
     top_p: float = 1.0
+    # how a sampled top grid reaches the decoder: 0, as the codes drawn; t > 0, at each position as the mean codebook
+    # vector under softmax(logits / t) of the top prior given the codes drawn before it. The top codes hold speckle
+    # their prior cannot predict (2.45 bits/code inside the tissue): decoded as drawn it is mottled tissue, averaged
+    # smooth tissue around the layout the drawn codes fix; 0.25 keeps edges (at 1, the classifier tells the
+    # samples' blur; EXPERIMENTS.md, Generation)
+    top_decoding_temperature: float = 0.25
 
     @property
     def code_grid(self) -> int:
@@ -237,6 +245,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     # and before top_temperature_scale existed, sampled every grid at one temperature; before bottom_code_noise
     # (bottom_code_dropout) existed, their decoders trained on clean codes (on every slice's bottom codes)
     values.setdefault("top_temperature_scale", 1.0)
+    # and before top_decoding_temperature existed, decoded the top codes they drew
+    values.setdefault("top_decoding_temperature", 0.0)
     values.setdefault("bottom_code_noise", 0.0)
     values.setdefault("bottom_code_dropout", 0.0)
     # and before top_code_smoothness existed, their top encoders trained without a roughness term
@@ -343,7 +353,7 @@ def make_config(preset: str = "default", overrides: list[str] | None = None) -> 
     return config
 
 
-SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p")
+SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p", "top_decoding_temperature")
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
                      "prior_condition_filters", "prior_context_corruption", "prior_deformed_copies",
@@ -361,8 +371,8 @@ def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[st
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (temperature, top_temperature_scale, top_p): two configs without differences describe the same VQ-VAE trained
-    the same way on the same data."""
+    (SAMPLING_KEYS): two configs without differences describe the same VQ-VAE trained the same way on the same
+    data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
 
 
@@ -443,3 +453,6 @@ def _validate_ranges(config: Config) -> None:
             raise ValueError(f"{key} must be a positive number")
     if not 0 < config.top_p <= 1:
         raise ValueError("top_p must be above 0 and at most 1")
+    if not 0 <= config.top_decoding_temperature < float("inf"):
+        raise ValueError("top_decoding_temperature must be 0 (decode the codes drawn) or a positive number")
+

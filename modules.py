@@ -348,10 +348,15 @@ class VQVAE(keras.Model):
     def encode(self, images):
         return {name: grid["indices"] for name, grid in self.quantize_grids(images).items()}
 
-    def decode_codes(self, codes):
+    def decode_codes(self, codes, top_probabilities=None):
+        """Images from {grid: (b, side, side) int code grids}. `top_probabilities` (b, t, t, num_codes), for a
+        two-level model: the top grid enters the decoder as each position's expected codebook vector under these
+        probabilities instead of its codes' vectors (SliceGenerator's top_decoding_temperature)."""
         quantizers = {"bottom": self.quantizer, "top": getattr(self, "quantizer_top", None)}
-        return self.decode_quantized({name: quantizers[name].lookup(ops.cast(grid, "int32"))
-                                      for name, grid in codes.items()})
+        vectors = {name: quantizers[name].lookup(ops.cast(grid, "int32")) for name, grid in codes.items()}
+        if top_probabilities is not None:
+            vectors["top"] = ops.matmul(top_probabilities, self.quantizer_top.embeddings)
+        return self.decode_quantized(vectors)
 
     def loss_terms(self, images, training):
         grids = self.quantize_grids(images, training)
@@ -1151,11 +1156,15 @@ class SliceGenerator:
         # one graph, traced once for any batch size, instead of layer-by-layer eager calls: the same pixels, 0.38 s
         # instead of 0.43-0.51 s for 64 slices
         sides = {grid: run.config.grid_side(grid) for grid in run.config.code_grids}
-        self.decode = tf.function(run.vqvae.decode_codes, input_signature=[
-            {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}])
+        code_specs = {grid: tf.TensorSpec((None, side, side), tf.int32) for grid, side in sides.items()}
+        self.decode = tf.function(run.vqvae.decode_codes, input_signature=[code_specs])
+        if run.config.top_grid:
+            self.decode_expected = tf.function(run.vqvae.decode_codes, input_signature=[code_specs, tf.TensorSpec(
+                (None, sides["top"], sides["top"], run.config.num_codes), tf.float32)])
 
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
-                 top_p: float = 1.0, top_temperature_scale: float | None = None) -> np.ndarray:
+                 top_p: float = 1.0, top_temperature_scale: float | None = None,
+                 top_decoding_temperature: float | None = None) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
@@ -1163,27 +1172,42 @@ class SliceGenerator:
         the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
         codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
         outlines (EXPERIMENTS.md, Generation). `top_temperature_scale`: the top grid is drawn at temperature times this
-        (None: the run's config.top_temperature_scale). The same seed gives the same slices."""
+        (None: the run's config.top_temperature_scale). `top_decoding_temperature` t (None: the run's config's): how a
+        sampled top grid reaches the decoder: 0, as its codes; t > 0, at each position as the mean codebook vector
+        under softmax(logits / t) of the top prior's logits for that position given the codes drawn before it (under
+        guidance, the level-conditioned logits). The codes are drawn the same way either way, and the bottom grid is
+        sampled under them. The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
+        config = self.run.config
         if top_temperature_scale is None:
-            top_temperature_scale = self.run.config.top_temperature_scale
+            top_temperature_scale = config.top_temperature_scale
+        if top_decoding_temperature is None:
+            top_decoding_temperature = config.top_decoding_temperature
+        top_probabilities = None
         for offset, (grid, sampler) in enumerate(self.samplers.items()):
             if grid not in codes:
-                scale = top_temperature_scale if grid == "top" else 1.0
-                codes[grid] = sampler.sample(len(levels), temperature * scale, seed + offset, levels=levels,
-                                             top=codes.get("top"), guidance=1.0 if offset else guidance,
-                                             top_p=top_p if grid == "bottom" else 1.0)
-        return self.render(codes)
+                grid_temperature = temperature * (top_temperature_scale if grid == "top" else 1.0)
+                codes[grid], logits = sampler.sample(
+                    len(levels), grid_temperature, seed + offset, levels=levels, top=codes.get("top"),
+                    guidance=1.0 if offset else guidance, top_p=top_p if grid == "bottom" else 1.0,
+                    return_logits=True)
+                if grid == "top" and top_decoding_temperature > 0:
+                    top_probabilities = ops.softmax(logits.reshape(*codes[grid].shape, -1) / top_decoding_temperature)
+        return self.render(codes, top_probabilities)
 
-    def render(self, codes: dict) -> np.ndarray:
+    def render(self, codes: dict, top_probabilities=None) -> np.ndarray:
         """(n, size, size) float32 slices in [0, 1] decoded from {grid: (n, side, side) int code grids}, every grid of
-        the run (sampled or not: bench/realism_by_grid.py renders real top codes over random bottom ones)."""
-        decoded = self.decode({grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()})
+        the run (sampled or not: bench/realism_by_grid.py renders real top codes over random bottom ones), with the
+        top grid's expected vectors under (n, t, t, num_codes) `top_probabilities` when given (VQVAE.decode_codes)."""
+        codes = {grid: tf.constant(grid_codes, tf.int32) for grid, grid_codes in codes.items()}
+        decoded = (self.decode(codes) if top_probabilities is None
+                   else self.decode_expected(codes, ops.cast(top_probabilities, "float32")))
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
-             guidance: float = 1.0, top_p: float = 1.0, top_temperature_scale: float | None = None) -> np.ndarray:
+             guidance: float = 1.0, top_p: float = 1.0, top_temperature_scale: float | None = None,
+             top_decoding_temperature: float | None = None) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1199,7 +1223,8 @@ class SliceGenerator:
                     print(f"generating slices {start + 1}-{min(start + GENERATION_CHUNK, len(levels))} of "
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
-                                   None if top is None else top[part], guidance, top_p, top_temperature_scale))
+                                   None if top is None else top[part], guidance, top_p, top_temperature_scale,
+                                   top_decoding_temperature))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nucleus sampling of the bottom (detail) grid: each code is drawn from the most "
                              "probable codes whose probabilities sum to at least P, never from the unlikely rest; "
                              "0 < P <= 1, 1 = none (default: the run's top_p; EXPERIMENTS.md, Generation)")
+    parser.add_argument("--top-decoding-temperature", type=float, default=None, metavar="T",
+                        help="two-level runs: how the sampled top (layout) grid reaches the decoder: 0 = as the "
+                             "codes drawn; T > 0 = at each position as the mean codebook vector under the top "
+                             "prior's softmax(logits / T) there, smooth tissue instead of the mottle of codes the "
+                             "prior cannot predict (1: smoothest; lower keeps more edges); the codes are drawn alike "
+                             "(default: the run's top_decoding_temperature, 0.25 for the default preset; "
+                             "EXPERIMENTS.md, Generation)")
     parser.add_argument("--guidance", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance on the level (level-conditioned runs): codes are drawn from "
                              "u + W (c - u), c and u being the top prior's logits given the level and not; above 1 "
@@ -108,6 +115,8 @@ def check_arguments(args) -> None:
         raise UserError("--temperature must be a positive number")
     if args.top_temperature_scale is not None and not 0 < args.top_temperature_scale < float("inf"):
         raise UserError("--top-temperature-scale must be a positive number")
+    if args.top_decoding_temperature is not None and not 0 <= args.top_decoding_temperature < float("inf"):
+        raise UserError("--top-decoding-temperature must be 0 (decode the codes drawn) or a positive number")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be above 0 and at most 1")
     if not 0 <= args.guidance < float("inf"):
@@ -395,7 +404,8 @@ def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperatu
                      for index in sorted(nearest, key=lambda index: real.split.levels[index])])
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
                                progress=progress, guidance=args.guidance, top_p=args.top_p,
-                               top_temperature_scale=args.top_temperature_scale)
+                               top_temperature_scale=args.top_temperature_scale,
+                               top_decoding_temperature=args.top_decoding_temperature)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
@@ -449,10 +459,11 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top grid at S x temperature", ", top-p P" and ", guidance W" for titles and reports when they are on, else
-    nothing."""
+    """", top grid at S x temperature", ", top grid decoded at T" (top_decoding_temperature), ", top-p P" and
+    ", guidance W" for titles and reports when they are on, else nothing."""
     scaled = args.top_temperature_scale not in (None, 1.0)
     return (f", top grid at {args.top_temperature_scale:g}x temperature" if scaled else "") + \
+        (f", top grid decoded at {args.top_decoding_temperature:g}" if args.top_decoding_temperature else "") + \
         (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
 
@@ -493,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     # (None for a run with one grid, which has no top grid to scale)
     args.top_temperature_scale = (args.top_temperature_scale or run.config.top_temperature_scale
                                   if run.config.top_grid else None)
+    if args.top_decoding_temperature is None and run.config.top_grid:
+        args.top_decoding_temperature = run.config.top_decoding_temperature
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)
     sweep = sweep_levels(real, args) if args.sweep else None
@@ -500,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     temperature, progress = args.temperature or run.config.temperature, not args.no_progress
     generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
     generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks,
-                                          args.guidance, args.top_p, args.top_temperature_scale)
+                                          args.guidance, args.top_p, args.top_temperature_scale,
+                                          args.top_decoding_temperature)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
@@ -510,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
               "data_found_automatically": bool(source and source.automatic), "split": source and args.split,
               "level_conditioned": run.level_conditioned, "num": args.num,
               "real_slices": len(real.slices) if real else 0, "temperature": temperature,
-              "top_temperature_scale": args.top_temperature_scale, "top_p": args.top_p,
-              "guidance": args.guidance,
+              "top_temperature_scale": args.top_temperature_scale,
+              "top_decoding_temperature": args.top_decoding_temperature, "top_p": args.top_p, "guidance": args.guidance,
               "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
               "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}

@@ -77,14 +77,14 @@ def test_version_1_configs_load_as_one_grid_with_unconditioned_priors():
     assert config.prior_lr_schedule == "constant" and config.prior_dropout == 0 and not config.prior_flip
 
 
-def test_configs_from_before_precision_corruption_top_scale_code_noise_and_deformation_load_as_they_trained():
+def test_configs_from_before_precision_corruption_top_scale_code_noise_deformation_and_top_decoding_load_as_trained():
     from hyperparameters import Config
 
     values = make_config("default").to_dict()
     for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
                 "bottom_code_noise", "bottom_code_dropout", "top_code_smoothness", "prior_deformed_copies",
-                "top_prior_deformed_copies",
-                "prior_condition_layers", "top_prior_condition_layers"):
+                "top_prior_deformed_copies", "prior_condition_layers", "top_prior_condition_layers",
+                "top_decoding_temperature"):
         values.pop(key)
     config = Config.from_dict(values)
     assert config.prior_deformed_copies == config.top_prior_deformed_copies == 0
@@ -93,6 +93,10 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_and_defor
     assert config.prior_precision == "float32" and config.prior_context_corruption == 0.0
     assert config.top_prior_context_corruption == 0.0
     assert config.top_temperature_scale == 1.0 and make_config("default").top_temperature_scale == 0.9
+    assert config.top_decoding_temperature == 0.0 and make_config("default").top_decoding_temperature == 0.25
+    for bad in ("-0.1", "inf", "nan"):
+        with pytest.raises(ValueError, match="top_decoding_temperature must be 0 .decode the codes drawn. or a posit"):
+            make_config("default", [f"top_decoding_temperature={bad}"])
     assert config.bottom_code_noise == 0.0 and make_config("default").bottom_code_noise == 0.1
     assert config.bottom_code_dropout == 0.0 and config.top_code_smoothness == 0.0
     assert VQVAE(config.to_dict()).noise_seeds is None  # its vqvae.keras holds no noise generator
@@ -472,6 +476,45 @@ def test_many_chunks_with_sub_seeds_and_samples_the_bottom_under_given_top_codes
                             seen.append((grid, args[1], kwargs["top_p"])) or sample(*args, **kwargs))
     generator.many(levels[:2], 0.8, 7, top_p=0.8, top_temperature_scale=0.5)
     assert seen == [("top", 0.4, 1.0), ("bottom", 0.8, 0.8)]
+
+
+def test_top_decoding_temperature_decodes_the_mean_top_vector_under_the_priors_softmax_at_it():
+    """The same codes are drawn at any top_decoding_temperature; at t > 0 the decoder gets each top position's
+    codebook vectors weighted by softmax(logits / t) of the top prior there, given the codes drawn before it; at 0 the
+    drawn codes, which is what one-hot probabilities give too."""
+    config = make_config("default", SMALL_TWO_LEVEL)
+    vqvae = VQVAE(config.to_dict())
+    vqvae.build()
+    run = Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids})
+    levels, generator = np.array([0.2, np.nan, 0.7], np.float32), SliceGenerator(run)
+    drawn = drawn_codes(generator, levels, temperature=0.8, seed=4)
+    codes = {grid: drawn[grid] for grid in config.code_grids}
+    top_logits = drawn["top_logits"].reshape(3, config.top_grid, config.top_grid, -1)
+
+    def decoded(top_probabilities=None):
+        return np.clip(np.asarray(vqvae.decode_codes(codes, top_probabilities))[..., 0], 0.0, 1.0)
+
+    for t in (1.0, 0.3):
+        np.testing.assert_allclose(generator(levels, 0.8, 4, top_decoding_temperature=t),
+                                   decoded(keras.ops.softmax(top_logits / t)), atol=1e-5)
+    np.testing.assert_array_equal(generator(levels, 0.8, 4), generator(levels, 0.8, 4, top_decoding_temperature=0.25))
+    as_drawn = generator(levels, 0.8, 4, top_decoding_temperature=0.0)
+    np.testing.assert_allclose(as_drawn, decoded(), atol=1e-5)
+    assert np.abs(as_drawn - generator(levels, 0.8, 4, top_decoding_temperature=1.0)).max() > 1e-3  # they differ
+    np.testing.assert_allclose(decoded(keras.ops.one_hot(codes["top"], config.num_codes)), decoded(), atol=1e-6)
+    # given top codes are decoded as given
+    np.testing.assert_array_equal(generator(levels, 0.8, 4, top=codes["top"], top_decoding_temperature=1.0),
+                                  generator(levels, 0.8, 4, top=codes["top"], top_decoding_temperature=0.0))
+
+
+def drawn_codes(generator, levels, temperature, seed) -> dict:
+    """The codes (and the top grid's logits) that generator(levels, temperature, seed) draws, from its samplers
+    called as it calls them."""
+    config = generator.run.config
+    top, top_logits = generator.samplers["top"].sample(len(levels), temperature * config.top_temperature_scale, seed,
+                                                       levels=levels, return_logits=True)
+    bottom = generator.samplers["bottom"].sample(len(levels), temperature, seed + 1, levels=levels, top=top)
+    return {"top": top, "top_logits": top_logits, "bottom": bottom}
 
 
 def monkeypatch_decoded_codes(monkeypatch, generator) -> list:

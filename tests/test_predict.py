@@ -19,8 +19,8 @@ FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train
            "brain_shaped_fraction_real", "edge_strength_generated", "edge_strength_real", "prior_bits_per_code",
            "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
-            "temperature", "top_temperature_scale", "top_p", "guidance", "seed", "levels", "generation_seconds",
-            "scoring_seconds", "classifier_folds"]
+            "temperature", "top_temperature_scale", "top_decoding_temperature", "top_p", "guidance", "seed", "levels",
+            "generation_seconds", "scoring_seconds", "classifier_folds"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_generation_json_has_every_figure_or_why_it_is_skipped(two_calls):
     assert report["nearest_train_ssim_generated"] is not None and report["brain_shaped_fraction_real"] is not None
     assert "not level-conditioned" in report["skipped"]["level_mae_generated"]
     assert set(report["prior_bits_per_code"]) == {"bottom"} and report["top_temperature_scale"] is None  # one grid
+    assert report["top_decoding_temperature"] is None
 
 
 def test_data_found_automatically_is_said_and_recorded_as_the_run_recorded_it(trained, two_calls):
@@ -88,6 +89,13 @@ def test_top_p_out_of_range_exits_2_with_one_line(top_p, tmp_path):
 def test_top_temperature_scale_out_of_range_exits_2_with_one_line(scale, tmp_path):
     result = run_script("predict.py", "--top-temperature-scale", scale, "--out", tmp_path / "out")
     assert_clean_usage_error(result, "--top-temperature-scale", "positive number")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("temperature", ["-0.1", "inf", "nan"])
+def test_top_decoding_temperature_out_of_range_exits_2_with_one_line(temperature, tmp_path):
+    result = run_script("predict.py", "--top-decoding-temperature", temperature, "--out", tmp_path / "out")
+    assert_clean_usage_error(result, "--top-decoding-temperature", "positive number")
     assert not (tmp_path / "out").exists()
 
 

@@ -30,7 +30,7 @@ def test_pretrained_run_is_small_weights_only_and_the_default_preset():
 def test_predict_on_a_fresh_clone_writes_brain_shaped_slices(tmp_path):
     """With no --data, predict.py generates from pretrained/; most samples have an intact brain outline (the masked
     prior that shipped two versions ago scored 0.19 on this check, real slices about 0.9). 32 samples, one sampling
-    chunk as 8 would be: of 8, one slice moves the share by 0.125 (README: 0.71-0.72 of 256 at the validate split's
+    chunk as 8 would be: of 8, one slice moves the share by 0.125 (README: 0.75-0.79 of 256 at the validate split's
     seeds 0-2)."""
     out = tmp_path / "out"
     result = run_script("predict.py", "--num", "32", "--out", out, "--cache", tmp_path / "cache", "--no-progress",
@@ -39,7 +39,7 @@ def test_predict_on_a_fresh_clone_writes_brain_shaped_slices(tmp_path):
     assert sorted(path.name for path in (out / "generated").iterdir()) == [f"sample_{n:03d}.png" for n in range(32)]
     generation = json.loads((out / "generation.json").read_text())
     assert generation["num"] == 32 and generation["generation_seconds"] > 0
-    assert generation["top_temperature_scale"] == 0.9  # the run's, as no flag was given
+    assert generation["top_temperature_scale"] == 0.9 and generation["top_decoding_temperature"] == 0.25  # the run's
     assert generation["brain_shaped_fraction_generated"] >= 0.5
 
 

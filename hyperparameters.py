@@ -455,4 +455,3 @@ def _validate_ranges(config: Config) -> None:
         raise ValueError("top_p must be above 0 and at most 1")
     if not 0 <= config.top_decoding_temperature < float("inf"):
         raise ValueError("top_decoding_temperature must be 0 (decode the codes drawn) or a positive number")
-

@@ -504,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     # (None for a run with one grid, which has no top grid to scale)
     args.top_temperature_scale = (args.top_temperature_scale or run.config.top_temperature_scale
                                   if run.config.top_grid else None)
-    if args.top_decoding_temperature is None and run.config.top_grid:
+    if not run.config.top_grid:
+        args.top_decoding_temperature = None
+    elif args.top_decoding_temperature is None:
         args.top_decoding_temperature = run.config.top_decoding_temperature
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)

@@ -9,11 +9,14 @@ message when ../shared is absent):
 - how often a top code equals the one above it and the one left of it, in those real top grids and in as many
   top grids sampled at the same levels (the run's temperature and top_temperature_scale), over the whole grid and
   inside the tissue (of the real slices; of the sampled grids decoded under their sampled bottom grid);
-- the sampled top grids decoded under three bottom grids: sampled by the bottom prior (as predict.py does), sampled
-  at temperature 0.3 (nearly its most likely codes), and uniformly random codes; each scored by predict.py's
+- the sampled top grids decoded under three bottom grids: sampled by the bottom prior (as predict.py did before
+  top_decoding_temperature), sampled at temperature 0.3 (nearly its most likely codes), and uniformly random codes;
+  and, under the sampled bottom grid, decoded as expected top vectors (each position's codebook vectors weighted by
+  the top prior's softmax at --top-decoding-temperature, as predict.py does); each scored by predict.py's
   classifier two-sample test against as many training slices, brain-shaped fraction and edge strength.
-If the three decodings score and look alike, the detail of a sample, and its blotches, is set by its top codes.
---figure draws the real slices and the three decodings at a few levels.
+If the three decodings of the drawn codes score and look alike, the detail of a sample, and its blotches, is set by
+its top codes; the fourth shows what is left once the part of them the prior cannot predict is averaged out.
+--figure draws the real slices and the four decodings at a few levels.
 """
 
 import argparse
@@ -58,8 +61,13 @@ def main():
                         help="the held-out split whose slices are encoded and whose levels are sampled at")
     parser.add_argument("--num", type=int, default=256, help="slices (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="draws the real slices and seeds the samplers")
-    parser.add_argument("--figure", type=Path, default=None, help="also write a PNG of the three decodings")
+    parser.add_argument("--top-decoding-temperature", type=float, default=0.25, metavar="T",
+                        help="the softmax temperature of the expected-vector row, > 0 (default: 0.25, the default "
+                             "preset's top_decoding_temperature)")
+    parser.add_argument("--figure", type=Path, default=None, help="also write a PNG of the four decodings")
     args = parser.parse_args()
+    if not 0 < args.top_decoding_temperature < float("inf"):
+        parser.error("--top-decoding-temperature must be a positive number")
     loaded = two_level_run_and_held_out_slices(parser, args, "encodes")
     if loaded is None:
         return
@@ -70,8 +78,8 @@ def main():
     inside, outside = top_bits_by_region(run, real_codes, real.levels, real_tissue)
     generator = SliceGenerator(run)
     temperature = run.config.temperature
-    top = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
-                                           args.seed, levels=real.levels)
+    top, top_logits = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
+                                                       args.seed, levels=real.levels, return_logits=True)
     bottom_sampler, bottom_side = generator.samplers["bottom"], run.config.code_grid
     bottoms = {"sampled bottom grid": bottom_sampler.sample(len(top), temperature, args.seed + 1, levels=real.levels,
                                                             top=top),
@@ -80,6 +88,9 @@ def main():
                "random bottom codes": np.random.default_rng(args.seed).integers(0, run.config.num_codes,
                                                                                 (len(top), bottom_side, bottom_side))}
     decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
+    expected = keras.ops.softmax(top_logits.reshape(*top.shape, -1) / args.top_decoding_temperature)
+    decoded[f"sampled bottom grid, top decoded at {args.top_decoding_temperature:g}"] = generator.render(
+        {"top": top, "bottom": bottoms["sampled bottom grid"]}, expected)
     print(f"{len(real.slices)} {args.split} slices, run {args.run}, seed {args.seed}; {machine()}")
     print(f"top prior on the real top codes: {inside:.3f} bits/code inside the tissue, {outside:.3f} outside")
     sampled_tissue = tissue_positions(decoded["sampled bottom grid"], side, tissue_intensity)
@@ -97,7 +108,8 @@ def main():
         picks = nearest_levels(real.levels, FIGURE_LEVELS)
         strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
                   for name, images in {f"real {args.split} slices": real.slices, **decoded}.items()]
-        save_strips(args.figure, strips, f"sampled top codes under three bottom grids, run {args.run.name}")
+        save_strips(args.figure, strips, f"sampled top codes under three bottom grids and decoded as expected "
+                                         f"vectors, run {args.run.name}")
         print(f"wrote {args.figure}")
 
 

@@ -4,12 +4,15 @@
         [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
-slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and six sets of as
+slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and seven sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
 SSIM with its most similar training slice, against every training slice), edge strength (measures.edge_strength:
 lower is blurrier) and, for the rows made from the real slices, the mean SSIM of each slice with its real slice:
 - real: the held-out slices themselves (the classifier's control);
+- real, blurred: the same slices under a Gaussian blur of BLUR_SIGMA pixels, as soft as the samples (edge strength
+  about 0.08 against 0.10): what softness alone does to each figure (the classifier hardly notices it; the
+  brain-shaped check passes more of them, the blur closing small gaps in the outline);
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, random bottom: their own top codes with uniformly random bottom codes (what the top grid carries alone);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
@@ -19,7 +22,7 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
---figure draws the six sets side by side at a few levels (the same slices in each set), for what no figure here
+--figure draws the seven sets side by side at a few levels (the same slices in each set), for what no figure here
 measures: whether the anatomy is there.
 """
 
@@ -36,6 +39,13 @@ from measures import (brain_shaped_fraction, classifier_auc, edge_strength, near
 from modules import SliceGenerator, encode_all
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
+BLUR_SIGMA = 0.8  # pixels: real slices this soft have the samples' edge strength
+
+
+def blurred(slices: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.stack([ndimage.gaussian_filter(image, BLUR_SIGMA) for image in slices]).astype(np.float32)
 
 
 def main():
@@ -59,6 +69,7 @@ def main():
     random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top), side, side))
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
+        f"real, blurred (Gaussian, sigma {BLUR_SIGMA:g} px)": (blurred(real.slices), real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
         "real top codes, random bottom": (generator.render({"top": top, "bottom": random_bottom}), real.subjects),
         "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),

@@ -1193,7 +1193,7 @@ class SliceGenerator:
                     guidance=1.0 if offset else guidance, top_p=top_p if grid == "bottom" else 1.0,
                     return_logits=True)
                 if grid == "top" and top_decoding_temperature > 0:
-                    top_probabilities = ops.softmax(logits.reshape(*codes[grid].shape, -1) / top_decoding_temperature)
+                    top_probabilities = top_decoding_weights(codes[grid], logits, top_decoding_temperature)
         return self.render(codes, top_probabilities)
 
     def render(self, codes: dict, top_probabilities=None) -> np.ndarray:
@@ -1227,6 +1227,13 @@ class SliceGenerator:
                                    top_decoding_temperature))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
+
+
+def top_decoding_weights(top, logits, temperature: float):
+    """(n, t, t, num_codes) softmax(logits / temperature) for (n, t, t) top codes drawn by a sampler that returned
+    their (n, t * t, num_codes) logits: the weights VQVAE.decode_codes(codes, top_probabilities) averages the top
+    codebook vectors with (SliceGenerator's top_decoding_temperature)."""
+    return ops.softmax(logits.reshape(*top.shape, -1) / temperature)
 
 
 def sub_seed(seed: int, stream: int) -> int:

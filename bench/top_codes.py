@@ -29,7 +29,7 @@ import numpy as np
 
 from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
-from modules import SliceGenerator, encode_all, grid_inputs, neighbour_agreement
+from modules import SliceGenerator, encode_all, grid_inputs, neighbour_agreement, top_decoding_weights
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -88,7 +88,7 @@ def main():
                "random bottom codes": np.random.default_rng(args.seed).integers(0, run.config.num_codes,
                                                                                 (len(top), bottom_side, bottom_side))}
     decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
-    expected = keras.ops.softmax(top_logits.reshape(*top.shape, -1) / args.top_decoding_temperature)
+    expected = top_decoding_weights(top, top_logits, args.top_decoding_temperature)
     decoded[f"sampled bottom grid, top decoded at {args.top_decoding_temperature:g}"] = generator.render(
         {"top": top, "bottom": bottoms["sampled bottom grid"]}, expected)
     print(f"{len(real.slices)} {args.split} slices, run {args.run}, seed {args.seed}; {machine()}")

@@ -4,7 +4,7 @@
         [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
-slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and seven sets of as
+slices are drawn as predict.py draws them (dataset.draw_real_slices: same --seed, same slices), and eight sets of as
 many slices, at the same levels, are scored with predict.py's classifier two-sample test (against as many training
 slices, the same for every row), brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's
 SSIM with its most similar training slice, against every training slice), edge strength (measures.edge_strength:
@@ -15,6 +15,10 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
   brain-shaped check passes more of them, the blur closing small gaps in the outline);
 - reconstructed: their reconstructions through both quantizers (what the decoder can show);
 - real top, random bottom: their own top codes with uniformly random bottom codes (what the top grid carries alone);
+- real top as expected vectors, random bottom: the same, each top position decoded as predict.py decodes a sampled
+  one (the codebook vectors weighted by the top prior's softmax at the run's top_decoding_temperature, here of its
+  logits given the real codes before it): what that decoding keeps of a real layout, and so the most a perfect
+  layout could show through it; the row is left out for a run that decodes the drawn codes (temperature 0);
 - real top, sampled bottom: their own top codes, with bottom codes sampled from the bottom prior given them;
 - real top, bottom at temperature 0.3: the same, the bottom codes drawn near the prior's most likely ones (what the
   bottom prior adds at its surest: if this row is no closer to the real slices than random bottom codes, the bottom
@@ -22,7 +26,7 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
 - sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
---figure draws the seven sets side by side at a few levels (the same slices in each set), for what no figure here
+--figure draws the eight sets side by side at a few levels (the same slices in each set), for what no figure here
 measures: whether the anatomy is there.
 """
 
@@ -36,7 +40,7 @@ import numpy as np
 from figures import save_strips
 from measures import (brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct,
                       slice_scores)
-from modules import SliceGenerator, encode_all
+from modules import SliceGenerator, encode_all, grid_inputs, top_decoding_weights
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 BLUR_SIGMA = 0.8  # pixels: real slices this soft have the samples' edge strength
@@ -46,6 +50,18 @@ def blurred(slices: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     return np.stack([ndimage.gaussian_filter(image, BLUR_SIGMA) for image in slices]).astype(np.float32)
+
+
+def expected_top_row(run, generator, codes, levels, bottom, subjects) -> dict:
+    """{name: (slices, subjects)} of the real top codes decoded as expected vectors under the top prior's logits
+    given them (teacher forcing) at the run's top_decoding_temperature, over `bottom`; empty when that is 0."""
+    temperature = run.config.top_decoding_temperature
+    if not temperature:
+        return {}
+    logits = np.asarray(run.priors["top"](grid_inputs("top", codes, levels)))
+    weights = top_decoding_weights(codes["top"], logits, temperature)
+    return {f"real top codes as expected vectors (t {temperature:g}), random bottom":
+            (generator.render({"top": codes["top"], "bottom": bottom}, weights), subjects)}
 
 
 def main():
@@ -64,7 +80,8 @@ def main():
         return
     run, real = loaded
     generator = SliceGenerator(run)
-    top = encode_all(run.vqvae, real.slices)["top"]
+    codes = encode_all(run.vqvae, real.slices)
+    top = codes["top"]
     side = run.config.code_grid
     random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top), side, side))
     rows = {
@@ -72,6 +89,7 @@ def main():
         f"real, blurred (Gaussian, sigma {BLUR_SIGMA:g} px)": (blurred(real.slices), real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
         "real top codes, random bottom": (generator.render({"top": top, "bottom": random_bottom}), real.subjects),
+        **expected_top_row(run, generator, codes, real.levels, random_bottom, real.subjects),
         "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),
         "real top codes, bottom at temperature 0.3": (generator.many(real.levels, 0.3, args.seed, top=top),
                                                       real.subjects),

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables, medians, the slices nearest given levels."""
+description, training-step timing on random code grids, tables, medians, the slices nearest given levels, the top
+prior's teacher-forced logits and the expected decoding of real top codes, and the realism rows of bench/realism_by_grid.py and bench/refiner.py (scores, figure)."""
 
 import os
 import platform
@@ -96,6 +97,64 @@ def two_level_run_and_held_out_slices(parser, args, needs: str):
         parser.error(f"--run {args.run} has a single code grid; this benchmark needs a two-level run")
     everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     return run, draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
+
+
+def top_prior_logits(run, codes: dict, levels, batch_size: int = 64) -> np.ndarray:
+    """(n, t, t, num_codes) float32 logits of the top prior on the slices' real top codes (`codes`, encode_all's):
+    each position's distribution given the true codes before it (teacher forcing), in batches."""
+    from modules import grid_inputs
+
+    inputs = grid_inputs("top", codes, levels)
+    return np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
+                                                         for name, value in inputs.items()}), np.float32)
+                           for start in range(0, len(levels), batch_size)])
+
+
+def expected_top_decoding(run, generator, codes: dict, levels, bottom, batch_size: int = 128) -> np.ndarray:
+    """(n, size, size) slices: their real top codes (`codes`, encode_all's) decoded as predict.py decodes a sampled
+    top grid, each position as the codebook vectors weighted by the top prior's teacher-forced softmax at the run's
+    top_decoding_temperature, under (n, side, side) `bottom` codes; `generator` is the run's SliceGenerator."""
+    from modules import top_decoding_weights
+
+    weights = np.asarray(top_decoding_weights(codes["top"], top_prior_logits(run, codes, levels),
+                                              run.config.top_decoding_temperature))
+    return np.concatenate([generator.render({"top": codes["top"][start:start + batch_size],
+                                             "bottom": bottom[start:start + batch_size]},
+                                            weights[start:start + batch_size])
+                           for start in range(0, len(levels), batch_size)])
+
+
+def score_rows(rows: dict, real, tissue: float, seed: int) -> list[list[str]]:
+    """One table row per {name: (slices, subjects or None)}: predict.py's classifier two-sample AUC against real's
+    training reference slices (a row with subjects keeps them as the classifier's groups; None: each slice its own),
+    brain-shaped fraction, nearest-training SSIM (mean over the row of each slice's SSIM with its most similar
+    training slice), edge strength, and, for rows with subjects (made from the real slices, in their order), the mean
+    SSIM of each slice with its real slice."""
+    from measures import brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, slice_scores
+
+    table = []
+    for name, (images, groups) in rows.items():
+        test_result = classifier_auc(images, real.reference, groups, real.reference_subjects, seed=seed)
+        same_slice = "-" if groups is None else f"{np.mean(slice_scores(real.slices, images)[0]):.4f}"
+        table.append([name, f"{test_result.auc:.4f}", f"{brain_shaped_fraction(images, tissue):.4f}",
+                      f"{nearest_ssim(images, real.train.images).mean():.4f}",
+                      f"{np.nanmean(edge_strength(images, tissue)):.4f}", same_slice])
+    return table
+
+
+SCORE_HEADERS = ["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM",
+                 "edge strength", "SSIM with the real slice"]
+
+
+def save_rows_figure(path: Path, rows: dict, levels, figure_levels, title: str) -> None:
+    """score_rows' sets side by side (figures.save_strips), each at the slices whose `levels` are nearest
+    `figure_levels` (the same slices in every set)."""
+    from figures import save_strips
+
+    picks = nearest_levels(levels, figure_levels)
+    save_strips(path, [(name, [(images[i], f"level {levels[i]:.2f}") for i in picks])
+                       for name, (images, _) in rows.items()], title)
+    print(f"wrote {path}")
 
 
 def median(values):

@@ -33,14 +33,13 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import ROOT, machine, nearest_levels, print_table, two_level_run_and_held_out_slices
+from common import (ROOT, SCORE_HEADERS, expected_top_decoding, machine, print_table, save_rows_figure, score_rows,
+                    two_level_run_and_held_out_slices)
 
 import numpy as np
 
-from figures import save_strips
-from measures import (brain_shaped_fraction, classifier_auc, edge_strength, nearest_ssim, reconstruct,
-                      slice_scores)
-from modules import SliceGenerator, encode_all, grid_inputs, top_decoding_weights
+from measures import reconstruct
+from modules import SliceGenerator, encode_all
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 BLUR_SIGMA = 0.8  # pixels: real slices this soft have the samples' edge strength
@@ -58,10 +57,8 @@ def expected_top_row(run, generator, codes, levels, bottom, subjects) -> dict:
     temperature = run.config.top_decoding_temperature
     if not temperature:
         return {}
-    logits = np.asarray(run.priors["top"](grid_inputs("top", codes, levels)))
-    weights = top_decoding_weights(codes["top"], logits, temperature)
     return {f"real top codes as expected vectors (t {temperature:g}), random bottom":
-            (generator.render({"top": codes["top"], "bottom": bottom}, weights), subjects)}
+            (expected_top_decoding(run, generator, codes, levels, bottom), subjects)}
 
 
 def main():
@@ -95,26 +92,13 @@ def main():
                                                       real.subjects),
         "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
     }
-    training = real.train.images
-    table = []
-    for name, (images, groups) in rows.items():
-        test_result = classifier_auc(images, real.reference, groups, real.reference_subjects, seed=args.seed)
-        same_slice = "-" if groups is None else f"{np.mean(slice_scores(real.slices, images)[0]):.4f}"
-        table.append([name, f"{test_result.auc:.4f}",
-                      f"{brain_shaped_fraction(images, run.config.tissue_intensity):.4f}",
-                      f"{nearest_ssim(images, training).mean():.4f}",
-                      f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}", same_slice])
+    table = score_rows(rows, real, run.config.tissue_intensity, args.seed)
     print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "
           f"seed {args.seed}; {machine()}")
-    print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "nearest-training SSIM",
-                 "edge strength", "SSIM with the real slice"], table)
+    print_table(SCORE_HEADERS, table)
     if args.figure:
-        picks = nearest_levels(real.levels, FIGURE_LEVELS)
-        strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
-                  for name, (images, _) in rows.items()]
-        save_strips(args.figure, strips, f"the same {args.split} slices' levels in each row, run {args.run.name}, "
-                                         f"seed {args.seed}")
-        print(f"wrote {args.figure}")
+        save_rows_figure(args.figure, rows, real.levels, FIGURE_LEVELS,
+                         f"the same {args.split} slices' levels in each row, run {args.run.name}, seed {args.seed}")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ its top codes; the fourth shows what is left once the part of them the prior can
 import argparse
 from pathlib import Path
 
-from common import ROOT, machine, nearest_levels, print_table, two_level_run_and_held_out_slices
+from common import ROOT, machine, nearest_levels, print_table, top_prior_logits, two_level_run_and_held_out_slices
 
 import keras
 import numpy as np
 
 from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
-from modules import SliceGenerator, encode_all, grid_inputs, neighbour_agreement, top_decoding_weights
+from modules import SliceGenerator, encode_all, neighbour_agreement, top_decoding_weights
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -45,10 +45,7 @@ def top_bits_by_region(run, codes: dict, levels: np.ndarray, tissue: np.ndarray,
                        batch_size: int = 64) -> tuple[float, float]:
     """Mean bits per code of the top prior on the slices' real top codes (`codes`, encode_all's), at the `tissue`
     positions and outside them."""
-    inputs = grid_inputs("top", codes, levels)
-    logits = np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
-                                                           for name, value in inputs.items()}), np.float32)
-                             for start in range(0, len(levels), batch_size)])
+    logits = top_prior_logits(run, codes, levels, batch_size)
     bits = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
         codes["top"], logits, from_logits=True)) / np.log(2.0)
     return float(bits[tissue].mean()), float(bits[~tissue].mean())

@@ -2,7 +2,7 @@
 generation stage (predict.py does not refine yet).
 
     python bench/refiner.py [--run pretrained] [--split validate] [--num 256] [--seed 0] [--steps 8000]
-        [--batch-size 16] [--l1-weight 0] [--figure PATH]
+        [--batch-size 16] [--l1-weight 0] [--outline-weight 0] [--figure PATH]
 
 A run decoding a sampled top grid as expected codebook vectors (top_decoding_temperature) draws smooth slices with
 the layout right and no cortex, which even real top codes lose when so decoded (bench/realism_by_grid.py). A
@@ -14,7 +14,9 @@ U-Net (two stride-2 levels, three dilated residual blocks at a quarter of the si
 trains for --steps against a spectrally normalized conditional patch discriminator (which sees the input beside the
 slice) with the hinge loss, feature matching of the discriminator's layers against the real pair's (pix2pixHD,
 Wang et al., 2018), an L1 term on 4x4-pixel means that holds the layout, and --l1-weight times the full-resolution
-L1 (which pulls towards the mean of the slices a layout could be, the blur the refiner is to undo); bfloat16 mixed
+L1 (which pulls towards the mean of the slices a layout could be, the blur the refiner is to undo), and
+--outline-weight times how far it falls below the run's tissue threshold where the real slice is above it (drawn
+sulci must not cut the brain's outline into pieces: the brain-shaped check); bfloat16 mixed
 precision where the CPU computes it natively (cli.resolved_precision). Then --num slices sampled at the real
 held-out slices' levels (as realism_by_grid.py's sampled row), and the held-out slices' own top codes decoded as
 expected vectors, each refined and not, are scored beside the real slices with realism_by_grid.py's measures.
@@ -100,7 +102,9 @@ def train_refiner(inputs: np.ndarray, targets: np.ndarray, args) -> keras.Model:
                                  for fake, true in zip(fake_features, real_features)])
             refiner_loss = (-tf.reduce_mean(fake_score) + FEATURE_WEIGHT * matching
                             + LAYOUT_WEIGHT * tf.reduce_mean(tf.abs(means(refined) - means(real)))
-                            + args.l1_weight * tf.reduce_mean(tf.abs(refined - real)))
+                            + args.l1_weight * tf.reduce_mean(tf.abs(refined - real))
+                            + args.outline_weight * tf.reduce_mean(tf.nn.relu(args.tissue - refined)
+                                                                   * tf.cast(real > args.tissue, tf.float32)))
         for tape, loss, model, optimizer in ((refiner_tape, refiner_loss, refiner, optimizers[0]),
                                              (critic_tape, critic_loss, critic, optimizers[1])):
             optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
@@ -137,19 +141,24 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per step (default: 16)")
     parser.add_argument("--l1-weight", type=float, default=0.0,
                         help="weight of the full-resolution L1 with the real slice (default: 0)")
+    parser.add_argument("--outline-weight", type=float, default=0.0,
+                        help="weight of how far the refined slice falls below the tissue threshold where the real "
+                             "slice is above it (default: 0)")
     parser.add_argument("--figure", type=Path, default=None, help="also write a PNG of the rows at a few levels")
     args = parser.parse_args()
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--num", args.num)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
-    if args.l1_weight < 0:
-        parser.error("--l1-weight must be 0 or more")
+    for flag, value in (("--l1-weight", args.l1_weight), ("--outline-weight", args.outline_weight)):
+        if value < 0:
+            parser.error(f"{flag} must be 0 or more")
     loaded = two_level_run_and_held_out_slices(parser, args, "trains and scores on")
     if loaded is None:
         return
     run, real = loaded
     if not run.config.top_decoding_temperature:
         parser.error(f"--run {args.run} decodes the drawn top codes (top_decoding_temperature 0): nothing to refine")
+    args.tissue = run.config.tissue_intensity
     keras.utils.set_random_seed(args.seed)
     generator, rng = SliceGenerator(run), np.random.default_rng([args.seed, 1])
     train = real.train

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
 description, training-step timing on random code grids, tables, medians, the slices nearest given levels, the top
-prior's teacher-forced logits and the expected decoding of real top codes, and the realism rows of bench/realism_by_grid.py and bench/refiner.py (scores, figure)."""
+prior's teacher-forced logits and the expected decoding of real top codes, and the realism rows' scores and figure
+(bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
 
 import os
 import platform

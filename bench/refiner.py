@@ -16,8 +16,8 @@ slice) with the hinge loss, feature matching of the discriminator's layers again
 Wang et al., 2018), an L1 term on 4x4-pixel means that holds the layout, and --l1-weight times the full-resolution
 L1 (which pulls towards the mean of the slices a layout could be, the blur the refiner is to undo), and
 --outline-weight times how far it falls below the run's tissue threshold where the real slice is above it (drawn
-sulci must not cut the brain's outline into pieces: the brain-shaped check); bfloat16 mixed
-precision where the CPU computes it natively (cli.resolved_precision). Then --num slices sampled at the real
+sulci must not cut the brain's outline into pieces: the brain-shaped check); bfloat16 mixed precision where the
+CPU computes it natively (cli.resolved_precision). Then --num slices sampled at the real
 held-out slices' levels (as realism_by_grid.py's sampled row), and the held-out slices' own top codes decoded as
 expected vectors, each refined and not, are scored beside the real slices with realism_by_grid.py's measures.
 --figure draws the rows at a few levels. With oneDNN on (as train.py trains; TF_ENABLE_ONEDNN_OPTS=1 unless set),
@@ -82,8 +82,9 @@ def smooth_layouts(run, generator, images, levels, rng) -> np.ndarray:
     return expected_top_decoding(run, generator, codes, levels, bottom)
 
 
-def train_refiner(inputs: np.ndarray, targets: np.ndarray, args) -> keras.Model:
-    """The refiner after args.steps adversarial steps on (draws, n, h, w) inputs and their (n, h, w) targets."""
+def train_refiner(inputs: np.ndarray, targets: np.ndarray, tissue: float, args) -> keras.Model:
+    """The refiner after args.steps adversarial steps on (draws, n, h, w) inputs and their (n, h, w) targets;
+    `tissue`: the run's tissue threshold, for the outline term."""
     with compute_precision(resolved_precision("auto")):
         refiner, critic = refiner_network(), patch_discriminator()
     optimizers = [keras.optimizers.Adam(LEARNING_RATE, beta_1=0.5) for _ in range(2)]
@@ -103,8 +104,8 @@ def train_refiner(inputs: np.ndarray, targets: np.ndarray, args) -> keras.Model:
             refiner_loss = (-tf.reduce_mean(fake_score) + FEATURE_WEIGHT * matching
                             + LAYOUT_WEIGHT * tf.reduce_mean(tf.abs(means(refined) - means(real)))
                             + args.l1_weight * tf.reduce_mean(tf.abs(refined - real))
-                            + args.outline_weight * tf.reduce_mean(tf.nn.relu(args.tissue - refined)
-                                                                   * tf.cast(real > args.tissue, tf.float32)))
+                            + args.outline_weight * tf.reduce_mean(tf.nn.relu(tissue - refined)
+                                                                   * tf.cast(real > tissue, tf.float32)))
         for tape, loss, model, optimizer in ((refiner_tape, refiner_loss, refiner, optimizers[0]),
                                              (critic_tape, critic_loss, critic, optimizers[1])):
             optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
@@ -158,13 +159,12 @@ def main():
     run, real = loaded
     if not run.config.top_decoding_temperature:
         parser.error(f"--run {args.run} decodes the drawn top codes (top_decoding_temperature 0): nothing to refine")
-    args.tissue = run.config.tissue_intensity
     keras.utils.set_random_seed(args.seed)
     generator, rng = SliceGenerator(run), np.random.default_rng([args.seed, 1])
     train = real.train
     inputs = np.stack([smooth_layouts(run, generator, train.images, train.levels, rng) for _ in range(2)])
     start = time.perf_counter()
-    refiner = train_refiner(inputs, train.images, args)
+    refiner = train_refiner(inputs, train.images, run.config.tissue_intensity, args)
     seconds = time.perf_counter() - start
     layouts = smooth_layouts(run, generator, real.slices, real.levels, rng)
     sampled = generator.many(real.levels, 1.0, args.seed)

@@ -22,12 +22,12 @@ its top codes; the fourth shows what is left once the part of them the prior can
 import argparse
 from pathlib import Path
 
-from common import ROOT, machine, nearest_levels, print_table, top_prior_logits, two_level_run_and_held_out_slices
+from common import (ROOT, machine, print_table, save_rows_figure, top_prior_logits,
+                    two_level_run_and_held_out_slices)
 
 import keras
 import numpy as np
 
-from figures import save_strips
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
 from modules import SliceGenerator, encode_all, neighbour_agreement, top_decoding_weights
 
@@ -102,13 +102,10 @@ def main():
                       f"{np.nanmean(edge_strength(images, run.config.tissue_intensity)):.4f}"])
     print_table(["slices", "classifier AUC vs training slices", "brain-shaped fraction", "edge strength"], table)
     if args.figure:
-        picks = nearest_levels(real.levels, FIGURE_LEVELS)
-        strips = [(name, [(images[i], f"level {real.levels[i]:.2f}") for i in picks])
-                  for name, images in {f"real {args.split} slices": real.slices, **decoded}.items()]
-        save_strips(args.figure, strips, f"sampled top codes under three bottom grids and decoded as expected "
-                                         f"vectors, run {args.run.name}")
-        print(f"wrote {args.figure}")
-
+        save_rows_figure(args.figure, {name: (images, None) for name, images in
+                                       {f"real {args.split} slices": real.slices, **decoded}.items()},
+                         real.levels, FIGURE_LEVELS, f"sampled top codes under three bottom grids and decoded as "
+                                                     f"expected vectors, run {args.run.name}")
 
 if __name__ == "__main__":
     main()

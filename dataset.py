@@ -665,10 +665,12 @@ def _with_splits(images, columns, config, source, skipped, note) -> SliceSet:
 
 
 def make_tf_dataset(images: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, repeat: bool = False):
-    """A tf.data pipeline of (batch, size, size, 1) float32 images: cached, shuffled (seeded), batched, prefetched."""
+    """A tf.data pipeline of (batch, size, size, 1) float32 images of (n, size, size) `images` (of (n, size, size, c)
+    stacks, such as the refiner's pairs, (batch, size, size, c)): cached, shuffled (seeded), batched, prefetched."""
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(images[..., None].astype(np.float32)).cache()
+    stacks = images if images.ndim == 4 else images[..., None]
+    dataset = tf.data.Dataset.from_tensor_slices(stacks.astype(np.float32)).cache()
     if shuffle:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     if repeat:

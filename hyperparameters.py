@@ -23,7 +23,8 @@ Presets
   regularize them; they train in bfloat16 mixed precision where the hardware computes it natively (prior_precision).
   The top grid is sampled at 0.9 of the temperature (top_temperature_scale) and reaches the decoder as each
   position's mean codebook vector under its prior's softmax at 0.25 (top_decoding_temperature), not as the codes
-  drawn, whose unpredictable speckle decodes as mottled tissue.
+  drawn, whose unpredictable speckle decodes as mottled tissue. A refiner, trained last against a patch critic,
+  draws the cortex that this smooth decoding lacks (refiner_*).
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ class Config:
     prior_batch_size: int = 64
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
-    # the priors' training arithmetic: "bfloat16" (mixed precision: float32 weights, bfloat16 products; the default
-    # priors' steps run 1.9x (top) and 1.5x (bottom) faster on this project's AMX CPU, bench/precision.py), "float32",
-    # or "auto": bfloat16 where the hardware computes it natively (a CPU with AMX or AVX-512 BF16 units under oneDNN,
-    # a GPU of compute capability 8 or more), else float32. Sampling and bits/code in predict.py run in float32.
+    # the priors' (and the refiner's) training arithmetic: "bfloat16" (mixed precision: float32 weights, bfloat16
+    # products; the default priors' steps run 1.9x (top) and 1.5x (bottom) faster on this project's AMX CPU,
+    # bench/precision.py), "float32", or "auto": bfloat16 where the hardware computes it natively (a CPU with AMX or
+    # AVX-512 BF16 units under oneDNN, a GPU of compute capability 8 or more), else float32. Sampling and bits/code in
+    # predict.py run in float32.
     prior_precision: str = "auto"
 
     # --- sampling ---------------------------------------------------------------------------------------------
@@ -178,6 +180,26 @@ class Config:
     # smooth tissue around the layout the drawn codes fix; at 0.25 the brain-shaped fraction came within 0.05 of
     # real's at validate seeds 0-2 with the classifier within 0.08 of its control (at 1 it was not; EXPERIMENTS.md)
     top_decoding_temperature: float = 0.25
+
+    # --- refiner ----------------------------------------------------------------------------------------------
+    # A two-level run that decodes its top grid as expected vectors draws smooth slices: the layout right, no
+    # cortex, which even real top codes lose when so decoded (EXPERIMENTS.md). A refiner (modules.Refiner, a small
+    # U-Net whose output is added to its input) learns the missing detail from pairs, as pix2pix does: its input is
+    # a training slice's own top codes decoded as predict.py decodes a sampled grid (under random bottom codes,
+    # refiner_draws draws of them per slice), its target the slice, against a patch critic (hinge loss) with feature
+    # matching, an L1 of 4x4-pixel means that holds the layout (refiner_layout_weight) and a term against drawn sulci
+    # cutting the brain's outline (refiner_outline_weight: how far the refined slice falls below tissue_intensity
+    # where the real one is above it). 0 epochs: no refiner, predict.py shows the decoder's slices.
+    refiner_epochs: int = 27  # of refiner_draws * training slices / refiner_batch_size steps: 27 = about 4,000
+    refiner_filters: int = 32  # of its full-resolution convolutions; twice that at 1/2, four times at 1/4
+    refiner_draws: int = 2
+    refiner_batch_size: int = 16
+    refiner_learning_rate: float = 2e-4  # Adam with beta_1 0.5, both networks, as in pix2pix
+    refiner_feature_weight: float = 10.0
+    refiner_layout_weight: float = 50.0
+    # at 100 the refined samples' brain-shaped fraction came within 0.05 of real's (0.734 against 0.777; 0.715
+    # without it; EXPERIMENTS.md)
+    refiner_outline_weight: float = 100.0
 
     @property
     def code_grid(self) -> int:
@@ -251,6 +273,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("bottom_code_dropout", 0.0)
     # and before top_code_smoothness existed, their top encoders trained without a roughness term
     values.setdefault("top_code_smoothness", 0.0)
+    # and before the refiner existed, showed the decoder's slices
+    values.setdefault("refiner_epochs", 0)
     # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
     # their flips only (took the condition map in their gates as it was)
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
@@ -300,6 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         prior_context_corruption=0.0,
         bottom_code_noise=0.0,
         bottom_code_dropout=0.0,
+        refiner_epochs=0,
     ),
 }
 
@@ -364,28 +389,42 @@ TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_d
                   "top_prior_condition_layers")
 
 
+# the refiner's fields: no other model reads them (its own reads every field but the bottom prior's)
+REFINER_KEYS = tuple(item.name for item in dataclasses.fields(Config) if item.name.startswith("refiner_"))
+
+
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
     keys = set(first) | set(second)
-    return sorted(key for key in keys if not free(key) and first.get(key) != second.get(key))
+    return sorted(key for key in keys if not free(key) and key not in REFINER_KEYS
+                  and first.get(key) != second.get(key))
 
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
-    """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*) and sampling's
-    (SAMPLING_KEYS): two configs without differences describe the same VQ-VAE trained the same way on the same
-    data."""
+    """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*), the refiner's
+    (REFINER_KEYS) and sampling's (SAMPLING_KEYS): two configs without differences describe the same VQ-VAE trained
+    the same way on the same data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
 
 
 def top_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
-    """Like vqvae_differences, ignoring only the bottom prior's fields and sampling's: two configs without
-    differences describe the same VQ-VAE and top prior, trained the same way on the same data."""
+    """Like vqvae_differences, ignoring only the bottom prior's, the refiner's and sampling's fields: two configs
+    without differences describe the same VQ-VAE and top prior, trained the same way on the same data."""
     return _differences(first, second, lambda key: key in BOTTOM_PRIOR_KEYS or key in SAMPLING_KEYS)
 
 
 def bottom_prior_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
-    """Like vqvae_differences, ignoring only the top prior's fields and sampling's: two configs without differences
-    describe the same VQ-VAE and bottom (or only) prior, trained the same way on the same data."""
+    """Like vqvae_differences, ignoring only the top prior's, the refiner's and sampling's fields: two configs
+    without differences describe the same VQ-VAE and bottom (or only) prior, trained the same way on the same data."""
     return _differences(first, second, lambda key: key in TOP_PRIOR_KEYS or key in SAMPLING_KEYS)
+
+
+def refiner_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """Like vqvae_differences, ignoring the bottom prior's fields and sampling's but not the refiner's: two configs
+    without differences describe the same VQ-VAE, top prior and refiner (which trains on real top codes under random
+    bottom ones, so it does not depend on the bottom prior)."""
+    keys = set(first) | set(second)
+    return sorted(key for key in keys if key not in BOTTOM_PRIOR_KEYS and key not in SAMPLING_KEYS
+                  and first.get(key) != second.get(key))
 
 
 def validate(config: Config) -> None:
@@ -425,6 +464,10 @@ def _validate_choices(config: Config) -> None:
                          "top_strides= (one code grid) and prior_condition_on_level=false")
     if config.bottom_code_dropout and not config.top_strides:
         raise ValueError("bottom_code_dropout needs a top grid (top_strides) to render the dropped slices from")
+    if config.refiner_epochs and not (config.top_strides and config.top_decoding_temperature):
+        raise ValueError("refiner_epochs needs a top grid (top_strides) decoded as expected vectors "
+                         "(top_decoding_temperature above 0): the refiner trains on such decodings; set "
+                         "refiner_epochs=0")
 
 
 def _validate_ranges(config: Config) -> None:
@@ -437,6 +480,16 @@ def _validate_ranges(config: Config) -> None:
                 "top_prior_condition_layers"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be 0 or more")
+    for key in ("refiner_epochs", "refiner_feature_weight", "refiner_layout_weight", "refiner_outline_weight"):
+        if not 0 <= getattr(config, key) < float("inf"):
+            raise ValueError(f"{key} must be 0 or more")
+    for key in ("refiner_filters", "refiner_draws", "refiner_batch_size"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key} must be at least 1")
+    if not 0 < config.refiner_learning_rate < float("inf"):
+        raise ValueError("refiner_learning_rate must be a positive number")
+    if config.refiner_epochs and config.image_size % 8:
+        raise ValueError("the refiner needs image_size divisible by 8 (its critic halves it three times)")
     if config.top_code_smoothness < 0:
         raise ValueError("top_code_smoothness must be 0 or more")
     if not 0 < config.prior_deformation < config.image_size / 4:

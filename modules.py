@@ -1142,6 +1142,171 @@ def sampler_for(prior: keras.Model) -> Sampler:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Refiner: the cortex that the top grid's expected decoding smooths away
+# ---------------------------------------------------------------------------------------------------------------
+
+def teacher_forced_logits(prior: keras.Model, grid: str, codes: dict, levels, batch_size: int = 64) -> np.ndarray:
+    """(n, side, side, num_codes) float32 logits of the prior of `grid` on real code grids (`codes`, encode_all's):
+    each position's distribution given the true codes before it (teacher forcing), in batches."""
+    inputs = grid_inputs(grid, codes, levels)
+    return np.concatenate([np.asarray(prior({name: value[start:start + batch_size] for name, value in inputs.items()}),
+                                      np.float32) for start in range(0, len(levels), batch_size)])
+
+
+def expected_top_decoding(vqvae: VQVAE, top_prior: keras.Model, codes: dict, levels, bottom, temperature: float,
+                          batch_size: int = 128) -> np.ndarray:
+    """(n, size, size) float32 slices in [0, 1]: real top codes (`codes`, encode_all's) decoded as SliceGenerator
+    decodes a sampled top grid, each position as the top codebook's vectors weighted by the top prior's
+    teacher-forced softmax at `temperature` (top_decoding_temperature), under (n, side, side) `bottom` codes."""
+    weights = np.asarray(top_decoding_weights(codes["top"], teacher_forced_logits(top_prior, "top", codes, levels),
+                                              temperature))
+    return np.concatenate([np.clip(np.asarray(vqvae.decode_codes(
+        {"top": codes["top"][part], "bottom": bottom[part]}, weights[part]))[..., 0], 0.0, 1.0)
+        for part in (slice(start, start + batch_size) for start in range(0, len(levels), batch_size))])
+
+
+def refiner_inputs(vqvae: VQVAE, top_prior: keras.Model, config: Config, images: np.ndarray, levels,
+                   rng: np.random.Generator) -> np.ndarray:
+    """(n, size, size) what the refiner learns to refine for (n, size, size) slices: their top codes decoded as
+    expected vectors (expected_top_decoding at config.top_decoding_temperature) under uniformly random bottom codes,
+    the bottom grid a sampled one stands for."""
+    codes = encode_all(vqvae, images)
+    bottom = rng.integers(0, config.num_codes, codes["bottom"].shape).astype(np.int32)
+    return expected_top_decoding(vqvae, top_prior, codes, levels, bottom, config.top_decoding_temperature)
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class Refiner(keras.Model):
+    """(b, size, size, 1) smooth slices -> (b, size, size, 1) slices with detail: the input plus a small U-Net's
+    residual (two stride-2 levels down, three dilated residual blocks at a quarter of the size whose view spans a
+    quarter of the slice, nearest upsampling back with skips, so no checkerboard; refiner_filters wide at full size).
+    Trained by AdversarialRefiner; predict.py runs it on every decoded sample (`refiner.keras`)."""
+
+    def __init__(self, config: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config_dict = dict(config)
+        self.cfg = cfg = Config.from_dict(config)
+        width = cfg.refiner_filters
+
+        def conv(filters, kernel=3, strides=1, dilation=1, activation="relu"):
+            return layers.Conv2D(filters, kernel, strides, padding="same", dilation_rate=dilation,
+                                 activation=activation)
+
+        self.inlet = conv(width)
+        self.down = [conv(2 * width, 4, 2), conv(4 * width, 4, 2)]
+        self.branches = [conv(4 * width, dilation=dilation) for dilation in (1, 2, 4)]
+        self.merges = [conv(4 * width, activation=None) for _ in self.branches]
+        self.upsample = layers.UpSampling2D()
+        self.up = [conv(filters) for filters in (2 * width, 2 * width, width, width)]
+        self.outlet = layers.Conv2D(1, 3, padding="same", dtype="float32")
+
+    def call(self, images, training=False):
+        full = self.inlet(images)
+        half = self.down[0](full)
+        features = self.down[1](half)
+        for branch, merge in zip(self.branches, self.merges):
+            features = ops.relu(features + merge(branch(features)))
+        for skip, first, second in zip((half, full), self.up[::2], self.up[1::2]):
+            features = second(first(ops.concatenate([self.upsample(features), skip], axis=-1)))
+        return ops.cast(images, "float32") + self.outlet(features)
+
+    def build(self, input_shape=None):
+        if not self.built:  # each layer builds on its first call
+            self.call(ops.zeros((1, self.cfg.image_size, self.cfg.image_size, 1)))
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config_dict}
+
+
+def patch_critic(size: int) -> keras.Model:
+    """(b, size, size, 2) smooth input beside a slice -> [(b, size/8, size/8, 1) realness scores, the features of each
+    of its layers], all float32: a conditional patch discriminator (pix2pix) with spectral normalization."""
+    pair = layers.Input((size, size, 2))
+    features, outputs = pair, []
+    for filters, strides in ((64, 2), (128, 2), (256, 2), (256, 1)):
+        features = layers.LeakyReLU(0.2)(layers.SpectralNormalization(
+            layers.Conv2D(filters, 4, strides, padding="same"))(features))
+        outputs.append(layers.Activation("linear", dtype="float32")(features))
+    score = layers.SpectralNormalization(layers.Conv2D(1, 3, padding="same"))(features)
+    score = layers.Activation("linear", dtype="float32")(score)
+    return keras.Model(pair, [score, *outputs], name="patch_critic")
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class AdversarialRefiner(keras.Model):
+    """A Refiner trained against a patch critic, as pix2pix (Isola et al., 2017) with pix2pixHD's feature matching
+    (Wang et al., 2018), from a Config dict.
+
+    `fit` takes (b, size, size, 2) pairs: [smooth input (refiner_inputs), real slice], left-right flipped together.
+    The critic minimises the hinge loss relu(1 - D(x, real)) + relu(1 + D(x, refined)); the refiner minimises
+    -D(x, refined) + refiner_feature_weight * the L1 between the critic's features of the refined and of the real
+    pair + refiner_layout_weight * the L1 of their 4x4-pixel means (the layout stays the input's) +
+    refiner_outline_weight * mean(relu(tissue_intensity - refined) where real > tissue_intensity) (drawn sulci
+    must not cut the brain's outline). Both networks step together under one Adam (its state is per weight, so one
+    optimizer is two with the same settings). Reports both losses, the feature matching and the layout and outline
+    errors. `call` is the refiner's; its `refiner` is what a run ships (rundir.weights_only_copy)."""
+
+    def __init__(self, config: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config_dict = dict(config)
+        self.cfg = Config.from_dict(config)
+        self.refiner = Refiner(config, name="refiner", dtype="float32")
+        self.critic = patch_critic(self.cfg.image_size)
+        names = ["critic_loss", "refiner_loss", "feature_matching", "layout_error", "outline_error"]
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, images, training=False):
+        return self.refiner(images, training=training)
+
+    def loss_terms(self, pairs, training=False):
+        cfg = self.cfg
+        smooth, real = pairs[..., :1], pairs[..., 1:]
+        refined = self.refiner(smooth, training=training)
+        real_score, *real_features = self.critic(ops.concatenate([smooth, real], axis=-1), training=training)
+        fake_score, *fake_features = self.critic(ops.concatenate([smooth, refined], axis=-1), training=training)
+        matching = sum(ops.mean(ops.abs(fake - ops.stop_gradient(true)))
+                       for fake, true in zip(fake_features, real_features))
+        layout = ops.mean(ops.abs(ops.average_pool(refined, 4, 4) - ops.average_pool(real, 4, 4)))
+        outline = ops.mean(ops.relu(cfg.tissue_intensity - refined) * ops.cast(real > cfg.tissue_intensity, "float32"))
+        return {"critic_loss": ops.mean(ops.relu(1 - real_score)) + ops.mean(ops.relu(1 + fake_score)),
+                "refiner_loss": (-ops.mean(fake_score) + cfg.refiner_feature_weight * matching
+                                 + cfg.refiner_layout_weight * layout + cfg.refiner_outline_weight * outline),
+                "feature_matching": matching, "layout_error": layout, "outline_error": outline}
+
+    def _report(self, values):
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, pairs):
+        with tf.GradientTape(persistent=True) as tape:
+            values = self.loss_terms(pairs, training=True)
+        refiner, critic = self.refiner.trainable_variables, self.critic.trainable_variables
+        gradients = tape.gradient(values["refiner_loss"], refiner) + tape.gradient(values["critic_loss"], critic)
+        del tape
+        self.optimizer.apply_gradients(zip(gradients, refiner + critic))
+        return self._report(values)
+
+    def test_step(self, pairs):
+        return self._report(self.loss_terms(pairs, training=False))
+
+    def build(self, input_shape=None):
+        size = self.cfg.image_size
+        self.refiner.build()
+        if not self.critic.built:
+            self.critic.build((None, size, size, 2))
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config_dict}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Generating with a loaded run (rundir.load_run)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1161,10 +1326,13 @@ class SliceGenerator:
         if run.config.top_grid:
             self.decode_expected = tf.function(run.vqvae.decode_codes, input_signature=[code_specs, tf.TensorSpec(
                 (None, sides["top"], sides["top"], run.config.num_codes), tf.float32)])
+        size = run.config.image_size
+        self.refiner = None if run.refiner is None else tf.function(
+            run.refiner, input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)])
 
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
                  top_p: float = 1.0, top_temperature_scale: float | None = None,
-                 top_decoding_temperature: float | None = None) -> np.ndarray:
+                 top_decoding_temperature: float | None = None, refine: bool = True) -> np.ndarray:
         """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
         grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
         priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
@@ -1176,7 +1344,8 @@ class SliceGenerator:
         sampled top grid reaches the decoder: 0, as its codes; t > 0, at each position as the mean codebook vector
         under softmax(logits / t) of the top prior's logits for that position given the codes drawn before it (under
         guidance, the level-conditioned logits). The codes are drawn the same way either way, and the bottom grid is
-        sampled under them. The same seed gives the same slices."""
+        sampled under them. `refine`: a run with a refiner passes the decoded slices through it (False: the decoder's
+        slices as they are). The same seed gives the same slices."""
         levels = np.asarray(levels, np.float32).reshape(-1)
         codes = {} if top is None else {"top": np.asarray(top)}
         config = self.run.config
@@ -1194,7 +1363,8 @@ class SliceGenerator:
                     return_logits=True)
                 if grid == "top" and top_decoding_temperature > 0:
                     top_probabilities = top_decoding_weights(codes[grid], logits, top_decoding_temperature)
-        return self.render(codes, top_probabilities)
+        slices = self.render(codes, top_probabilities)
+        return self.refined(slices) if refine and self.refiner is not None else slices
 
     def render(self, codes: dict, top_probabilities=None) -> np.ndarray:
         """(n, size, size) float32 slices in [0, 1] decoded from {grid: (n, side, side) int code grids}, every grid of
@@ -1205,9 +1375,14 @@ class SliceGenerator:
                    else self.decode_expected(codes, ops.cast(top_probabilities, "float32")))
         return np.clip(np.asarray(decoded)[..., 0], 0.0, 1.0)
 
+    def refined(self, slices: np.ndarray) -> np.ndarray:
+        """(n, size, size) slices in [0, 1] through the run's refiner, clipped to [0, 1] (bench/refiner.py refines
+        decodings of real codes too)."""
+        return np.clip(np.asarray(self.refiner(tf.constant(slices[..., None], tf.float32)))[..., 0], 0.0, 1.0)
+
     def many(self, levels, temperature: float = 1.0, seed: int = 0, top=None, progress: str = "none",
              guidance: float = 1.0, top_p: float = 1.0, top_temperature_scale: float | None = None,
-             top_decoding_temperature: float | None = None) -> np.ndarray:
+             top_decoding_temperature: float | None = None, refine: bool = True) -> np.ndarray:
         """Like a call, GENERATION_CHUNK slices at a time, chunk i seeded with sub_seed(seed, i) (so up to
         GENERATION_CHUNK slices are exactly a call's): memory stays flat for any number. `progress`: "bar" (a
         progress bar on stderr), "lines" (a line per chunk there, as in a log) or "none"."""
@@ -1224,7 +1399,7 @@ class SliceGenerator:
                           f"{len(levels)}", file=sys.stderr, flush=True)
                 chunks.append(self(levels[part], temperature, sub_seed(seed, index),
                                    None if top is None else top[part], guidance, top_p, top_temperature_scale,
-                                   top_decoding_temperature))
+                                   top_decoding_temperature, refine))
                 bar.update(len(chunks[-1]))
         return np.concatenate(chunks)
 

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "prior cannot predict (1: smoothest; lower keeps more edges); the codes are drawn alike "
                              "(default: the run's top_decoding_temperature, 0.25 for the default preset; "
                              "EXPERIMENTS.md, Generation)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="runs with a refiner (the default preset's): show the decoder's slices as they are, "
+                             "without the refiner that draws the cortex into them (to see what it adds)")
     parser.add_argument("--guidance", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance on the level (level-conditioned runs): codes are drawn from "
                              "u + W (c - u), c and u being the top prior's logits given the level and not; above 1 "
@@ -405,7 +408,7 @@ def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperatu
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
                                progress=progress, guidance=args.guidance, top_p=args.top_p,
                                top_temperature_scale=args.top_temperature_scale,
-                               top_decoding_temperature=args.top_decoding_temperature)
+                               top_decoding_temperature=args.top_decoding_temperature, refine=args.refine)
     save_sweep(args.out / "sweep.png", levels, rows, generated.reshape(len(levels), SWEEP_COLUMNS,
                                                                        *generated.shape[1:]),
                f"real {args.split} slices (left) and generated ones (right) by axial level; temperature "
@@ -459,11 +462,12 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top grid at S x temperature", ", top grid decoded at T" (top_decoding_temperature), ", top-p P" and
-    ", guidance W" for titles and reports when they are on, else nothing."""
+    """", top grid at S x temperature", ", top grid decoded at T" (top_decoding_temperature), ", refined", ", top-p
+    P" and ", guidance W" for titles and reports when they are on, else nothing."""
     scaled = args.top_temperature_scale not in (None, 1.0)
     return (f", top grid at {args.top_temperature_scale:g}x temperature" if scaled else "") + \
         (f", top grid decoded at {args.top_decoding_temperature:g}" if args.top_decoding_temperature else "") + \
+        (", refined" if args.refine else "") + \
         (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
 
@@ -508,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         args.top_decoding_temperature = None
     elif args.top_decoding_temperature is None:
         args.top_decoding_temperature = run.config.top_decoding_temperature
+    args.refine = run.refiner is not None and not args.no_refine
     rng = np.random.default_rng(args.seed)
     real = load_real(args, run, source, rng)
     sweep = sweep_levels(real, args) if args.sweep else None
@@ -516,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     generator, chunks = SliceGenerator(run), "bar" if progress else "lines"
     generated, generation_seconds = timed(generator.many, levels, temperature, args.seed, None, chunks,
                                           args.guidance, args.top_p, args.top_temperature_scale,
-                                          args.top_decoding_temperature)
+                                          args.top_decoding_temperature, args.refine)
     write_generated(args, generated, temperature)
     scorer = Scorer(run, generated, levels, real, args)
     _, scoring_seconds = timed(scorer.run_steps, progress)
@@ -527,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
               "level_conditioned": run.level_conditioned, "num": args.num,
               "real_slices": len(real.slices) if real else 0, "temperature": temperature,
               "top_temperature_scale": args.top_temperature_scale,
-              "top_decoding_temperature": args.top_decoding_temperature, "top_p": args.top_p, "guidance": args.guidance,
+              "top_decoding_temperature": args.top_decoding_temperature, "refined": args.refine, "top_p": args.top_p,
+              "guidance": args.guidance,
               "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
               "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}

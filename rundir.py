@@ -4,6 +4,7 @@
     vqvae.keras                      the best VQ-VAE epoch by validation SSIM, weights only
     pixelcnn_top.keras               the best top-grid prior epoch of a two-level model, weights only
     pixelcnn.keras                   the best prior epoch of the bottom (or only) grid, weights only
+    refiner.keras                    the refiner of the last refiner epoch (a GAN has no best one), weights only
     history_<phase>.csv              one row per completed epoch of a phase
     <phase>_curves.png               those rows, plotted
     summary.json                     best figures, epochs, wall times, data and machine of a finished run
@@ -11,9 +12,10 @@
     checkpoints/<phase>_epochNNN.keras   the last committed epoch of each phase, with optimizer state
     logs/                            TensorBoard logs (train.py --tensorboard)
 
-The phases are `vqvae`, `prior_top` (the top grid's prior of a two-level model) and `prior` (the bottom or only
-grid's prior). Every file arrives through `atomic_write` (a temporary file beside it, fsynced, renamed into
-place): a process killed at any moment leaves the old file or the new one, never a truncated one that loads.
+The phases are `vqvae`, `prior_top` (the top grid's prior of a two-level model), `prior` (the bottom or only
+grid's prior) and `refiner` (of a run with refiner_epochs). Every file arrives through `atomic_write` (a temporary
+file beside it, fsynced, renamed into place): a process killed at any moment leaves the old file or the new one,
+never a truncated one that loads.
 Only the chief process writes a run directory (`is_chief`); other workers of a multi-worker cluster write the
 same files into a scratch copy that nobody reads (`RunDir.worker_scratch`).
 
@@ -31,13 +33,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cli import UserError
-from hyperparameters import (PRESETS, Config, bottom_prior_differences, top_prior_differences, validate,
-                             vqvae_differences)
+from hyperparameters import (PRESETS, Config, bottom_prior_differences, refiner_differences, top_prior_differences,
+                             validate, vqvae_differences)
 
-PHASES = ("vqvae", "prior_top", "prior")  # in training order; a single-grid run has no prior_top epochs
+# in training order; a single-grid run has no prior_top epochs, a run without refiner_epochs no refiner ones
+PHASES = ("vqvae", "prior_top", "prior", "refiner")
 PRIOR_PHASES = {"top": "prior_top", "bottom": "prior"}  # the phase that trains each code grid's prior
 PHASE_GRIDS = {phase: grid for grid, phase in PRIOR_PHASES.items()}  # the code grid of each prior phase
-MODEL_STEMS = {"vqvae": "vqvae", "prior_top": "pixelcnn_top", "prior": "pixelcnn"}
+MODEL_STEMS = {"vqvae": "vqvae", "prior_top": "pixelcnn_top", "prior": "pixelcnn", "refiner": "refiner"}
 PRIOR_FILES = {grid: MODEL_STEMS[phase] for grid, phase in PRIOR_PHASES.items()}
 CONFIG, SUMMARY, CHECKPOINTS, STATE, LOGS = "config.json", "summary.json", "checkpoints", "state.json", "logs"
 
@@ -105,7 +108,9 @@ def is_temporary(path: Path) -> bool:
 
 
 def weights_only_copy(model):
-    """A fresh, uncompiled copy of a VQVAE or prior with the same weights (no optimizer state to ship)."""
+    """A fresh, uncompiled copy of a VQVAE or prior with the same weights (no optimizer state to ship); of an
+    AdversarialRefiner, of its refiner alone (what predict.py runs: the critic only trains it)."""
+    model = getattr(model, "refiner", model)
     copy = type(model).from_config(model.get_config())
     copy.build()
     copy.set_weights(model.get_weights())
@@ -363,7 +368,8 @@ class RunState:
         state.data["history"] = {phase: run.read_history_values(phase) for phase in PHASES}
         state.data["best_saved"] = {"vqvae": summary.get("vqvae", {}).get("best_epoch"),
                                     **{phase: summary.get("priors", {}).get(grid, {}).get("best_epoch")
-                                       for grid, phase in PRIOR_PHASES.items()}}
+                                       for grid, phase in PRIOR_PHASES.items()},
+                                    "refiner": (summary.get("refiner") or {}).get("epochs")}
         state.data["data_fingerprint"], state.data["data"] = summary.get("data_fingerprint"), summary.get("data")
         return state
 
@@ -482,12 +488,13 @@ class RunState:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Run(NamedTuple):
-    """A trained run, loaded: its config, its VQ-VAE and its priors by code grid ("top" for the coarse grid of a
-    two-level model, "bottom" for the fine grid, the only one of a single-level model); no priors when loaded
-    with need_prior=False."""
+    """A trained run, loaded: its config, its VQ-VAE, its priors by code grid ("top" for the coarse grid of a
+    two-level model, "bottom" for the fine grid, the only one of a single-level model) and its refiner (None for a
+    run without refiner_epochs); no priors and no refiner when loaded with need_prior=False."""
     config: Config
     vqvae: object  # modules.VQVAE
     priors: dict
+    refiner: object = None  # modules.Refiner
 
     @property
     def level_conditioned(self) -> bool:
@@ -509,7 +516,8 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         raise UserError(f"--run {run.path}: no such run directory; train one with python train.py --data FOLDER "
                         f"--out {run.path}{preset}")
     config = run.read_config()
-    phases = ["vqvae"] + ([PRIOR_PHASES[grid] for grid in config.code_grids] if need_prior else [])
+    phases = ["vqvae"] + ([PRIOR_PHASES[grid] for grid in config.code_grids] + ["refiner"] * bool(config.refiner_epochs)
+                          if need_prior else [])
     models = []
     for phase in phases:
         path = run.model_path(phase)
@@ -525,8 +533,9 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         # a model reused by train.py --vqvae-from (--keep-top-prior, --keep-bottom-prior) keeps the fields of the
         # run it was trained in that it does not read
         differences = {"vqvae": vqvae_differences, "prior_top": top_prior_differences,
-                       "prior": bottom_prior_differences}[phase]
+                       "prior": bottom_prior_differences, "refiner": refiner_differences}[phase]
         if differences(saved, config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
-    return Run(config, models[0], dict(zip(config.code_grids, models[1:])))
+    priors = dict(zip(config.code_grids, models[1:1 + len(config.code_grids)] if need_prior else []))
+    return Run(config, models[0], priors, models[-1] if "refiner" in phases else None)

@@ -1,4 +1,5 @@
-"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid on the codes of that split.
+"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid on the codes of that split,
+then the refiner that draws the cortex into the decoded samples (runs with refiner_epochs).
 
     python train.py                                         # default preset on the official OASIS-1 download
     python train.py --data ../shared/data/oasis1-mni-volumes --out runs/mni
@@ -6,9 +7,9 @@
     python train.py --data ... --vqvae-from runs/mni --out runs/mni-prior2   # a new prior on a trained VQ-VAE
 
 Read `main` and `train_run` top to bottom: check every input, load the data, create the run directory, train the
-VQ-VAE, encode the slices, train the priors, summarize. What the run directory holds, and how each file is
-written, is rundir.py's business; checkpoints/ keeps the last completed epoch of each phase (with optimizer state)
-so that --resume never redoes a finished epoch.
+VQ-VAE, encode the slices, train the priors, train the refiner, summarize. What the run directory holds, and how
+each file is written, is rundir.py's business; checkpoints/ keeps the last completed epoch of each phase (with
+optimizer state) so that --resume never redoes a finished epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from hyperparameters import (BOTTOM_PRIOR_KEYS, TOP_PRIOR_KEYS, Config, bottom_p
 from rundir import PHASE_GRIDS, PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
 
 PROCESS_START = time.time()
-PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior"}
+PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior",
+               "refiner": "refiner"}
 
 
 def build_parser() -> ArgumentParser:
@@ -48,12 +50,16 @@ def build_parser() -> ArgumentParser:
                         help="run directory to write (default: runs/<timestamp>)")
     parser.add_argument("--epochs", type=int, help="VQ-VAE epochs (default: the preset's)")
     parser.add_argument("--prior-epochs", type=int, help="PixelCNN epochs, of each prior (default: the preset's)")
+    parser.add_argument("--refiner-epochs", type=int,
+                        help="refiner epochs, trained last on the VQ-VAE and the top prior; 0 for none (default: the "
+                             "preset's: 27 for default, 0 for seed)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out from its last completed epoch")
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
                         help="reuse the finished VQ-VAE of RUN_DIR (a train.py run, or a copy without checkpoints/ such "
-                             "as pretrained/) and train only new PixelCNN priors; RUN_DIR must have the same "
-                             "hyperparameters except prior_*, temperature and top_p, and the same --data")
+                             "as pretrained/) and train only new PixelCNN priors and refiner; RUN_DIR must have the "
+                             "same hyperparameters except prior_*, refiner_*, temperature and top_p, and the same "
+                             "--data")
     parser.add_argument("--keep-top-prior", action="store_true",
                         help="with --vqvae-from: also reuse RUN_DIR's finished top prior and train only a new bottom "
                              "prior (to compare bottom priors under one top prior); RUN_DIR's hyperparameters must "
@@ -62,7 +68,8 @@ def build_parser() -> ArgumentParser:
                         help="with --vqvae-from: also reuse RUN_DIR's finished bottom prior and train only a new top "
                              "prior (to compare top priors under one bottom prior, which trains on real top codes and "
                              "so does not depend on the top prior); RUN_DIR's hyperparameters must then differ only "
-                             "in the top prior's fields (hyperparameters.TOP_PRIOR_KEYS)")
+                             "in the top prior's fields (hyperparameters.TOP_PRIOR_KEYS). With --keep-top-prior too: "
+                             "reuse both priors and train only a refiner (refiner_epochs above 0)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(args)
     chief = is_chief(tf_config() if args.strategy == "multiworker" else None)
     run = check_run_dir(args, config, chief)
-    kept = kept_phases(args)
+    kept = kept_phases(args, config)
     source = check_vqvae_source(args.vqvae_from, config, kept) if args.vqvae_from is not None else None
     verbose = keras_verbosity(args)
     slices = load_training_data(args, config, run, source, progress=verbose == 1)
@@ -117,14 +124,16 @@ def resolve_config(args) -> Config:
     for flag, value in (("--epochs", args.epochs), ("--prior-epochs", args.prior_epochs)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.refiner_epochs is not None and args.refiner_epochs < 0:
+        raise UserError(f"--refiner-epochs must be 0 (no refiner) or more, got {args.refiner_epochs}")
     flags = ((args.epochs, ["epochs"]), (args.prior_epochs, ["prior_epochs", "top_prior_epochs"]),
-             (args.seed, ["seed"]))
+             (args.refiner_epochs, ["refiner_epochs"]), (args.seed, ["seed"]))
     config = config_from_args(args, [f"{key}={value}" for value, keys in flags if value is not None for key in keys])
-    for key in ("epochs", "prior_epochs", "top_prior_epochs", "batch_size", "prior_batch_size"):
+    for key in ("epochs", "prior_epochs", "top_prior_epochs", "batch_size", "prior_batch_size", "refiner_batch_size"):
         if getattr(config, key) < 1:
             raise UserError(f"--set {key}={getattr(config, key)}: {key} must be at least 1")
-    if not math.isfinite(config.learning_rate) or not math.isfinite(config.prior_learning_rate):
-        raise UserError("--set: learning_rate and prior_learning_rate must be finite numbers")
+    if not all(map(math.isfinite, (config.learning_rate, config.prior_learning_rate, config.refiner_learning_rate))):
+        raise UserError("--set: learning_rate, prior_learning_rate and refiner_learning_rate must be finite numbers")
     return config
 
 
@@ -176,13 +185,15 @@ def check_run_dir(args, config: Config, chief: bool) -> RunDir:
 KEEP_FLAGS = {"prior_top": "--keep-top-prior", "prior": "--keep-bottom-prior"}
 
 
-def kept_phases(args) -> tuple[str, ...]:
+def kept_phases(args, config: Config) -> tuple[str, ...]:
     """The phases --vqvae-from copies from its run: the VQ-VAE, and the prior of --keep-top-prior or
-    --keep-bottom-prior; UserError for a keep flag without --vqvae-from, or both."""
+    --keep-bottom-prior, or both (to train only a refiner); UserError for a keep flag without --vqvae-from, or both
+    without refiner epochs."""
     kept = tuple(phase for phase, wanted in (("prior_top", args.keep_top_prior), ("prior", args.keep_bottom_prior))
                  if wanted)
-    if len(kept) == 2:
-        raise UserError("--keep-top-prior and --keep-bottom-prior together leave no prior to train; give one")
+    if len(kept) == 2 and not config.refiner_epochs:
+        raise UserError("--keep-top-prior and --keep-bottom-prior together leave only a refiner to train, and this "
+                        "config has refiner_epochs=0; give one of them, or --refiner-epochs N")
     if kept and args.vqvae_from is None:
         raise UserError(f"{KEEP_FLAGS[kept[0]]} needs --vqvae-from RUN_DIR, the run whose prior to keep")
     return ("vqvae", *kept)
@@ -207,7 +218,7 @@ def check_vqvae_source(path: Path, config: Config, kept: tuple[str, ...] = ("vqv
     differ = vqvae_differences(saved.to_dict(), config.to_dict())
     if differ:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "
-                        f"({', '.join(differ)}); give the same --preset and --set values except prior_*")
+                        f"({', '.join(differ)}); give the same --preset and --set values except prior_* and refiner_*")
     if state.epochs_done("vqvae") < config.epochs:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {state.epochs_done('vqvae')} of {config.epochs} "
                         f"epochs; finish it first with python train.py --resume --out {source}")
@@ -269,7 +280,7 @@ def open_run_dir(args, config: Config, run: RunDir, source: RunState | None, sli
                   f"{', '.join(sorted(removed))}", flush=True)
         state.rewrite_histories()
     if source is not None and not state.epochs_done("vqvae"):
-        state.adopt_phases(source, kept_phases(args))
+        state.adopt_phases(source, kept_phases(args, config))
     if state.data.get("data_fingerprint") is None:
         state.record_data(slices.fingerprint(), str(args.data))
     return state
@@ -280,8 +291,8 @@ def open_run_dir(args, config: Config, run: RunDir, source: RunState | None, sli
 # ---------------------------------------------------------------------------------------------------------------
 
 def train_run(args, config: Config, run: RunDir, state: RunState, slices, strategy, verbose: int) -> int:
-    """Trains the VQ-VAE, encodes the slices, trains each grid's prior, writes the summary; 1 when a phase's loss
-    turned NaN or infinite."""
+    """Trains the VQ-VAE, encodes the slices, trains each grid's prior, then the refiner (refiner_epochs), writes the
+    summary; 1 when a phase's loss turned NaN or infinite."""
     import keras
     import tensorflow as tf
 
@@ -308,6 +319,11 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
         if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(config, grid, train, validate,
                                                                                  precision=precision, **fit)):
             return 1
+    if config.refiner_epochs:
+        announce_phase(config, state, "refiner", precision)
+        if not finished_finitely(config, state, "refiner", train_refiner(config, train_set, validate_set,
+                                                                          precision=precision, **fit)):
+            return 1
 
     summary = summarize(args, config, slices, state, strategy, time.time() - wall_start, precision)
     run.write_summary(summary)
@@ -319,16 +335,22 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
 
 
 def phase_epochs(config: Config, phase: str) -> int:
-    """The epochs of a phase: the VQ-VAE's, or the prior's of its code grid (0 for a grid the run does not have)."""
+    """The epochs of a phase: the VQ-VAE's, the refiner's, or the prior's of its code grid (0 for a grid the run does
+    not have)."""
     if phase == "vqvae":
         return config.epochs
+    if phase == "refiner":
+        return config.refiner_epochs
     grid = PHASE_GRIDS[phase]
     return config.prior_field("prior_epochs", grid) if grid in config.code_grids else 0
 
 
 def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
     """(the metric that picks a phase's best epoch, "max" or "min"): SSIM for the VQ-VAE, bits per code for a
-    prior; on the validation split when there is one."""
+    prior, on the validation split when there is one; the epoch number for the refiner, whose losses say nothing of
+    how real its slices look (an adversarial game's losses stay level while it improves), so it keeps the last."""
+    if phase == "refiner":
+        return "epoch", "max"
     metric, mode = ("ssim", "max") if phase == "vqvae" else ("bits_per_code", "min")
     return ("val_" + metric if validated else metric), mode
 
@@ -352,7 +374,8 @@ def finished_finitely(config: Config, state: RunState, phase: str, checkpoint) -
     plot_history(state)
     if checkpoint is None or not checkpoint.diverged:
         return True
-    done, rate_key = state.epochs_done(phase), "learning_rate" if phase == "vqvae" else "prior_learning_rate"
+    done = state.epochs_done(phase)
+    rate_key = {"vqvae": "learning_rate", "refiner": "refiner_learning_rate"}.get(phase, "prior_learning_rate")
     kept = (f"epochs 1-{done} are saved ({state.run.model_path(phase)} is the best of them); train again in a new "
             f"--out" if done else "no epoch of it completed, so none was saved; train again")
     print(f"error: the {PHASE_NAMES[phase]} loss or weights became NaN or infinite in epoch {done + 1}, so "
@@ -465,13 +488,14 @@ def epoch_checkpointer(phase: str, state: RunState, monitor: str, mode: str):
             row = {"epoch": epoch + 1, **logs, "seconds": round(time.perf_counter() - self.epoch_start, 2),
                    "elapsed": round(time.time() - PROCESS_START, 2)}
             best = state.best_row(phase, monitor, mode)
-            improved = monitor in logs and (best is None or (logs[monitor] > best[monitor] if mode == "max"
-                                                             else logs[monitor] < best[monitor]))
+            improved = monitor in row and (best is None or (row[monitor] > best[monitor] if mode == "max"
+                                                            else row[monitor] < best[monitor]))
             with sigint_deferred():
                 state.commit_epoch(phase, row, self.model, improved)
 
         def on_batch_end(self, batch, logs=None):
-            if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
+            loss = (logs or {}).get("loss", (logs or {}).get("refiner_loss"))
+            if loss is not None and not math.isfinite(float(loss)):
                 self.diverged = self.model.stop_training = True
 
     return EpochCheckpoint()
@@ -580,6 +604,61 @@ def train_prior(config, grid, train, validate, precision, strategy, state, verbo
     return checkpoint
 
 
+def train_refiner(config, train_set, validate_set, precision, strategy, state, verbose, callbacks):
+    """Trains (or resumes) the refiner (modules.AdversarialRefiner) on pairs of refiner_inputs and their slices,
+    left-right flipped together, validated on the validation slices' pairs, computing in `precision`; returns its
+    epoch checkpointer, or None when it had already finished."""
+    import keras
+
+    from dataset import make_tf_dataset, with_pipeline_options
+    from modules import AdversarialRefiner, compute_precision
+
+    done = state.epochs_done("refiner")
+    monitor, mode = phase_monitor("refiner", len(validate_set) > 0)
+    with compute_precision(precision):
+        model, finished = resume_phase(state, "refiner", config.refiner_epochs, monitor, mode, strategy)
+    if finished:
+        return None
+    with strategy.scope(), compute_precision(precision):
+        if not done:
+            model = AdversarialRefiner(config.to_dict(), name="adversarial_refiner")
+            model.build()
+            model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5),
+                          jit_compile=False)
+    train_pairs, validate_pairs = refiner_pairs(state.run, config, train_set, validate_set)
+    fit_under_strategy(model, strategy, train_pairs[:1])
+    train = make_tf_dataset(train_pairs, config.refiner_batch_size, shuffle=True, seed=config.seed)
+    train = with_pipeline_options(random_flips(train, config.seed))
+    validate = None
+    if len(validate_pairs):
+        validate = with_pipeline_options(make_tf_dataset(validate_pairs, config.refiner_batch_size, shuffle=False))
+    checkpoint = epoch_checkpointer("refiner", state, monitor, mode)
+    model.fit(train, validation_data=validate, epochs=config.refiner_epochs, initial_epoch=done, verbose=verbose,
+              shuffle=False, callbacks=[checkpoint, *callbacks])
+    return checkpoint
+
+
+def refiner_pairs(run: RunDir, config: Config, train_set, validate_set) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 2) [smooth input, slice] pairs from the best VQ-VAE and top prior: refiner_draws of the
+    training slices' refiner_inputs each (each draw its own random bottom codes) and one of the validation slices',
+    drawn from one seeded generator (a resumed run trains on the same pairs)."""
+    import keras
+
+    from modules import refiner_inputs
+
+    vqvae, top_prior = (keras.saving.load_model(run.model_path(phase), compile=False, safe_mode=True)
+                        for phase in ("vqvae", "prior_top"))
+    rng = np.random.default_rng([config.seed, 2])
+
+    def pairs(subset, draws):
+        if not len(subset):
+            return np.zeros((0, config.image_size, config.image_size, 2), np.float32)
+        return np.concatenate([np.stack([refiner_inputs(vqvae, top_prior, config, subset.images, subset.levels, rng),
+                                         subset.images], axis=-1) for _ in range(draws)])
+
+    return pairs(train_set, config.refiner_draws), pairs(validate_set, 1)
+
+
 def encode_for_priors(run: RunDir, config: Config, train_set, validate_set, grids) -> tuple[dict, dict]:
     """The priors' data from the best VQ-VAE: codes by grid of the training slices, of their left-right flips (when
     `prior_flip`), of as many deformed copies as the priors of `grids` (those still to train) take, and of the
@@ -609,7 +688,9 @@ def plot_history(state: RunState) -> None:
 
     panels = {"vqvae": [("loss", "loss"), ("ssim", "SSIM"), ("perplexity", "code perplexity")],
               "prior_top": [("bits_per_code", "top prior, bits per code")],
-              "prior": [("bits_per_code", "bits per code")]}
+              "prior": [("bits_per_code", "bits per code")],
+              "refiner": [("refiner_loss", "refiner loss"), ("critic_loss", "critic hinge loss"),
+                          ("layout_error", "L1 of 4x4 means")]}
     for phase, metrics in panels.items():
         rows = state.history(phase)
         if not rows:
@@ -655,6 +736,8 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
         "priors": priors,
+        "refiner": ({"epochs": state.epochs_done("refiner"), **state.history("refiner")[-1]}
+                    if state.epochs_done("refiner") else None),
         "prior_precision": precision,
         "wall_seconds": {phase: round(sum(row["seconds"] for row in state.history(phase)), 1) for phase in PHASES},
         "this_session_seconds": round(session_seconds, 1),

@@ -1,7 +1,6 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables, medians, the slices nearest given levels, the top
-prior's teacher-forced logits and the expected decoding of real top codes, and the realism rows' scores and figure
-(bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
+description, training-step timing on random code grids, tables, medians, the slices nearest given levels, and the
+realism rows' scores and figure (bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
 
 import os
 import platform
@@ -98,31 +97,6 @@ def two_level_run_and_held_out_slices(parser, args, needs: str):
         parser.error(f"--run {args.run} has a single code grid; this benchmark needs a two-level run")
     everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     return run, draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
-
-
-def top_prior_logits(run, codes: dict, levels, batch_size: int = 64) -> np.ndarray:
-    """(n, t, t, num_codes) float32 logits of the top prior on the slices' real top codes (`codes`, encode_all's):
-    each position's distribution given the true codes before it (teacher forcing), in batches."""
-    from modules import grid_inputs
-
-    inputs = grid_inputs("top", codes, levels)
-    return np.concatenate([np.asarray(run.priors["top"]({name: value[start:start + batch_size]
-                                                         for name, value in inputs.items()}), np.float32)
-                           for start in range(0, len(levels), batch_size)])
-
-
-def expected_top_decoding(run, generator, codes: dict, levels, bottom, batch_size: int = 128) -> np.ndarray:
-    """(n, size, size) slices: their real top codes (`codes`, encode_all's) decoded as predict.py decodes a sampled
-    top grid, each position as the codebook vectors weighted by the top prior's teacher-forced softmax at the run's
-    top_decoding_temperature, under (n, side, side) `bottom` codes; `generator` is the run's SliceGenerator."""
-    from modules import top_decoding_weights
-
-    weights = np.asarray(top_decoding_weights(codes["top"], top_prior_logits(run, codes, levels),
-                                              run.config.top_decoding_temperature))
-    return np.concatenate([generator.render({"top": codes["top"][start:start + batch_size],
-                                             "bottom": bottom[start:start + batch_size]},
-                                            weights[start:start + batch_size])
-                           for start in range(0, len(levels), batch_size)])
 
 
 def score_rows(rows: dict, real, tissue: float, seed: int) -> list[list[str]]:

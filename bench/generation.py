@@ -7,8 +7,9 @@ top grid first, then the bottom one given it), calling `model.predict` on the wh
 drawing that position's code. Project: modules.SliceGenerator (what predict.py uses), one compiled loop per grid
 that computes only what the new position needs. Same weights, same batch, same levels, same process. The project
 figure is the median of --repeats calls of one SliceGenerator after its first call, which traces the loops
-(reported as 'first call': what a one-off modules.generate costs). The baseline costs one identical
-full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
+(reported as 'first call': what a one-off modules.generate costs), with the share of it that the run's refiner
+takes (the median of as many refinements of the decoded slices; none for a run without one). The baseline costs
+one identical full `predict` per position (about 20 minutes for a 64x64 grid), so each grid is timed on its first
 --baseline-positions positions and scaled to the grid. --threads N runs the whole process with N TensorFlow
 threads per pool (the sampling loops are thousands of tiny ops, where splitting each op over the cores can cost
 more than it saves). The table's header gives the share of CPU time the host's other tenants took meanwhile.
@@ -25,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, SliceGenerator, build_prior, prior_inputs
+from modules import VQVAE, Refiner, SliceGenerator, build_prior, prior_inputs
 from rundir import Run, RunDir, load_run
 
 
@@ -66,7 +67,11 @@ def models(preset, run):
     config = make_config(preset)
     vqvae = VQVAE(config.to_dict())
     vqvae.build()
-    return Run(config, vqvae, {grid: build_prior(config, grid) for grid in config.code_grids}), "random weights"
+    refiner = Refiner(config.to_dict()) if config.refiner_epochs else None
+    if refiner is not None:
+        refiner.build()
+    priors = {grid: build_prior(config, grid) for grid in config.code_grids}
+    return Run(config, vqvae, priors, refiner), "random weights"
 
 
 def main():
@@ -96,19 +101,23 @@ def main():
         generate = SliceGenerator(run)
         first = timed(lambda: generate(levels, 1.0, 0))
         ours = median([timed(lambda: generate(levels, 1.0, seed)) for seed in range(1, args.repeats + 1)])
+        refining = "none"
+        if generate.refiner is not None:
+            decoded = generate(levels, 1.0, 0, refine=False)
+            refining = f"{median([timed(lambda: generate.refined(decoded)) for _ in range(args.repeats)]):.3f}"
         sides = [run.priors[grid].side for grid in run.config.code_grids]
         base = median([baseline_seconds(run, levels, seed, args.baseline_positions)
                        for seed in range(args.baseline_repeats)])
         grids = " + ".join(f"{side}x{side}" for side in sides)
         scaled = any(side * side > args.baseline_positions for side in sides)
         measured = f"first {args.baseline_positions} positions per grid, scaled" if scaled else "all"
-        rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}",
+        rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}", refining,
                      f"{base / ours:.0f}x"])
     threads = f"{args.threads} intra-op and inter-op threads" if args.threads else "TensorFlow's default threads"
     print(f"Generating {args.num} decoded slices, seconds; {machine()}; TensorFlow {tf.__version__}, {threads}; "
           f"{steal_share(before, cpu_times()):.0%} of the CPU time stolen by the host's other tenants meanwhile")
     print_table(["preset", "code grids", "weights", "baseline: predict per position", "OASISVQ first call",
-                 f"OASISVQ (median of {args.repeats})", "speed-up"], rows)
+                 f"OASISVQ (median of {args.repeats})", "of which refining", "speed-up"], rows)
 
 
 if __name__ == "__main__":

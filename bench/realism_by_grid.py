@@ -23,7 +23,8 @@ lower is blurrier) and, for the rows made from the real slices, the mean SSIM of
 - real top, bottom at temperature 0.3: the same, the bottom codes drawn near the prior's most likely ones (what the
   bottom prior adds at its surest: if this row is no closer to the real slices than random bottom codes, the bottom
   prior has not learned the detail the real bottom codes hold);
-- sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels).
+- sampled: both grids sampled (SliceGenerator.many, as predict.py generates, here at the real slices' levels),
+  without the refiner of a run that has one (bench/refiner.py scores what it adds).
 The steps from one row to the next show what each part loses. Rows built from real slices keep their subjects as
 the classifier's groups (neighbouring slices of a subject are near copies); sampled rows are each their own group.
 --figure draws the eight sets side by side at a few levels (the same slices in each set), for what no figure here
@@ -33,13 +34,13 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import (ROOT, SCORE_HEADERS, expected_top_decoding, machine, print_table, save_rows_figure, score_rows,
+from common import (ROOT, SCORE_HEADERS, machine, print_table, save_rows_figure, score_rows,
                     two_level_run_and_held_out_slices)
 
 import numpy as np
 
 from measures import reconstruct
-from modules import SliceGenerator, encode_all
+from modules import SliceGenerator, encode_all, expected_top_decoding
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 BLUR_SIGMA = 0.8  # pixels: real slices this soft have the samples' edge strength
@@ -51,14 +52,14 @@ def blurred(slices: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(image, BLUR_SIGMA) for image in slices]).astype(np.float32)
 
 
-def expected_top_row(run, generator, codes, levels, bottom, subjects) -> dict:
+def expected_top_row(run, codes, levels, bottom, subjects) -> dict:
     """{name: (slices, subjects)} of the real top codes decoded as expected vectors under the top prior's logits
     given them (teacher forcing) at the run's top_decoding_temperature, over `bottom`; empty when that is 0."""
     temperature = run.config.top_decoding_temperature
     if not temperature:
         return {}
     return {f"real top codes as expected vectors (t {temperature:g}), random bottom":
-            (expected_top_decoding(run, generator, codes, levels, bottom), subjects)}
+            (expected_top_decoding(run.vqvae, run.priors["top"], codes, levels, bottom, temperature), subjects)}
 
 
 def main():
@@ -86,11 +87,12 @@ def main():
         f"real, blurred (Gaussian, sigma {BLUR_SIGMA:g} px)": (blurred(real.slices), real.subjects),
         "reconstructed": (reconstruct(run.vqvae, real.slices, progress=False), real.subjects),
         "real top codes, random bottom": (generator.render({"top": top, "bottom": random_bottom}), real.subjects),
-        **expected_top_row(run, generator, codes, real.levels, random_bottom, real.subjects),
-        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top), real.subjects),
-        "real top codes, bottom at temperature 0.3": (generator.many(real.levels, 0.3, args.seed, top=top),
-                                                      real.subjects),
-        "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed), None),
+        **expected_top_row(run, codes, real.levels, random_bottom, real.subjects),
+        "real top codes, sampled bottom": (generator.many(real.levels, 1.0, args.seed, top=top, refine=False),
+                                           real.subjects),
+        "real top codes, bottom at temperature 0.3": (
+            generator.many(real.levels, 0.3, args.seed, top=top, refine=False), real.subjects),
+        "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed, refine=False), None),
     }
     table = score_rows(rows, real, run.config.tissue_intensity, args.seed)
     print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "

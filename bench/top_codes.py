@@ -22,14 +22,13 @@ its top codes; the fourth shows what is left once the part of them the prior can
 import argparse
 from pathlib import Path
 
-from common import (ROOT, machine, print_table, save_rows_figure, top_prior_logits,
-                    two_level_run_and_held_out_slices)
+from common import ROOT, machine, print_table, save_rows_figure, two_level_run_and_held_out_slices
 
 import keras
 import numpy as np
 
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
-from modules import SliceGenerator, encode_all, neighbour_agreement, top_decoding_weights
+from modules import SliceGenerator, encode_all, neighbour_agreement, teacher_forced_logits, top_decoding_weights
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -45,7 +44,7 @@ def top_bits_by_region(run, codes: dict, levels: np.ndarray, tissue: np.ndarray,
                        batch_size: int = 64) -> tuple[float, float]:
     """Mean bits per code of the top prior on the slices' real top codes (`codes`, encode_all's), at the `tissue`
     positions and outside them."""
-    logits = top_prior_logits(run, codes, levels, batch_size)
+    logits = teacher_forced_logits(run.priors["top"], "top", codes, levels, batch_size)
     bits = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
         codes["top"], logits, from_logits=True)) / np.log(2.0)
     return float(bits[tissue].mean()), float(bits[~tissue].mean())

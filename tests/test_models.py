@@ -135,10 +135,11 @@ def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
 
 
 @pytest.mark.parametrize("kept, free, fixed", [
-    ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9"],
+    ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9",
+             "refiner_epochs=3"],
      ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
     ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
-                "top_prior_context_corruption=0.1", "temperature=0.9"],
+                "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8"],
      ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"]),
 ])
 def test_a_kept_prior_allows_only_the_other_priors_and_sampling_fields_to_change(kept, free, fixed):
@@ -507,6 +508,79 @@ def test_top_decoding_temperature_decodes_the_mean_top_vector_under_the_priors_s
                                   generator(levels, 0.8, 4, top=codes["top"], top_decoding_temperature=0.0))
 
 
+def test_the_refiner_trains_on_what_the_generator_decodes_and_the_generator_refines_its_slices():
+    """expected_top_decoding of a sample's own codes is the slice SliceGenerator decodes from them (so the refiner
+    trains on exactly what it is later given), and a run with a refiner passes its slices through it, clipped."""
+    config = make_config("default", [*SMALL_TWO_LEVEL, "refiner_filters=4"])
+    vqvae = VQVAE(config.to_dict())
+    vqvae.build()
+    priors = {grid: build_prior(config, grid) for grid in config.code_grids}
+    refiner = modules.Refiner(config.to_dict())
+    refiner.build()
+    levels = np.array([0.2, np.nan, 0.7], np.float32)
+    generator = SliceGenerator(Run(config, vqvae, priors, refiner))
+    drawn = drawn_codes(generator, levels, temperature=0.8, seed=4)
+    plain = generator(levels, 0.8, 4, refine=False)
+    codes = {grid: drawn[grid] for grid in config.code_grids}
+    np.testing.assert_allclose(modules.expected_top_decoding(vqvae, priors["top"], codes, levels, drawn["bottom"],
+                                                             config.top_decoding_temperature), plain, atol=1e-4)
+    refined = generator(levels, 0.8, 4)
+    np.testing.assert_allclose(refined, np.clip(np.asarray(refiner(plain[..., None]))[..., 0], 0, 1), atol=1e-5)
+    assert np.abs(refined - plain).max() > 1e-3
+    np.testing.assert_array_equal(SliceGenerator(Run(config, vqvae, priors))(levels, 0.8, 4), plain)
+
+
+def test_adversarial_refiner_steps_both_networks_and_resumes_from_its_checkpoint(tmp_path):
+    """One fit steps the refiner and the critic under one optimizer and reports every loss; the checkpoint reloads
+    with that optimizer's state; the shipped copy is the refiner alone, computing what it computed, and the refiner
+    is its input plus a residual."""
+    config = make_config("default", ["image_size=32", "refiner_filters=4", "refiner_batch_size=4"])
+    model = modules.AdversarialRefiner(config.to_dict())
+    model.build()
+    model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5))
+    before = [weights.get_weights() for weights in (model.refiner, model.critic)]
+    pairs = np.random.default_rng(0).random((8, 32, 32, 2)).astype("float32")
+    logs = model.fit(pairs, batch_size=4, epochs=1, verbose=0).history
+    assert set(logs) == {"critic_loss", "refiner_loss", "feature_matching", "layout_error", "outline_error"}
+    assert all(np.isfinite(values[0]) for values in logs.values())
+    for network, weights in zip((model.refiner, model.critic), before):
+        assert any(np.abs(new - old).max() > 0 for new, old in zip(network.get_weights(), weights)), network.name
+    save_model(model, tmp_path / "checkpoint.keras")
+    loaded = keras.saving.load_model(tmp_path / "checkpoint.keras", safe_mode=True)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) > 2
+    for new, old in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    shipped = rundir.weights_only_copy(model)
+    assert isinstance(shipped, modules.Refiner) and not shipped.compiled
+    slices = pairs[:2, ..., :1]
+    np.testing.assert_array_equal(np.asarray(shipped(slices)), np.asarray(model.refiner(slices)))
+    shipped.outlet.set_weights([np.zeros_like(weights) for weights in shipped.outlet.get_weights()])
+    np.testing.assert_array_equal(np.asarray(shipped(slices)), slices)
+
+
+def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
+    from hyperparameters import REFINER_KEYS, Config, refiner_differences
+
+    values = make_config("default").to_dict()
+    for key in REFINER_KEYS:
+        values.pop(key)
+    assert Config.from_dict(values).refiner_epochs == 0
+    assert make_config("default").refiner_epochs == 27 and make_config("seed").refiner_epochs == 0
+    base = make_config("default").to_dict()
+    assert refiner_differences(base, make_config("default", ["prior_filters=12", "temperature=0.5"]).to_dict()) == []
+    for fixed in ("refiner_filters=16", "top_prior_filters=12", "epochs=3"):
+        assert refiner_differences(base, make_config("default", [fixed]).to_dict()) == [fixed.split("=")[0]]
+    for overrides, message in ((["top_decoding_temperature=0"], "refiner_epochs needs a top grid"),
+                               (["refiner_epochs=-1"], "refiner_epochs must be 0 or more"),
+                               (["refiner_outline_weight=nan"], "refiner_outline_weight must be 0 or more"),
+                               (["refiner_filters=0"], "refiner_filters must be at least 1"),
+                               (["refiner_learning_rate=0"], "refiner_learning_rate must be a positive number"),
+                               (["image_size=36", "encoder_strides=2", "top_strides=2"], "divisible by 8")):
+        with pytest.raises(ValueError, match=message):
+            make_config("default", overrides)
+    assert make_config("default", ["top_decoding_temperature=0", "refiner_epochs=0"]).refiner_epochs == 0
+
+
 def drawn_codes(generator, levels, temperature, seed) -> dict:
     """The codes (and the top grid's logits) that generator(levels, temperature, seed) draws, from its samplers
     called as it calls them."""
@@ -526,7 +600,7 @@ def monkeypatch_decoded_codes(monkeypatch, generator) -> list:
 
 
 def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path):
-    """Both presets' VQ-VAEs (one grid and two) and all three prior kinds, with their conditions."""
+    """Both presets' VQ-VAEs (one grid and two), all three prior kinds, with their conditions, and a refiner."""
     images = np.random.default_rng(0).random((6, 32, 32, 1)).astype("float32")
     expected = {}
     for preset, overrides in (("seed", ["image_size=32", "prior_filters=16", "encoder_strides=2,2",
@@ -547,6 +621,13 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
                                   codes.get("top") if grid == "bottom" else None)
             np.savez(tmp_path / f"{preset}_{grid}_inputs.npz", **inputs)
             expected[f"{preset}_{grid}"] = np.asarray(prior(inputs))
+        if preset == "default":
+            adversarial = modules.AdversarialRefiner({**config.to_dict(), "refiner_filters": 4})
+            adversarial.build()
+            adversarial.compile(optimizer="adam")
+            adversarial.fit(np.concatenate([images, images], axis=-1), epochs=1, batch_size=3, verbose=0)
+            save_model(rundir.weights_only_copy(adversarial), tmp_path / "default_refiner.keras")
+            expected["default_refiner"] = np.asarray(adversarial.refiner(images))
     np.save(tmp_path / "images.npy", images)
     script = (
         "import sys, glob, os, numpy as np, keras\n"
@@ -556,14 +637,14 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
         "for path in glob.glob(d + '/*.keras'):\n"
         "    name = os.path.basename(path)[:-6]\n"
         "    model = keras.saving.load_model(path, safe_mode=True)\n"
-        "    if name.endswith('vqvae'):\n"
+        "    if name.endswith(('vqvae', 'refiner')):\n"
         "        out = model(np.load(d + '/images.npy'))\n"
         "    else:\n"
         "        out = model(dict(np.load(d + '/' + name + '_inputs.npz')))\n"
         "    np.save(d + '/out_' + name + '.npy', np.asarray(out))\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path), str(ROOT)], check=True,
                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert len(expected) == 5
+    assert len(expected) == 6
     for name, values in expected.items():
         np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), values, err_msg=name)
 

@@ -23,8 +23,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from conftest import (RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices, read_history,  # noqa: E402
-                      run_script, start_script, state_of)
+from conftest import (RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,  # noqa: E402
+                      make_brain_slices, read_history, run_script, start_script, state_of)
 
 EPOCHS, PRIOR_EPOCHS = 8, 5  # enough that a kill after the first epoch of a phase lands inside it
 SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--set", "encoder_filters=8,8,16,16",
@@ -193,6 +193,28 @@ def test_kill_in_prior_phase_resumes_the_prior_without_retraining_the_vqvae(sigi
     before = keras.saving.load_model(sigint_run["vqvae_at_kill"], compile=False).get_weights()
     after = keras.saving.load_model(out / "vqvae.keras", compile=False).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_sigkill_in_refiner_phase_resumes_the_refiner_alone(two_level_run, tmp_path):
+    """A refiner phase SIGKILLed after its first committed epoch resumes from its checkpoint (optimizer and critic
+    included): every epoch once, none of the earlier phases retrained, and a refiner.keras that loads."""
+    data, source = two_level_run
+    out, epochs = tmp_path / "refined", 30
+    flags = ["train.py", "--data", data, "--out", out, "--vqvae-from", source, "--keep-top-prior",
+             "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
+    process = start_script(*flags, log=tmp_path / "killed")
+    wait_for_epochs(process, out, "refiner", 1, tmp_path / "killed")
+    process.kill()
+    process.wait()
+    done = len(state_of(out)["history"]["refiner"])
+    assert 1 <= done < epochs
+    resumed = run_script(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: {done} of {epochs} refiner epochs done" in resumed.stdout
+    assert "PixelCNN prior: all 1 epochs already done" in resumed.stdout
+    assert epochs_of(out / "history_refiner.csv") == list(range(1, epochs + 1))
+    assert (out / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
+    assert type(load_keras(out / "refiner.keras")).__name__ == "Refiner"
 
 
 def test_same_seed_gives_identical_first_epoch_losses(sigkill_run, sigint_run):

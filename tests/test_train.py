@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (PROJECT_ROOT, RUN_FILES, SEED_FLAGS, assert_clean_usage_error, make_brain_slices,
-                      read_history, run_script, state_of)
+from conftest import (PROJECT_ROOT, RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,
+                      make_brain_slices, read_history, run_script, state_of)
 
 ROOT = PROJECT_ROOT
 
@@ -146,22 +146,14 @@ def test_vqvae_from_takes_a_finished_run_copied_without_its_checkpoints(trained,
     assert_clean_usage_error(unfinished, "--vqvae-from", "state.json")
 
 
-TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1", "--set", "image_size=32",
-                  "--set", "batch_size=8", "--set", "prior_batch_size=8", "--set", "prior_filters=8",
-                  "--set", "top_prior_filters=8", "--set", "prior_condition_filters=8", "--set", "residual_filters=16",
-                  "--set", "prior_precision=float32"]
-
-
-def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_runs_kept_one(tmp_path):
+def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_runs_kept_one(two_level_run,
+                                                                                            tmp_path):
     """--vqvae-from RUN --keep-top-prior copies RUN's VQ-VAE and top prior and trains only the bottom prior (here a
     wider one); --keep-bottom-prior copies the bottom prior and trains only the top one (here a wider one with a
     condition mixer, on deformed copies of the slices too); predict.py samples both
     mixed runs. A kept prior's field that differs from RUN's, a keep flag without --vqvae-from, or both keep flags
-    are refused with one line before anything is created."""
-    data = make_brain_slices(tmp_path / "slices", size=32)
-    source = tmp_path / "source"
-    result = run_script("train.py", "--data", data, "--out", source, *TINY_TWO_LEVEL, "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
+    without refiner epochs are refused with one line before anything is created."""
+    data, source = two_level_run
     kept_files = {"--keep-top-prior": ("pixelcnn_top.keras", "history_prior_top.csv"),
                   "--keep-bottom-prior": ("pixelcnn.keras", "history_prior.csv")}
     for flag, changes, done_line, record in (
@@ -199,6 +191,35 @@ def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_r
     alone = run_script("train.py", "--data", data, "--out", other, "--keep-bottom-prior")
     assert_clean_usage_error(alone, "--keep-bottom-prior", "--vqvae-from")
     assert not other.exists()
+
+
+def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_level_run, tmp_path):
+    """--keep-top-prior --keep-bottom-prior with refiner epochs trains only the refiner on the source run's models;
+    predict.py, in fresh processes, refines its samples (the same from the same seed) and --no-refine shows the
+    decoder's slices."""
+    data, source = two_level_run
+    run = tmp_path / "refined"
+    result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
+                        "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", "2", *TINY_REFINER, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PixelCNN prior: all 1 epochs" in result.stdout and "refiner: 2 epochs" in result.stdout
+    for name in ("vqvae.keras", "pixelcnn_top.keras", "pixelcnn.keras"):
+        assert (run / name).read_bytes() == (source / name).read_bytes(), name
+    assert [row["epoch"] for row in read_history(run / "history_refiner.csv")] == ["1", "2"]
+    assert (run / "refiner_curves.png").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["refiner"]["epochs"] == 2 and np.isfinite(summary["refiner"]["refiner_loss"])
+    assert json.loads((run / "config.json").read_text())["refiner_epochs"] == 2
+    samples = {}
+    for name, flags in (("refined", []), ("again", []), ("plain", ["--no-refine"])):
+        out = tmp_path / name
+        result = run_script("predict.py", "--run", run, "--num", "3", "--seed", "1", "--out", out, "--no-progress",
+                            *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "generation.json").read_text())["refined"] is (name != "plain")
+        samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
+    assert samples["refined"] == samples["again"]
+    assert all(refined != plain for refined, plain in zip(samples["refined"], samples["plain"]))
 
 
 def test_a_folder_a_failed_run_left_without_a_finished_epoch_is_started_over(trained):

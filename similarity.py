@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from measures import reconstruct, slice_scores
     from rundir import atomic_write_text, load_run
 
-    config, vqvae, _ = load_run(args.run, need_prior=False)
+    run = load_run(args.run, need_prior=False)
+    config, vqvae = run.config, run.vqvae
     slices = load_slices(args.data, config, args.cache, args.oasis_url, args.discs, args.delete_archives,
                          args.strict, progress=not args.no_progress).select(args.split)
     if not len(slices):

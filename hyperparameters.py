@@ -191,15 +191,19 @@ class Config:
     # cutting the brain's outline (refiner_outline_weight: how far the refined slice falls below tissue_intensity
     # where the real one is above it). 0 epochs: no refiner, predict.py shows the decoder's slices.
     refiner_epochs: int = 27  # of refiner_draws * training slices / refiner_batch_size steps: 27 = about 4,000
-    refiner_filters: int = 32  # of its full-resolution convolutions; twice that at 1/2, four times at 1/4
+    # of its full-resolution convolutions; twice that at 1/2, four times at 1/4. 16: 64 samples in 4.59 s (1.44 s of
+    # refining at 32 took them to 5.71 s, over the 5-s target) and the brain-shaped fraction within 0.01-0.02 of
+    # real's at validate seeds 0-2 (0.05-0.07 below at 32; EXPERIMENTS.md)
+    refiner_filters: int = 16
     refiner_draws: int = 2
     refiner_batch_size: int = 16
     refiner_learning_rate: float = 2e-4  # Adam with beta_1 0.5, both networks, as in pix2pix
     refiner_feature_weight: float = 10.0
     refiner_layout_weight: float = 50.0
     # drawn sulci cut the outline into pieces (brain-shaped fraction of the samples 0.715 without the term, real's
-    # 0.777); at 1000, validate seeds 0-2: brain-shaped 0.754 / 0.742 / 0.723 (real 0.777 / 0.793 / 0.793) and the
-    # classifier 0.591 / 0.560 / 0.564, against 0.730 / 0.734 / 0.727 and 0.614 / 0.625 / 0.617 at 100 (EXPERIMENTS.md)
+    # 0.777); with 32 filters at 1000, validate seeds 0-2: brain-shaped 0.754 / 0.742 / 0.723 (real 0.777 / 0.793 /
+    # 0.793) and the classifier 0.591 / 0.560 / 0.564, against 0.730 / 0.734 / 0.727 and 0.614 / 0.625 / 0.617 at
+    # 100 (EXPERIMENTS.md)
     refiner_outline_weight: float = 1000.0
 
     @property

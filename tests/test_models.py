@@ -568,7 +568,7 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
     assert make_config("default").refiner_epochs == 27 and make_config("seed").refiner_epochs == 0
     base = make_config("default").to_dict()
     assert refiner_differences(base, make_config("default", ["prior_filters=12", "temperature=0.5"]).to_dict()) == []
-    for fixed in ("refiner_filters=16", "top_prior_filters=12", "epochs=3"):
+    for fixed in ("refiner_filters=8", "top_prior_filters=12", "epochs=3"):
         assert refiner_differences(base, make_config("default", [fixed]).to_dict()) == [fixed.split("=")[0]]
     for overrides, message in ((["top_decoding_temperature=0"], "refiner_epochs needs a top grid"),
                                (["refiner_epochs=-1"], "refiner_epochs must be 0 or more"),

@@ -121,6 +121,17 @@ SCORE_HEADERS = ["slices", "classifier AUC vs training slices", "brain-shaped fr
                  "edge strength", "SSIM with the real slice"]
 
 
+def report_rows(rows: dict, real, run, args, figure_levels, about: str, title: str) -> None:
+    """score_rows' table of `rows`, under a line of the slices, `about` the run, the seed and the machine; with
+    args.figure, save_rows_figure at the slices nearest `figure_levels`, titled `title`."""
+    table = score_rows(rows, real, run.config.tissue_intensity, args.seed)
+    print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}{about}, "
+          f"seed {args.seed}; {machine()}")
+    print_table(SCORE_HEADERS, table)
+    if args.figure:
+        save_rows_figure(args.figure, rows, real.levels, figure_levels, title)
+
+
 def save_rows_figure(path: Path, rows: dict, levels, figure_levels, title: str) -> None:
     """score_rows' sets side by side (figures.save_strips), each at the slices whose `levels` are nearest
     `figure_levels` (the same slices in every set)."""

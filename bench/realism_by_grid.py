@@ -34,8 +34,7 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import (ROOT, SCORE_HEADERS, machine, print_table, save_rows_figure, score_rows,
-                    two_level_run_and_held_out_slices)
+from common import ROOT, report_rows, two_level_run_and_held_out_slices
 
 import numpy as np
 
@@ -94,14 +93,8 @@ def main():
             generator.many(real.levels, 0.3, args.seed, top=top, refine=False), real.subjects),
         "sampled (both grids)": (generator.many(real.levels, 1.0, args.seed, refine=False), None),
     }
-    table = score_rows(rows, real, run.config.tissue_intensity, args.seed)
-    print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run}, "
-          f"seed {args.seed}; {machine()}")
-    print_table(SCORE_HEADERS, table)
-    if args.figure:
-        save_rows_figure(args.figure, rows, real.levels, FIGURE_LEVELS,
-                         f"the same {args.split} slices' levels in each row, run {args.run.name}, seed {args.seed}")
-
+    report_rows(rows, real, run, args, FIGURE_LEVELS, "",
+                f"the same {args.split} slices' levels in each row, run {args.run.name}, seed {args.seed}")
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,7 @@ realism_by_grid.py's measures beside:
 import argparse
 from pathlib import Path
 
-from common import (ROOT, SCORE_HEADERS, machine, print_table, save_rows_figure, score_rows,
-                    two_level_run_and_held_out_slices)
+from common import ROOT, report_rows, two_level_run_and_held_out_slices
 
 import numpy as np
 
@@ -58,14 +57,8 @@ def main():
                                                           None),
         "sampled, refined (as predict.py)": (generator.many(real.levels, 1.0, args.seed), None),
     }
-    table = score_rows(rows, real, run.config.tissue_intensity, args.seed)
-    print(f"{len(real.slices)} slices per row at the levels of the real {args.split} slices, run {args.run} "
-          f"({run.config.refiner_epochs} refiner epochs), seed {args.seed}; {machine()}")
-    print_table(SCORE_HEADERS, table)
-    if args.figure:
-        save_rows_figure(args.figure, rows, real.levels, FIGURE_LEVELS,
-                         f"refined and not at the {args.split} slices' levels, run {args.run.name}, seed {args.seed}")
-
+    report_rows(rows, real, run, args, FIGURE_LEVELS, f" ({run.config.refiner_epochs} refiner epochs)",
+                f"refined and not at the {args.split} slices' levels, run {args.run.name}, seed {args.seed}")
 
 if __name__ == "__main__":
     main()

@@ -195,6 +195,10 @@ class Config:
     # refining at 32 took them to 5.71 s, over the 5-s target) and the brain-shaped fraction within 0.01-0.02 of
     # real's at validate seeds 0-2 (0.05-0.07 below at 32; EXPERIMENTS.md)
     refiner_filters: int = 16
+    # the patch critic's first layer (its next ones 2x, 4x, 4x). At 64, pix2pix's, the phase's epochs took 41 s, at 32
+    # 29 s (1,117 s against 812 s in all), and validate seeds 0-2 scored classifier 0.610 / 0.593 / 0.595 against
+    # 0.620 / 0.626 / 0.631 (EXPERIMENTS.md)
+    refiner_critic_filters: int = 32
     refiner_draws: int = 2
     refiner_batch_size: int = 16
     refiner_learning_rate: float = 2e-4  # Adam with beta_1 0.5, both networks, as in pix2pix
@@ -280,6 +284,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("top_code_smoothness", 0.0)
     # and before the refiner existed, showed the decoder's slices
     values.setdefault("refiner_epochs", 0)
+    # and before refiner_critic_filters existed, trained it against a 64-filter critic
+    values.setdefault("refiner_critic_filters", 64)
     # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
     # their flips only (took the condition map in their gates as it was)
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
@@ -488,7 +494,7 @@ def _validate_ranges(config: Config) -> None:
     for key in ("refiner_epochs", "refiner_feature_weight", "refiner_layout_weight", "refiner_outline_weight"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ValueError(f"{key} must be 0 or more")
-    for key in ("refiner_filters", "refiner_draws", "refiner_batch_size"):
+    for key in ("refiner_filters", "refiner_critic_filters", "refiner_draws", "refiner_batch_size"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be at least 1")
     if not 0 < config.refiner_learning_rate < float("inf"):

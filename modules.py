@@ -1158,21 +1158,35 @@ def expected_top_decoding(vqvae: VQVAE, top_prior: keras.Model, codes: dict, lev
     """(n, size, size) float32 slices in [0, 1]: real top codes (`codes`, encode_all's) decoded as SliceGenerator
     decodes a sampled top grid, each position as the top codebook's vectors weighted by the top prior's
     teacher-forced softmax at `temperature` (top_decoding_temperature), under (n, side, side) `bottom` codes."""
-    weights = np.asarray(top_decoding_weights(codes["top"], teacher_forced_logits(top_prior, "top", codes, levels),
-                                              temperature))
+    weights = expected_top_weights(top_prior, codes, levels, temperature)
+    return decode_with_top_weights(vqvae, codes["top"], weights, bottom, batch_size)
+
+
+def expected_top_weights(top_prior: keras.Model, codes: dict, levels, temperature: float) -> np.ndarray:
+    """(n, t, t, num_codes) the weights of expected_top_decoding: the top prior's teacher-forced softmax."""
+    return np.asarray(top_decoding_weights(codes["top"], teacher_forced_logits(top_prior, "top", codes, levels),
+                                           temperature))
+
+
+def decode_with_top_weights(vqvae: VQVAE, top, weights, bottom, batch_size: int = 128) -> np.ndarray:
+    """(n, size, size) float32 slices in [0, 1] decoded from (n, t, t) `top` codes weighted by `weights` under
+    (n, side, side) `bottom` codes, in batches."""
     return np.concatenate([np.clip(np.asarray(vqvae.decode_codes(
-        {"top": codes["top"][part], "bottom": bottom[part]}, weights[part]))[..., 0], 0.0, 1.0)
-        for part in (slice(start, start + batch_size) for start in range(0, len(levels), batch_size))])
+        {"top": top[part], "bottom": bottom[part]}, weights[part]))[..., 0], 0.0, 1.0)
+        for part in (slice(start, start + batch_size) for start in range(0, len(top), batch_size))])
 
 
 def refiner_inputs(vqvae: VQVAE, top_prior: keras.Model, config: Config, images: np.ndarray, levels,
-                   rng: np.random.Generator) -> np.ndarray:
-    """(n, size, size) what the refiner learns to refine for (n, size, size) slices: their top codes decoded as
-    expected vectors (expected_top_decoding at config.top_decoding_temperature) under uniformly random bottom codes,
-    the bottom grid a sampled one stands for."""
+                   rng: np.random.Generator, draws: int = 1) -> np.ndarray:
+    """(draws * n, size, size) what the refiner learns to refine for (n, size, size) slices: their top codes decoded
+    as expected vectors (expected_top_decoding at config.top_decoding_temperature) under uniformly random bottom
+    codes, the bottom grid a sampled one stands for; `draws` draws of them, each under its own bottom codes, draw
+    after draw (the codes and the weights, which do not depend on the bottom codes, are computed once)."""
     codes = encode_all(vqvae, images)
-    bottom = rng.integers(0, config.num_codes, codes["bottom"].shape).astype(np.int32)
-    return expected_top_decoding(vqvae, top_prior, codes, levels, bottom, config.top_decoding_temperature)
+    weights = expected_top_weights(top_prior, codes, levels, config.top_decoding_temperature)
+    return np.concatenate([decode_with_top_weights(
+        vqvae, codes["top"], weights, rng.integers(0, config.num_codes, codes["bottom"].shape).astype(np.int32))
+        for _ in range(draws)])
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
@@ -1219,14 +1233,15 @@ class Refiner(keras.Model):
         return {**super().get_config(), "config": self.config_dict}
 
 
-def patch_critic(size: int) -> keras.Model:
+def patch_critic(size: int, filters: int) -> keras.Model:
     """(b, size, size, 2) smooth input beside a slice -> [(b, size/8, size/8, 1) realness scores, the features of each
-    of its layers], all float32: a conditional patch discriminator (pix2pix) with spectral normalization."""
+    of its layers], all float32: a conditional patch discriminator (pix2pix's at `filters` 64) with spectral
+    normalization, `filters` wide in its first layer, then 2x, 4x and 4x."""
     pair = layers.Input((size, size, 2))
     features, outputs = pair, []
-    for filters, strides in ((64, 2), (128, 2), (256, 2), (256, 1)):
+    for width, strides in ((filters, 2), (2 * filters, 2), (4 * filters, 2), (4 * filters, 1)):
         features = layers.LeakyReLU(0.2)(layers.SpectralNormalization(
-            layers.Conv2D(filters, 4, strides, padding="same"))(features))
+            layers.Conv2D(width, 4, strides, padding="same"))(features))
         outputs.append(layers.Activation("linear", dtype="float32")(features))
     score = layers.SpectralNormalization(layers.Conv2D(1, 3, padding="same"))(features)
     score = layers.Activation("linear", dtype="float32")(score)
@@ -1252,7 +1267,7 @@ class AdversarialRefiner(keras.Model):
         self.config_dict = dict(config)
         self.cfg = Config.from_dict(config)
         self.refiner = Refiner(config, name="refiner", dtype="float32")
-        self.critic = patch_critic(self.cfg.image_size)
+        self.critic = patch_critic(self.cfg.image_size, self.cfg.refiner_critic_filters)
         names = ["critic_loss", "refiner_loss", "feature_matching", "layout_error", "outline_error"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
 

@@ -653,8 +653,8 @@ def refiner_pairs(run: RunDir, config: Config, train_set, validate_set) -> tuple
     def pairs(subset, draws):
         if not len(subset):
             return np.zeros((0, config.image_size, config.image_size, 2), np.float32)
-        return np.concatenate([np.stack([refiner_inputs(vqvae, top_prior, config, subset.images, subset.levels, rng),
-                                         subset.images], axis=-1) for _ in range(draws)])
+        inputs = refiner_inputs(vqvae, top_prior, config, subset.images, subset.levels, rng, draws)
+        return np.stack([inputs, np.tile(subset.images, (draws, 1, 1))], axis=-1)
 
     return pairs(train_set, config.refiner_draws), pairs(validate_set, 1)
 

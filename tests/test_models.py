@@ -524,6 +524,15 @@ def test_the_refiner_trains_on_what_the_generator_decodes_and_the_generator_refi
     codes = {grid: drawn[grid] for grid in config.code_grids}
     np.testing.assert_allclose(modules.expected_top_decoding(vqvae, priors["top"], codes, levels, drawn["bottom"],
                                                              config.top_decoding_temperature), plain, atol=1e-4)
+    # refiner_inputs' draws: each the slices' expected decoding under its own uniformly random bottom codes, in turn
+    images = plain[[0, 2]]
+    inputs = modules.refiner_inputs(vqvae, priors["top"], config, images, levels[[0, 2]], np.random.default_rng(3), 2)
+    rng, own = np.random.default_rng(3), modules.encode_all(vqvae, images)
+    for draw in range(2):
+        bottom = rng.integers(0, config.num_codes, own["bottom"].shape).astype(np.int32)
+        np.testing.assert_allclose(inputs[2 * draw:2 * draw + 2], modules.expected_top_decoding(
+            vqvae, priors["top"], own, levels[[0, 2]], bottom, config.top_decoding_temperature), atol=1e-6)
+    assert np.abs(inputs[:2] - inputs[2:]).max() > 1e-4
     refined = generator(levels, 0.8, 4)
     np.testing.assert_allclose(refined, np.clip(np.asarray(refiner(plain[..., None]))[..., 0], 0, 1), atol=1e-5)
     assert np.abs(refined - plain).max() > 1e-3
@@ -564,7 +573,8 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
     values = make_config("default").to_dict()
     for key in REFINER_KEYS:
         values.pop(key)
-    assert Config.from_dict(values).refiner_epochs == 0
+    older = Config.from_dict(values)
+    assert (older.refiner_epochs, older.refiner_critic_filters) == (0, 64)
     assert make_config("default").refiner_epochs == 27 and make_config("seed").refiner_epochs == 0
     base = make_config("default").to_dict()
     assert refiner_differences(base, make_config("default", ["prior_filters=12", "temperature=0.5"]).to_dict()) == []
@@ -574,6 +584,7 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
                                (["refiner_epochs=-1"], "refiner_epochs must be 0 or more"),
                                (["refiner_outline_weight=nan"], "refiner_outline_weight must be 0 or more"),
                                (["refiner_filters=0"], "refiner_filters must be at least 1"),
+                               (["refiner_critic_filters=0"], "refiner_critic_filters must be at least 1"),
                                (["refiner_learning_rate=0"], "refiner_learning_rate must be a positive number"),
                                (["image_size=36", "encoder_strides=2", "top_strides=2"], "divisible by 8")):
         with pytest.raises(ValueError, match=message):

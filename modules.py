@@ -817,7 +817,7 @@ class CausalConv2D(layers.Layer):
         if row_first or row_last or col_first or col_last:
             # the input cropped before the convolution rather than its output after it, the same sums: the first
             # block's input is the narrow one-hot grid, which needs no gradient, where the gradient of a cropped
-            # output (StridedSliceGrad) took 9% of a bottom-prior training step (bench/causal_crop.py)
+            # output (StridedSliceGrad) took 9% of a bottom-prior training step (a TF profile; README, Performance)
             inputs = inputs[:, row_first:height - row_last, col_first:width - col_last]
         (pad_top, pad_bottom), (pad_left, pad_right) = self._padding()
         padded = ops.pad(inputs, [[0, 0], [pad_top, pad_bottom], [pad_left, pad_right], [0, 0]])

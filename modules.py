@@ -13,6 +13,7 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import numpy as np
@@ -249,7 +250,8 @@ def build_decoder(config: Config) -> keras.Sequential:
         stack.append(layers.ReLU())
     stack += [layers.Conv2DTranspose(filters, 3, strides=stride, padding="same", activation="relu")
               for filters, stride in zip(config.decoder_filters, config.decoder_strides)]
-    stack.append(layers.Conv2DTranspose(1, 3, padding="same"))
+    # the image in float32 under mixed precision too: the loss and SSIM take it as it is
+    stack.append(layers.Conv2DTranspose(1, 3, padding="same", dtype="float32"))
     return keras.Sequential(stack, name="decoder")
 
 
@@ -303,8 +305,10 @@ class VQVAE(keras.Model):
 
     def _quantizer(self, name, grid):
         cfg = self.cfg
+        # float32 under mixed precision too: bfloat16 distances would tie codes that differ in their fourth digit,
+        # and the EMA statistics would lose the small updates that move the codebook
         quantizer = VectorQuantizer(cfg.num_codes, cfg.latent_dim, cfg.beta, cfg.codebook, cfg.ema_decay,
-                                    cfg.dead_code_threshold, name=name)
+                                    cfg.dead_code_threshold, name=name, dtype="float32")
         quantizer.build((None, grid, grid, cfg.latent_dim))
         return quantizer
 
@@ -821,6 +825,11 @@ class CausalConv2D(layers.Layer):
             inputs = inputs[:, row_first:height - row_last, col_first:width - col_last]
         (pad_top, pad_bottom), (pad_left, pad_right) = self._padding()
         padded = ops.pad(inputs, [[0, 0], [pad_top, pad_bottom], [pad_left, pad_right], [0, 0]])
+        if self.dilation > 1 and native_dilation():
+            # TensorFlow's own dilated kernels, where keras.ops.conv wraps a dilated convolution in
+            # SpaceToBatch / BatchToSpace (6% of a bottom-prior training step; README, Performance): the same sums
+            kernel = ops.cast(self.kernel, padded.dtype)
+            return tf.nn.conv2d(padded, kernel, 1, "VALID", dilations=self.dilation) + self.bias
         return ops.conv(padded, self.kernel, padding="valid", dilation_rate=self.dilation) + self.bias
 
     def call_on_rows(self, rows):
@@ -835,6 +844,12 @@ class CausalConv2D(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_shape": list(self.kernel_shape),
                 "origin": list(self.origin), "dilation": self.dilation}
+
+
+def native_dilation() -> bool:
+    """Whether CausalConv2D may call TensorFlow's dilated convolution: with oneDNN on. TensorFlow's other CPU kernels
+    compute no gradient of a dilated convolution; without oneDNN it takes keras.ops.conv's path, the same sums."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
 
 
 def gate(features):
@@ -877,7 +892,9 @@ class GatedBlock(layers.Layer):
         v' = gate(V * v + P_v s),        h' = h + dropout(W gate(H * h + U v_pre + P_h s))
     where * are causal convolutions, s the condition map at (r, c) (position, level and top-code features: a bias
     inside every gate) and gate(a, b) = tanh(a) sigmoid(b). The first block reads the one-hot codes and excludes
-    the current row (vertical) and position (horizontal); the others include them, dilated by `dilation`.
+    the current row (vertical) and position (horizontal); the others include them, dilated by `dilation`. The block
+    takes its condition terms (P_v s, P_h s) ready made: GatedPixelCNN.condition_terms computes every block's in one
+    product from the kernels of `vertical_condition` and `horizontal_condition` (`condition_kernels`).
     """
 
     def __init__(self, filters: int, kernel_size: int = 3, dilation: int = 1, first: bool = False,
@@ -908,19 +925,24 @@ class GatedBlock(layers.Layer):
         self.horizontal_condition.build((None, conditions))
         self.horizontal_out.build((None, self.filters))
 
-    def vertical(self, vertical_pre, condition):
-        """(v', the horizontal stack's input from the vertical one) from V * v and the condition at the same
-        positions."""
-        vertical_pre = vertical_pre + self.vertical_condition(condition)
-        return gate(vertical_pre), self.vertical_to_horizontal(vertical_pre) + self.horizontal_condition(condition)
+    def condition_kernels(self) -> list:
+        """The kernels (condition channels, 2 filters) of P_v and P_h."""
+        return [self.vertical_condition.kernel, self.horizontal_condition.kernel]
+
+    def vertical(self, vertical_pre, condition_terms):
+        """(v', the horizontal stack's input from the vertical one) from V * v and the condition terms (P_v s, P_h s)
+        at the same positions."""
+        vertical_term, horizontal_term = condition_terms
+        vertical_pre = vertical_pre + vertical_term
+        return gate(vertical_pre), self.vertical_to_horizontal(vertical_pre) + horizontal_term
 
     def horizontal(self, horizontal, horizontal_pre, from_vertical, training=False):
         """h' from h, H * h and the vertical stack's contribution at the same positions."""
         out = self.dropout(self.horizontal_out(gate(horizontal_pre + from_vertical)), training=training)
         return out if self.first else horizontal + out
 
-    def call(self, vertical, horizontal, condition, training=False):
-        vertical, from_vertical = self.vertical(self.vertical_conv(vertical), condition)
+    def call(self, vertical, horizontal, condition_terms, training=False):
+        vertical, from_vertical = self.vertical(self.vertical_conv(vertical), condition_terms)
         return vertical, self.horizontal(horizontal, self.horizontal_conv(horizontal), from_vertical, training)
 
     def get_config(self):
@@ -1015,11 +1037,21 @@ class GatedPixelCNN(keras.Model):
     def logits_from_one_hot(self, one_hot, inputs, training=False):
         """Logits for (b, side, side, num_codes) one-hot (or soft) code grids under the conditions in `inputs`;
         differentiable in both (the causality tests take gradients here)."""
-        condition = self.condition_map(inputs)
+        terms = self.condition_terms(self.condition_map(inputs))
         vertical = horizontal = one_hot
-        for block in self.blocks:
-            vertical, horizontal = block(vertical, horizontal, condition, training=training)
+        for block, block_terms in zip(self.blocks, terms):
+            vertical, horizontal = block(vertical, horizontal, block_terms, training=training)
         return self.output_logits(horizontal)
+
+    def condition_terms(self, condition):
+        """Each block's condition terms (P_v s, P_h s), each (..., 2 filters), from a condition map (..., channels)
+        of any leading shape, in the blocks' compute precision: one product with all their kernels side by side, not
+        two per block, whose gradients would add up in the condition map block by block (a fifth of a
+        bottom-prior training step; README, Performance)."""
+        dtype = self.blocks[0].compute_dtype
+        kernels = [ops.cast(kernel, dtype) for block in self.blocks for kernel in block.condition_kernels()]
+        terms = ops.split(ops.matmul(ops.cast(condition, dtype), ops.concatenate(kernels, axis=1)), len(kernels), -1)
+        return list(zip(terms[0::2], terms[1::2]))
 
     def output_logits(self, horizontal):
         return self.head(self.hidden(ops.relu(horizontal)))
@@ -1061,12 +1093,13 @@ class GatedPixelCNNSampler(Sampler):
         (each block's history of its input rows, updated in place); returns each block's contribution to its
         horizontal stack, (batch, g, 2 * filters)."""
         from_vertical, vertical = [], None
+        terms = self.model.condition_terms(condition[:, row])
         for index, block in enumerate(self.model.blocks):
             if index:  # later blocks see their input's current row, computed just now
                 vertical_rows[index] = vertical_rows[index].write(row, vertical)
             rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
             pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
-            vertical, contribution = block.vertical(pre, condition[:, row])
+            vertical, contribution = block.vertical(pre, terms[index])
             from_vertical.append(contribution)
         return from_vertical
 

@@ -306,26 +306,27 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
            "callbacks": [keras.callbacks.TensorBoard(run.logs)] if args.tensorboard else []}
     wall_start = time.time()
 
-    announce_phase(config, state, "vqvae")
+    precisions = {"vqvae": resolved_precision(config.vqvae_precision),
+                  "priors": resolved_precision(config.prior_precision)}
+    announce_phase(config, state, "vqvae", precisions["vqvae"])
     if not finished_finitely(config, state, "vqvae", train_vqvae(config, train_set.images, validate_set.images,
-                                                                   **fit)):
+                                                                   precision=precisions["vqvae"], **fit)):
         return 1
     pending = [grid for grid in config.code_grids
                if state.epochs_done(PRIOR_PHASES[grid]) < phase_epochs(config, PRIOR_PHASES[grid])]
     train, validate = encode_for_priors(run, config, train_set, validate_set, pending)
-    precision = resolved_precision(config.prior_precision)
     for grid in config.code_grids:
-        announce_phase(config, state, PRIOR_PHASES[grid], precision)
-        if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(config, grid, train, validate,
-                                                                                 precision=precision, **fit)):
+        announce_phase(config, state, PRIOR_PHASES[grid], precisions["priors"])
+        if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(
+                config, grid, train, validate, precision=precisions["priors"], **fit)):
             return 1
     if config.refiner_epochs:
-        announce_phase(config, state, "refiner", precision)
+        announce_phase(config, state, "refiner", precisions["priors"])
         if not finished_finitely(config, state, "refiner", train_refiner(config, train_set, validate_set,
-                                                                          precision=precision, **fit)):
+                                                                          precision=precisions["priors"], **fit)):
             return 1
 
-    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start, precision)
+    summary = summarize(args, config, slices, state, strategy, time.time() - wall_start, precisions)
     run.write_summary(summary)
     bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
                      for grid in config.code_grids)
@@ -356,7 +357,7 @@ def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
 
 
 def announce_phase(config: Config, state: RunState, phase: str, precision: str = "float32") -> None:
-    """One line before a phase: its name, its epochs, what is already done, and a prior's precision."""
+    """One line before a phase: its name, its epochs, what is already done, and its precision."""
     total, done = phase_epochs(config, phase), state.epochs_done(phase)
     mixed = f" in {precision} mixed precision" if precision != "float32" else ""
     if done >= total:
@@ -527,21 +528,24 @@ def learning_rate(rate: float, schedule: str, floor: float, epochs: int, example
     return keras.optimizers.schedules.CosineDecay(rate, epochs * steps, alpha=floor)
 
 
-def train_vqvae(config, train_images, validate_images, strategy, state, verbose, callbacks):
-    """Trains (or resumes) the VQ-VAE; returns its epoch checkpointer, or None when it had already finished."""
+def train_vqvae(config, train_images, validate_images, precision, strategy, state, verbose, callbacks):
+    """Trains (or resumes) the VQ-VAE, computing in `precision`; returns its epoch checkpointer, or None when it had
+    already finished."""
     import keras
 
     from dataset import make_tf_dataset, with_pipeline_options
-    from modules import VQVAE
+    from modules import VQVAE, compute_precision
 
     done = state.epochs_done("vqvae")
     monitor, mode = phase_monitor("vqvae", len(validate_images) > 0)
-    model, finished = resume_phase(state, "vqvae", config.epochs, monitor, mode, strategy)
+    with compute_precision(precision):
+        model, finished = resume_phase(state, "vqvae", config.epochs, monitor, mode, strategy)
     if finished:
         return None
-    with strategy.scope():
+    with strategy.scope(), compute_precision(precision):
         if not done:
-            model = VQVAE(config.to_dict(), name="vqvae")
+            # the model itself float32 (its layers compute in `precision`), as build_prior's priors
+            model = VQVAE(config.to_dict(), name="vqvae", dtype="float32")
             model.build()
             rate = learning_rate(config.learning_rate, config.lr_schedule, config.lr_floor, config.epochs,
                                  len(train_images), config.batch_size)
@@ -712,8 +716,8 @@ def plot_history(state: RunState) -> None:
 
 
 def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float,
-              precision: str) -> dict:
-    """summary.json: the data (as given), the best epoch of each phase with its figures, the priors' precision,
+              precisions: dict) -> dict:
+    """summary.json: the data (as given), the best epoch of each phase with its figures, the phases' precisions,
     wall times, the machine."""
     import keras
     import tensorflow as tf
@@ -738,7 +742,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
         "priors": priors,
         "refiner": ({"epochs": state.epochs_done("refiner"), **state.history("refiner")[-1]}
                     if state.epochs_done("refiner") else None),
-        "prior_precision": precision,
+        "vqvae_precision": precisions["vqvae"], "prior_precision": precisions["priors"],
         "wall_seconds": {phase: round(sum(row["seconds"] for row in state.history(phase)), 1) for phase in PHASES},
         "this_session_seconds": round(session_seconds, 1),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

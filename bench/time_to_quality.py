@@ -1,6 +1,6 @@
 """Time to quality: wall-clock seconds from a cold start until validation SSIM first reaches 0.6, 0.8, 0.9, 0.95.
 
-    python bench/time_to_quality.py --train [--preset default] [--stop-at 0.9]   # a fresh cold-start run
+    python bench/time_to_quality.py --train [--preset default] [--set KEY=VALUE] [--stop-at 0.9]   # a fresh run
     python bench/time_to_quality.py --run pretrained                              # read a finished run's history
 
 With --train, `python train.py --data ../shared/data/oasis1-mni-volumes` runs in a new temporary run directory
@@ -30,6 +30,8 @@ def main():
     source.add_argument("--train", action="store_true", help="train a fresh run from a cold start")
     source.add_argument("--run", type=Path, help="a finished run directory to read")
     parser.add_argument("--preset", default="default", help="preset to train with --train (default: default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --train, a hyperparameter to override, as train.py's --set (repeatable)")
     parser.add_argument("--stop-at", type=float, default=None, metavar="SSIM",
                         help="with --train, stop at the first epoch whose validation SSIM reaches SSIM")
     args = parser.parse_args()
@@ -41,7 +43,7 @@ def main():
         run_dir = scratch / "run"
         command = [sys.executable, str(ROOT / "train.py"), "--data", str(SHARED_VOLUMES), "--cache",
                    str(scratch / "cache"), "--out", str(run_dir), "--preset", args.preset, "--prior-epochs", "1",
-                   "--verbose", "2"]
+                   "--verbose", "2", *(word for item in args.set for word in ("--set", item))]
         process = subprocess.Popen(command)
         while process.poll() is None:
             time.sleep(1)

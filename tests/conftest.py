@@ -145,12 +145,13 @@ def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, siz
 # The `seed` preset (the founding report's architecture) at small batches: about 20 s for 2 + 2 epochs on 2 cores.
 SEED_FLAGS = ["--preset", "seed", "--epochs", "2", "--prior-epochs", "2", "--set", "batch_size=8",
               "--set", "prior_batch_size=8"]
-# The default (two-level) preset at 32x32 with a few filters, and no refiner (tests that train one add
-# --refiner-epochs N and TINY_REFINER).
+# The default (two-level) preset at 32x32 with a few filters, its VQ-VAE in bfloat16 (two_level_run checks that it
+# says so), and no refiner (tests that train one add --refiner-epochs N and TINY_REFINER).
 TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1", "--refiner-epochs", "0",
                   "--set", "image_size=32", "--set", "batch_size=8", "--set", "prior_batch_size=8",
                   "--set", "prior_filters=8", "--set", "top_prior_filters=8", "--set", "prior_condition_filters=8",
-                  "--set", "residual_filters=16", "--set", "prior_precision=float32"]
+                  "--set", "residual_filters=16", "--set", "prior_precision=float32",
+                  "--set", "vqvae_precision=bfloat16"]
 TINY_REFINER = ["--set", "refiner_filters=8", "--set", "refiner_batch_size=8"]
 RUN_FILES = ["config.json", "vqvae.keras", "pixelcnn.keras", "history_vqvae.csv", "history_prior.csv",
              "vqvae_curves.png", "prior_curves.png", "summary.json"]
@@ -245,6 +246,8 @@ def two_level_run(tmp_path_factory) -> tuple[Path, Path]:
     result = run_script("train.py", "--data", data, "--cache", base / "cache", "--out", run, *TINY_TWO_LEVEL,
                         "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "VQ-VAE: 1 epochs in bfloat16 mixed precision" in result.stdout
+    assert json.loads((run / "summary.json").read_text())["vqvae_precision"] == "bfloat16"
     return data, run
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -338,6 +339,50 @@ def test_prior_logits_depend_only_on_earlier_positions(kind):
         assert (influence[position:] == 0).all(), f"logits at {(row, col)} see their own or later positions"
         if position > 0:
             assert influence[position - 1] > 0, "the previous position must be visible"
+
+
+DILATION_PATHS = """
+import os, sys
+from unittest import mock
+import numpy as np, tensorflow as tf
+import modules
+assert modules.native_dilation()
+inputs = tf.constant(np.random.default_rng(0).normal(size=(2, 16, 16, 5)).astype("float32"))
+for precision in ("float32", "bfloat16"):
+    with modules.compute_precision(precision):
+        layer = modules.CausalConv2D(6, (2, 3), (-1, -1), dilation=4)
+        layer.build((None, 16, 16, 5))
+    results = []
+    for native in (True, False):
+        with mock.patch.object(modules, "native_dilation", lambda: native), tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = tf.cast(layer(inputs), "float32")
+            loss = tf.reduce_sum(outputs * tf.sin(outputs))
+        results.append([np.asarray(value, np.float32) for value in (outputs, *tape.gradient(loss, [inputs, layer.kernel]))])
+    tolerance = 1e-5 if precision == "float32" else 0.05
+    for native, wrapped in zip(*results):
+        np.testing.assert_allclose(native, wrapped, rtol=tolerance, atol=tolerance * np.abs(wrapped).max())
+print("same")
+"""
+
+
+def test_dilated_causal_convolutions_take_tensorflows_kernels_with_the_same_sums():
+    """With oneDNN on (train.py on one device), a dilated CausalConv2D calls tf.nn.conv2d's dilated kernels where
+    keras.ops.conv would wrap it in SpaceToBatch / BatchToSpace: the same outputs and gradients, in float32 and
+    bfloat16. Without oneDNN (this process), whose CPU kernels have no dilated gradients, it takes keras.ops.conv's
+    path, and trains."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "1"}
+    result = subprocess.run([sys.executable, "-c", DILATION_PATHS], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "same", result.stderr[-3000:]
+    assert not modules.native_dilation()
+    layer = modules.CausalConv2D(6, (2, 3), (-1, -1), dilation=4)
+    layer.build((None, 16, 16, 5))
+    inputs = tf.constant(np.random.default_rng(0).normal(size=(2, 16, 16, 5)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(layer(inputs) ** 2)
+    assert all(np.all(np.isfinite(np.asarray(gradient))) for gradient in tape.gradient(loss, [inputs, layer.kernel]))
 
 
 def test_gated_prior_has_no_blind_spot_where_the_masked_one_has():
@@ -700,6 +745,33 @@ def test_a_prior_trained_in_bfloat16_is_saved_and_sampled_in_float32(kind, tmp_p
         assert policies(loaded) == {"float32"}
         np.testing.assert_array_equal(np.asarray(loaded(inputs)),
                                       np.asarray(rundir.weights_only_copy(prior)(inputs)))
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_a_vqvae_trained_in_bfloat16_keeps_its_quantizers_and_image_in_float32(tmp_path):
+    """Inside compute_precision("bfloat16") the VQ-VAE's convolutions compute in bfloat16, its quantizers (distances,
+    EMA codebooks) and its last layer in float32; it trains finitely, and its checkpoint reloads in float32 with the
+    same weights, encoding as the model it was copied from does in float32."""
+    config = make_config("default", ["image_size=32", "residual_filters=16", "batch_size=4"])
+    with modules.compute_precision("bfloat16"):
+        model = VQVAE(config.to_dict(), dtype="float32")
+        model.build()
+    assert policies(model) == {"float32", "mixed_bfloat16"} and model.dtype_policy.name == "float32"
+    assert model.quantizer.dtype_policy.name == model.quantizer_top.dtype_policy.name == "float32"
+    assert model.decoder.layers[-1].dtype_policy.name == "float32"
+    assert model.encoder.layers[0].dtype_policy.name == "mixed_bfloat16"
+    assert all(weight.dtype == "float32" for weight in model.weights)
+    images = np.random.default_rng(0).random((8, 32, 32, 1)).astype("float32")
+    assert np.asarray(model(images)).dtype == np.float32
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(images, epochs=2, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    save_model(model, tmp_path / "vqvae.keras")
+    loaded = keras.saving.load_model(tmp_path / "vqvae.keras", safe_mode=True)
+    assert policies(loaded) == {"float32"}
+    float_copy = rundir.weights_only_copy(model)
+    for grid, codes in loaded.encode(images).items():
+        np.testing.assert_array_equal(np.asarray(codes), np.asarray(float_copy.encode(images)[grid]))
     assert keras.config.dtype_policy().name == "float32"
 
 

@@ -109,7 +109,7 @@ class Config:
     flip_augment: bool = False  # train on randomly left-right flipped slices (the priors have prior_flip)
     seed: int = 0
     # the VQ-VAE's training arithmetic, as prior_precision below; its quantizers, their codebooks and the decoder's
-    # last layer (the image) stay float32. In bfloat16 the default's training steps run VQVAE_STEP faster on this
+    # last layer (the image) stay float32. In bfloat16 the default's training steps run 2.0x faster on this
     # project's AMX CPU (bench/precision.py) and it reconstructs the test split at SSIM 0.9739 against 0.9756, the
     # T88 slices at 0.9628 against 0.9634 (README, Precision); it is scored, like the priors, in float32
     vqvae_precision: str = "auto"

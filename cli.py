@@ -145,7 +145,7 @@ def configure_tensorflow(onednn: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1" if onednn else "0")
-    if os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1":
+    if onednn_on():
         saved = os.dup(2)
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
@@ -154,6 +154,11 @@ def configure_tensorflow(onednn: bool = False) -> None:
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
+
+
+def onednn_on() -> bool:
+    """Whether TensorFlow runs (or, imported after configure_tensorflow, will run) its oneDNN CPU kernels."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
 
 
 def resolved_precision(setting: str) -> str:
@@ -172,7 +177,7 @@ def resolved_precision(setting: str) -> str:
     else:
         cpuinfo = Path("/proc/cpuinfo")
         flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-        native = (os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+        native = (onednn_on()
                   and re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None)
     return "bfloat16" if native else "float32"
 

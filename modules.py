@@ -13,7 +13,6 @@ by `prior_layout`). Every layer is registered, so `vqvae.keras` and `pixelcnn.ke
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from cli import onednn_on
 from hyperparameters import Config
 from measures import bits_per_code, ssim
 # a loaded run: generate() takes one; load_run and save_model stay importable from here (the models' front door)
@@ -849,7 +849,7 @@ class CausalConv2D(layers.Layer):
 def native_dilation() -> bool:
     """Whether CausalConv2D may call TensorFlow's dilated convolution: with oneDNN on. TensorFlow's other CPU kernels
     compute no gradient of a dilated convolution; without oneDNN it takes keras.ops.conv's path, the same sums."""
-    return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+    return onednn_on()
 
 
 def gate(features):
@@ -1046,8 +1046,9 @@ class GatedPixelCNN(keras.Model):
     def condition_terms(self, condition):
         """Each block's condition terms (P_v s, P_h s), each (..., 2 filters), from a condition map (..., channels)
         of any leading shape, in the blocks' compute precision: one product with all their kernels side by side, not
-        two per block, whose gradients would add up in the condition map block by block (a fifth of a
-        bottom-prior training step; README, Performance)."""
+        two per block, whose gradients would add up in the condition map block by block. (All condition products
+        together took at most a fifth of a bottom-prior step in a probe; what this layout saves was not measured
+        apart from the other step changes, README, Performance.)"""
         dtype = self.blocks[0].compute_dtype
         kernels = [ops.cast(kernel, dtype) for block in self.blocks for kernel in block.condition_kernels()]
         terms = ops.split(ops.matmul(ops.cast(condition, dtype), ops.concatenate(kernels, axis=1)), len(kernels), -1)

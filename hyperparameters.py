@@ -13,19 +13,20 @@ Presets
   residual block) and a 32x32 top grid above it, 16 codes each, EMA codebooks, MSE + 0.2 (1 - SSIM), cosine schedule;
   its decoder trains with 10% of the bottom codes random (bottom_code_noise), so that it renders the slips of sampled
   grids from the top codes instead of as specks, and with the whole bottom grid random for 15% of the slices
-  (bottom_code_dropout), so that the top grid carries the anatomy and not only the outline. Its priors are conditional
-  gated PixelCNNs (vertical and horizontal stacks, so no blind spot; dilated blocks; position features; the slice's
-  axial level): the top prior sees the whole top grid, the bottom prior also takes the top codes and trains on partly
-  randomized input codes (prior_context_corruption), so that its samples follow the top codes rather than copying
-  their own slips. The top prior's condition map passes through per-position layers (top_prior_condition_layers), so
-  that position and level meet before its gates (where the ventricles lie at this level). Dropout, flipped slices'
-  codes, the codes of deformed copies of the slices (top_prior_deformed_copies) and the best validation epoch
-  regularize them; they (and the VQ-VAE) train in bfloat16 mixed precision where the hardware computes it natively
-  (prior_precision, vqvae_precision).
+  (bottom_code_dropout), so that the top grid carries the anatomy and not only the outline. Its prior is a
+  conditional gated PixelCNN over the top grid (vertical and horizontal stacks, so no blind spot; dilated blocks that
+  see the whole grid; position features; the slice's axial level), whose condition map passes through per-position
+  layers (top_prior_condition_layers), so that position and level meet before its gates (where the ventricles lie at
+  this level). Dropout, flipped slices' codes, the codes of deformed copies of the slices (top_prior_deformed_copies)
+  and the best validation epoch regularize it; it (and the VQ-VAE) trains in bfloat16 mixed precision where the
+  hardware computes it natively (prior_precision, vqvae_precision). A bottom prior, off by default (prior_epochs),
+  is the same network over the bottom grid that also takes the top codes and trains on partly randomized input
+  codes (prior_context_corruption), so that its samples follow the top codes rather than copying their own slips.
   The top grid is sampled at 0.9 of the temperature (top_temperature_scale) and reaches the decoder as each
   position's mean codebook vector under its prior's softmax at 0.25 (top_decoding_temperature), not as the codes
-  drawn, whose unpredictable speckle decodes as mottled tissue. A refiner, trained last against a patch critic,
-  draws the cortex that this smooth decoding lacks (refiner_*).
+  drawn, whose unpredictable speckle decodes as mottled tissue, over uniformly random bottom codes: a bottom prior
+  (prior_epochs above 0) made no measurable difference to the slices and doubled the sampling time. A refiner,
+  trained last against a patch critic, draws the cortex that this smooth decoding lacks (refiner_*).
 """
 
 from __future__ import annotations
@@ -123,14 +124,19 @@ class Config:
     prior_first_kernel: int = 7
     prior_residual_blocks: int = 4  # gated blocks after the first one (layout "gated"), else residual blocks
     prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # of the blocks' 3x3, cycled
-    prior_epochs: int = 16
+    # 0 (a two-level model): no bottom prior. New slices then decode the sampled top grid over uniformly random
+    # bottom codes, which the decoder learned to render from its bottom_code_dropout slices and which the refiner
+    # trains on. A bottom prior trained 16 epochs (1.541 validation bits/code) scored as random codes did at
+    # validate seeds 0-2, and took 3 of the 5.7 s that 64 slices took and 18 of the 81 minutes of training
+    # (EXPERIMENTS.md, Generation); set it to 16 to train one
+    prior_epochs: int = 0
     top_prior_filters: int = 64
     top_prior_residual_blocks: int = 6
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
-    # 56: validation 1.369 bits/code against 1.378 at 45, and on the validate split the classifier AUC nearer chance
-    # and the nearest-training SSIM nearer real's at every seed; the whole training within the hour (EXPERIMENTS.md,
-    # Generation)
-    top_prior_epochs: int = 56
+    # 48: validation 1.363 bits/code and the whole training in 50 minutes; 56 reached 1.358 (an older top prior 1.369
+    # against 1.378 at 45, its samples nearer real at every validate seed), but with the training's other phases
+    # on a slow host over the hour (EXPERIMENTS.md, Training time of each recipe)
+    top_prior_epochs: int = 48
     prior_condition_filters: int = 32
     # per-position ReLU layers (as wide as their input) over the condition map (position, level, top codes),
     # whose output joins it in every gate: without them the gates take position and level as a sum of two biases,
@@ -238,6 +244,12 @@ class Config:
     def code_grids(self) -> tuple[str, ...]:
         """The code grids, coarse first: ("top", "bottom") or ("bottom",)."""
         return ("top", "bottom") if self.top_strides else ("bottom",)
+
+    @property
+    def prior_grids(self) -> tuple[str, ...]:
+        """The code grids with a prior, coarse first: every grid, but the bottom one of a two-level model without a
+        bottom prior (prior_epochs=0), whose codes are drawn at random."""
+        return tuple(grid for grid in self.code_grids if grid == "top" or self.prior_epochs)
 
     def grid_side(self, grid: str) -> int:
         """Side of code grid `grid` ("top" or "bottom")."""
@@ -482,6 +494,10 @@ def _validate_choices(config: Config) -> None:
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):
         raise ValueError("prior_layout seed (the report's masked PixelCNN) takes no condition: it needs "
                          "top_strides= (one code grid) and prior_condition_on_level=false")
+    if not config.prior_epochs and not (config.top_strides and config.bottom_code_dropout):
+        raise ValueError("prior_epochs=0 (no bottom prior) needs a top grid (top_strides) and bottom_code_dropout "
+                         "above 0: new slices then decode the sampled top grid over random bottom codes, which the "
+                         "decoder learns to render from the dropped slices; else set prior_epochs=N to train one")
     if config.bottom_code_dropout and not config.top_strides:
         raise ValueError("bottom_code_dropout needs a top grid (top_strides) to render the dropped slices from")
     if config.refiner_epochs and not (config.top_strides and config.top_decoding_temperature):
@@ -500,7 +516,8 @@ def _validate_ranges(config: Config) -> None:
                 "top_prior_condition_layers"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be 0 or more")
-    for key in ("refiner_epochs", "refiner_feature_weight", "refiner_layout_weight", "refiner_outline_weight"):
+    for key in ("prior_epochs", "refiner_epochs", "refiner_feature_weight", "refiner_layout_weight",
+                "refiner_outline_weight"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ValueError(f"{key} must be 0 or more")
     for key in ("refiner_filters", "refiner_critic_filters", "refiner_draws", "refiner_batch_size"):

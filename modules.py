@@ -1375,7 +1375,7 @@ class SliceGenerator:
 
     def __init__(self, run: Run):
         self.run = run
-        self.samplers = {grid: sampler_for(run.priors[grid]) for grid in run.config.code_grids}
+        self.samplers = {grid: sampler_for(prior) for grid, prior in run.priors.items()}
         # one graph, traced once for any batch size, instead of layer-by-layer eager calls: the same pixels, 0.38 s
         # instead of 0.43-0.51 s for 64 slices
         sides = {grid: run.config.grid_side(grid) for grid in run.config.code_grids}
@@ -1391,16 +1391,17 @@ class SliceGenerator:
     def __call__(self, levels, temperature: float = 1.0, seed: int = 0, top=None, guidance: float = 1.0,
                  top_p: float = 1.0, top_temperature_scale: float | None = None,
                  top_decoding_temperature: float | None = None, refine: bool = True) -> np.ndarray:
-        """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom
-        grid given it, then decoded. `levels`: the axial level of each slice in [0, 1], NaN for unknown; runs whose
-        priors are not level-conditioned ignore it. `top`: (n, t, t) top codes to sample the bottom grid under
-        instead of sampled ones (what the bottom prior adds to a given layout). `guidance`: Sampler.sample's, for
-        the coarsest grid (the top one of a two-level run), which lays out the slice; the finer grid follows its
-        codes. `top_p`: Sampler.sample's, for the bottom (or only) grid, the detail: on the top grid it breaks the
-        outlines (EXPERIMENTS.md, Generation). `top_temperature_scale`: the top grid is drawn at temperature times this
-        (None: the run's config.top_temperature_scale). `top_decoding_temperature` t (None: the run's config's): how a
-        sampled top grid reaches the decoder: 0, as its codes; t > 0, at each position as the mean codebook vector
-        under softmax(logits / t) of the top prior's logits for that position given the codes drawn before it (under
+        """len(levels) new slices (n, size, size) float32 in [0, 1]: the top grid sampled first, then the bottom grid
+        given it (uniformly random codes, seeded, for a run without a bottom prior), then decoded. `levels`: the
+        axial level of each slice in [0, 1], NaN for unknown; runs whose priors are not level-conditioned ignore it.
+        `top`: (n, t, t) top codes to sample the bottom grid under instead of sampled ones (what the bottom prior
+        adds to a given layout). `guidance`: Sampler.sample's, for the coarsest grid (the top one of a two-level
+        run), which lays out the slice; the finer grid follows its codes. `top_p`: Sampler.sample's, for the bottom
+        (or only) grid, the detail: on the top grid it breaks the outlines (EXPERIMENTS.md, Generation).
+        `top_temperature_scale`: the top grid is drawn at temperature times this (None: the run's
+        config.top_temperature_scale). `top_decoding_temperature` t (None: the run's config's): how a sampled top
+        grid reaches the decoder: 0, as its codes; t > 0, at each position as the mean codebook vector under
+        softmax(logits / t) of the top prior's logits for that position given the codes drawn before it (under
         guidance, the level-conditioned logits). The codes are drawn the same way either way, and the bottom grid is
         sampled under them. `refine`: a run with a refiner passes the decoded slices through it (False: the decoder's
         slices as they are). The same seed gives the same slices."""
@@ -1412,15 +1413,20 @@ class SliceGenerator:
         if top_decoding_temperature is None:
             top_decoding_temperature = config.top_decoding_temperature
         top_probabilities = None
-        for offset, (grid, sampler) in enumerate(self.samplers.items()):
-            if grid not in codes:
-                grid_temperature = temperature * (top_temperature_scale if grid == "top" else 1.0)
-                codes[grid], logits = sampler.sample(
-                    len(levels), grid_temperature, seed + offset, levels=levels, top=codes.get("top"),
-                    guidance=1.0 if offset else guidance, top_p=top_p if grid == "bottom" else 1.0,
-                    return_logits=True)
-                if grid == "top" and top_decoding_temperature > 0:
-                    top_probabilities = top_decoding_weights(codes[grid], logits, top_decoding_temperature)
+        for offset, grid in enumerate(config.code_grids):
+            if grid in codes:
+                continue
+            if grid not in self.samplers:  # the bottom grid of a run without a bottom prior
+                side = config.grid_side(grid)
+                codes[grid] = np.random.default_rng(seed + offset).integers(
+                    0, config.num_codes, (len(levels), side, side)).astype(np.int32)
+                continue
+            grid_temperature = temperature * (top_temperature_scale if grid == "top" else 1.0)
+            codes[grid], logits = self.samplers[grid].sample(
+                len(levels), grid_temperature, seed + offset, levels=levels, top=codes.get("top"),
+                guidance=1.0 if offset else guidance, top_p=top_p if grid == "bottom" else 1.0, return_logits=True)
+            if grid == "top" and top_decoding_temperature > 0:
+                top_probabilities = top_decoding_weights(codes[grid], logits, top_decoding_temperature)
         slices = self.render(codes, top_probabilities)
         return self.refined(slices) if refine and self.refiner is not None else slices
 
@@ -1484,8 +1490,8 @@ def generate(run: Run, levels, temperature: float | None = None, seed: int = 0) 
 
 def prior_bits_per_code(run: Run, images: np.ndarray, levels) -> dict:
     """Mean negative log-likelihood, in bits per code, of the codes of (n, size, size) [0, 1] `images` under each
-    prior of the run: {"top": ..., "bottom": ...} (a single-level run has only "bottom"). `levels` as in generate."""
+    prior of the run: {"top": ..., "bottom": ...} (a single-level run has only "bottom", a two-level one without a
+    bottom prior only "top"). `levels` as in generate."""
     codes = encode_all(run.vqvae, images)
     levels = np.asarray(levels, np.float32).reshape(-1)
-    return {grid: mean_bits_per_code(run.priors[grid], grid_inputs(grid, codes, levels))
-            for grid in run.config.code_grids}
+    return {grid: mean_bits_per_code(prior, grid_inputs(grid, codes, levels)) for grid, prior in run.priors.items()}

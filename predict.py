@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "grid at the temperature; S > 0, 1 = one temperature for both (default: the run's "
                              "top_temperature_scale, 0.9 for the default preset; EXPERIMENTS.md, Generation)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="nucleus sampling of the bottom (detail) grid: each code is drawn from the most "
-                             "probable codes whose probabilities sum to at least P, never from the unlikely rest; "
-                             "0 < P <= 1, 1 = none (default: the run's top_p; EXPERIMENTS.md, Generation)")
+                        help="nucleus sampling of the bottom (detail) grid, for runs with a bottom prior (not the "
+                             "default's): each code is drawn from the most probable codes whose probabilities sum "
+                             "to at least P, never from the unlikely rest; 0 < P <= 1, 1 = none (default: the "
+                             "run's top_p; EXPERIMENTS.md, Generation)")
     parser.add_argument("--top-decoding-temperature", type=float, default=None, metavar="T",
                         help="two-level runs: how the sampled top (layout) grid reaches the decoder: 0 = as the "
                              "codes drawn; T > 0 = at each position as the mean codebook vector under the top "
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "prior cannot predict (1: smoothest; lower keeps more edges); the codes are drawn alike "
                              "(default: the run's top_decoding_temperature, 0.25 for the default preset; "
                              "EXPERIMENTS.md, Generation)")
+    parser.add_argument("--random-bottom", action="store_true",
+                        help="two-level runs with a bottom prior: draw the bottom codes uniformly at random instead, "
+                             "as a run without one (the default preset) does, to see what the bottom prior adds "
+                             "(EXPERIMENTS.md, Generation)")
     parser.add_argument("--no-refine", action="store_true",
                         help="runs with a refiner (the default preset's): show the decoder's slices as they are, "
                              "without the refiner that draws the cortex into them (to see what it adds)")
@@ -166,7 +171,17 @@ def announce(args, source: Source | None) -> None:
 
 
 def check_run(run, args) -> None:
-    """UserError when --level, --sweep or --guidance asks a run that cannot take a level."""
+    """UserError when --level, --sweep or --guidance asks a run that cannot take a level, --random-bottom a run with
+    one grid, or --top-p a run without a bottom prior (or with --random-bottom)."""
+    if args.random_bottom and not run.config.top_grid:
+        raise UserError(f"--random-bottom: run {shown_path(args.run)} has a single code grid, which its prior draws")
+    if args.top_p not in (None, 1.0) and args.random_bottom:
+        raise UserError("--top-p: --random-bottom draws the bottom codes uniformly at random, not from a nucleus; "
+                        "give one of them")
+    if args.top_p not in (None, 1.0) and "bottom" not in run.priors:
+        raise UserError(f"--top-p: run {shown_path(args.run)} has no bottom prior (prior_epochs=0), its bottom codes "
+                        f"are drawn uniformly at random; train one with --set prior_epochs=N to draw them from a "
+                        f"nucleus")
     if (args.level is not None or args.sweep or args.guidance != 1.0) and not run.level_conditioned:
         flag = "--level" if args.level is not None else "--sweep" if args.sweep else "--guidance"
         raise UserError(f"{flag}: run {shown_path(args.run)} is not level-conditioned, its priors ignore the level; "
@@ -462,11 +477,12 @@ def load_real(args, run, source: Source | None, rng: np.random.Generator) -> Rea
 
 
 def guided(args) -> str:
-    """", top grid at S x temperature", ", top grid decoded at T" (top_decoding_temperature), ", refined", ", top-p
-    P" and ", guidance W" for titles and reports when they are on, else nothing."""
+    """", top grid at S x temperature", ", top grid decoded at T" (top_decoding_temperature), ", random bottom
+    codes", ", refined", ", top-p P" and ", guidance W" for titles and reports when they are on, else nothing."""
     scaled = args.top_temperature_scale not in (None, 1.0)
     return (f", top grid at {args.top_temperature_scale:g}x temperature" if scaled else "") + \
         (f", top grid decoded at {args.top_decoding_temperature:g}" if args.top_decoding_temperature else "") + \
+        (", random bottom codes" if args.random_bottom else "") + \
         (", refined" if args.refine else "") + \
         (f", top-p {args.top_p}" if args.top_p != 1.0 else "") + \
         (f", guidance {args.guidance}" if args.guidance != 1.0 else "")
@@ -503,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = load_run(args.run)
     check_run(run, args)
+    if args.random_bottom:  # the run as if it had no bottom prior
+        run = run._replace(priors={grid: prior for grid, prior in run.priors.items() if grid != "bottom"})
+    args.random_bottom = "bottom" not in run.priors  # the titles say so for every two-level run drawing them so
     # the titles and the report read the settings in use
     args.top_p = args.top_p or run.config.top_p
     # (None for a run with one grid, which has no top grid to scale)
@@ -533,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
               "real_slices": len(real.slices) if real else 0, "temperature": temperature,
               "top_temperature_scale": args.top_temperature_scale,
               "top_decoding_temperature": args.top_decoding_temperature, "refined": args.refine, "top_p": args.top_p,
-              "guidance": args.guidance,
+              "bottom_codes": "prior" if "bottom" in run.priors else "random", "guidance": args.guidance,
               "seed": args.seed,
               "levels": levels_summary, "generation_seconds": round(generation_seconds, 3),
               "scoring_seconds": round(scoring_seconds, 3), **scorer.figures, "skipped": scorer.skipped}

@@ -489,8 +489,9 @@ class RunState:
 
 class Run(NamedTuple):
     """A trained run, loaded: its config, its VQ-VAE, its priors by code grid ("top" for the coarse grid of a
-    two-level model, "bottom" for the fine grid, the only one of a single-level model) and its refiner (None for a
-    run without refiner_epochs); no priors and no refiner when loaded with need_prior=False."""
+    two-level model, "bottom" for the fine grid, the only one of a single-level model; config.prior_grids, so no
+    "bottom" for a two-level run without a bottom prior) and its refiner (None for a run without refiner_epochs); no
+    priors and no refiner when loaded with need_prior=False."""
     config: Config
     vqvae: object  # modules.VQVAE
     priors: dict
@@ -516,8 +517,8 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         raise UserError(f"--run {run.path}: no such run directory; train one with python train.py --data FOLDER "
                         f"--out {run.path}{preset}")
     config = run.read_config()
-    phases = ["vqvae"] + ([PRIOR_PHASES[grid] for grid in config.code_grids] + ["refiner"] * bool(config.refiner_epochs)
-                          if need_prior else [])
+    phases = ["vqvae"] + ([PRIOR_PHASES[grid] for grid in config.prior_grids]
+                          + ["refiner"] * bool(config.refiner_epochs) if need_prior else [])
     models = []
     for phase in phases:
         path = run.model_path(phase)
@@ -537,5 +538,5 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
         if differences(saved, config.to_dict()):
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
-    priors = dict(zip(config.code_grids, models[1:1 + len(config.code_grids)] if need_prior else []))
+    priors = dict(zip(config.prior_grids, models[1:1 + len(config.prior_grids)] if need_prior else []))
     return Run(config, models[0], priors, models[-1] if "refiner" in phases else None)

@@ -1,5 +1,6 @@
-"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid on the codes of that split,
-then the refiner that draws the cortex into the decoded samples (runs with refiner_epochs).
+"""Trains the VQ-VAE on the training split, then the PixelCNN prior of each code grid that has one (the default's:
+the top grid's) on the codes of that split, then the refiner that draws the cortex into the decoded samples (runs
+with refiner_epochs).
 
     python train.py                                         # default preset on the official OASIS-1 download
     python train.py --data ../shared/data/oasis1-mni-volumes --out runs/mni
@@ -49,7 +50,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory to write (default: runs/<timestamp>)")
     parser.add_argument("--epochs", type=int, help="VQ-VAE epochs (default: the preset's)")
-    parser.add_argument("--prior-epochs", type=int, help="PixelCNN epochs, of each prior (default: the preset's)")
+    parser.add_argument("--prior-epochs", type=int,
+                        help="PixelCNN epochs, of each prior the preset trains (default: the preset's: 48 for the "
+                             "default's top prior; a bottom prior, off in the default, is turned on with --set "
+                             "prior_epochs=N)")
     parser.add_argument("--refiner-epochs", type=int,
                         help="refiner epochs, trained last on the VQ-VAE and the top prior; 0 for none (default: the "
                              "preset's: 27 for default, 0 for seed)")
@@ -126,10 +130,12 @@ def resolve_config(args) -> Config:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.refiner_epochs is not None and args.refiner_epochs < 0:
         raise UserError(f"--refiner-epochs must be 0 (no refiner) or more, got {args.refiner_epochs}")
-    flags = ((args.epochs, ["epochs"]), (args.prior_epochs, ["prior_epochs", "top_prior_epochs"]),
+    # --prior-epochs sets each prior the config trains: not a bottom prior that it leaves out (prior_epochs=0)
+    prior_keys = ["top_prior_epochs"] + ["prior_epochs"] * ("bottom" in config_from_args(args).prior_grids)
+    flags = ((args.epochs, ["epochs"]), (args.prior_epochs, prior_keys),
              (args.refiner_epochs, ["refiner_epochs"]), (args.seed, ["seed"]))
     config = config_from_args(args, [f"{key}={value}" for value, keys in flags if value is not None for key in keys])
-    for key in ("epochs", "prior_epochs", "top_prior_epochs", "batch_size", "prior_batch_size", "refiner_batch_size"):
+    for key in ("epochs", "top_prior_epochs", "batch_size", "prior_batch_size", "refiner_batch_size"):
         if getattr(config, key) < 1:
             raise UserError(f"--set {key}={getattr(config, key)}: {key} must be at least 1")
     if not all(map(math.isfinite, (config.learning_rate, config.prior_learning_rate, config.refiner_learning_rate))):
@@ -234,6 +240,9 @@ def check_kept_prior(source: RunDir, saved: Config, state: RunState, config: Con
     if config.top_grid is None:
         raise UserError(f"{flag}: this preset has a single code grid and a single prior, so there is no {grid} "
                         f"prior to keep beside another")
+    if grid not in config.prior_grids:
+        raise UserError(f"{flag}: this config trains no {grid} prior (prior_epochs=0); add --set prior_epochs=N "
+                        f"as {source}'s config has it")
     differences, free = {"prior_top": (top_prior_differences, BOTTOM_PRIOR_KEYS),
                          "prior": (bottom_prior_differences, TOP_PRIOR_KEYS)}[phase]
     differ = differences(saved.to_dict(), config.to_dict())
@@ -312,10 +321,10 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
     if not finished_finitely(config, state, "vqvae", train_vqvae(config, train_set.images, validate_set.images,
                                                                    precision=precisions["vqvae"], **fit)):
         return 1
-    pending = [grid for grid in config.code_grids
+    pending = [grid for grid in config.prior_grids
                if state.epochs_done(PRIOR_PHASES[grid]) < phase_epochs(config, PRIOR_PHASES[grid])]
     train, validate = encode_for_priors(run, config, train_set, validate_set, pending)
-    for grid in config.code_grids:
+    for grid in config.prior_grids:
         announce_phase(config, state, PRIOR_PHASES[grid], precisions["priors"])
         if not finished_finitely(config, state, PRIOR_PHASES[grid], train_prior(
                 config, grid, train, validate, precision=precisions["priors"], **fit)):
@@ -329,7 +338,7 @@ def train_run(args, config: Config, run: RunDir, state: RunState, slices, strate
     summary = summarize(args, config, slices, state, strategy, time.time() - wall_start, precisions)
     run.write_summary(summary)
     bits = ", ".join(f"{grid} {summary['priors'][grid].get('val_bits_per_code', float('nan')):.3f}"
-                     for grid in config.code_grids)
+                     for grid in config.prior_grids)
     print(f"done: validation SSIM {summary['vqvae'].get('val_ssim', float('nan')):.4f}, prior validation "
           f"bits/code {bits}; wrote {run}\nnext: python predict.py --run {run} --data {args.data}")
     return 0
@@ -343,7 +352,7 @@ def phase_epochs(config: Config, phase: str) -> int:
     if phase == "refiner":
         return config.refiner_epochs
     grid = PHASE_GRIDS[phase]
-    return config.prior_field("prior_epochs", grid) if grid in config.code_grids else 0
+    return config.prior_field("prior_epochs", grid) if grid in config.prior_grids else 0
 
 
 def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
@@ -727,7 +736,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
     validated = len(slices.select("validate")) > 0
     best_vq = state.best_row("vqvae", *phase_monitor("vqvae", validated))
     priors = {}
-    for grid in config.code_grids:
+    for grid in config.prior_grids:
         best = state.best_row(PRIOR_PHASES[grid], *phase_monitor(PRIOR_PHASES[grid], validated))
         priors[grid] = {"epochs": state.epochs_done(PRIOR_PHASES[grid]), "best_epoch": best["epoch"],
                         **{key: best[key] for key in best if "bits" in key}}

@@ -80,11 +80,12 @@ def nearest_levels(levels, targets) -> list[int]:
     return [int(known[np.argmin(np.abs(levels[known] - target))]) for target in targets]
 
 
-def two_level_run_and_held_out_slices(parser, args, needs: str):
+def two_level_run_and_held_out_slices(parser, args, needs: str, bottom_prior: bool = False):
     """(run, real) for the benchmarks that take --run, --split, --num and --seed: the two-level run loaded and --num
     real slices of the held-out split drawn as predict.py draws them (dataset.draw_real_slices); None, after a
     "skipped" line saying what the shared MNI volumes were `needs`-ed for, when ../shared is absent. A single-grid
-    run is a usage error."""
+    run, or with `bottom_prior` (the benchmarks that compare its grids) a run without a bottom prior, is a usage
+    error."""
     from cli import DEFAULT_CACHE
     from dataset import draw_real_slices, load_slices
     from rundir import load_run
@@ -95,6 +96,10 @@ def two_level_run_and_held_out_slices(parser, args, needs: str):
     run = load_run(args.run)
     if run.config.top_grid is None:
         parser.error(f"--run {args.run} has a single code grid; this benchmark needs a two-level run")
+    if bottom_prior and "bottom" not in run.priors:
+        parser.error(f"--run {args.run} has no bottom prior (prior_epochs=0, as the default); this benchmark compares "
+                     f"its grids: give a run with one, e.g. made by train.py --vqvae-from {args.run} --keep-top-prior "
+                     f"--set prior_epochs=16 --refiner-epochs 0")
     everything = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     return run, draw_real_slices(everything, args.split, args.num, np.random.default_rng(args.seed))
 

@@ -4,8 +4,9 @@
 
 Baseline, as keras.io/examples/generative/pixelcnn samples: a Python loop over each grid's code positions (the
 top grid first, then the bottom one given it), calling `model.predict` on the whole batch once per position and
-drawing that position's code. Project: modules.SliceGenerator (what predict.py uses), one compiled loop per grid
-that computes only what the new position needs. Same weights, same batch, same levels, same process. The project
+drawing that position's code; a grid without a prior (the default's bottom grid) is drawn at random in both.
+Project: modules.SliceGenerator (what predict.py uses), one compiled loop per grid with a prior that computes only
+what the new position needs. Same weights, same batch, same levels, same process. The project
 figure is the median of --repeats calls of one SliceGenerator after its first call, which traces the loops
 (reported as 'first call': what a one-off modules.generate costs), with the share of it that the run's refiner
 takes (the median of as many refinements of the decoded slices; none for a run without one). The baseline costs
@@ -36,8 +37,11 @@ def baseline_seconds(run, levels, seed, positions):
     rng = np.random.default_rng(seed)
     codes, seconds = {}, 0.0
     for grid in run.config.code_grids:
+        side = run.config.grid_side(grid)
+        if grid not in run.priors:  # a grid without a prior is drawn at random, as SliceGenerator draws it
+            codes[grid] = rng.integers(0, run.config.num_codes, (len(levels), side, side), np.int32)
+            continue
         prior = run.priors[grid]
-        side = prior.side
         codes[grid] = np.zeros((len(levels), side, side), np.int32)
         inputs = prior_inputs(codes[grid], levels if prior.level_conditioned else None,
                               codes.get("top") if grid == "bottom" else None)
@@ -70,7 +74,7 @@ def models(preset, run):
     refiner = Refiner(config.to_dict()) if config.refiner_epochs else None
     if refiner is not None:
         refiner.build()
-    priors = {grid: build_prior(config, grid) for grid in config.code_grids}
+    priors = {grid: build_prior(config, grid) for grid in config.prior_grids}
     return Run(config, vqvae, priors, refiner), "random weights"
 
 
@@ -105,11 +109,12 @@ def main():
         if generate.refiner is not None:
             decoded = generate(levels, 1.0, 0, refine=False)
             refining = f"{median([timed(lambda: generate.refined(decoded)) for _ in range(args.repeats)]):.3f}"
-        sides = [run.priors[grid].side for grid in run.config.code_grids]
+        sides = {grid: run.config.grid_side(grid) for grid in run.config.code_grids}
         base = median([baseline_seconds(run, levels, seed, args.baseline_positions)
                        for seed in range(args.baseline_repeats)])
-        grids = " + ".join(f"{side}x{side}" for side in sides)
-        scaled = any(side * side > args.baseline_positions for side in sides)
+        grids = " + ".join(f"{side}x{side}" + ("" if grid in run.priors else " (random)")
+                           for grid, side in sides.items())
+        scaled = any(sides[grid] ** 2 > args.baseline_positions for grid in run.priors)
         measured = f"first {args.baseline_positions} positions per grid, scaled" if scaled else "all"
         rows.append([preset, grids, weights, f"{base:.1f} ({measured})", f"{first:.2f}", f"{ours:.3f}", refining,
                      f"{base / ours:.0f}x"])

@@ -1,6 +1,6 @@
 """Which part of a two-level run costs realism: the decoder, the bottom prior or the top prior.
 
-    python bench/realism_by_grid.py [--run pretrained] [--split validate] [--num 256] [--seed 0]
+    python bench/realism_by_grid.py --run RUN [--split validate] [--num 256] [--seed 0]
         [--figure Images/realism/by_grid.png]
 
 On a held-out split of the shared MNI volumes (--split, skipped with a message when ../shared is absent), --num real
@@ -34,7 +34,7 @@ measures: whether the anatomy is there.
 import argparse
 from pathlib import Path
 
-from common import ROOT, report_rows, two_level_run_and_held_out_slices
+from common import report_rows, two_level_run_and_held_out_slices
 
 import numpy as np
 
@@ -63,7 +63,9 @@ def expected_top_row(run, codes, levels, bottom, subjects) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "pretrained", help="a two-level run (default: pretrained/)")
+    parser.add_argument("--run", type=Path, required=True,
+                        help="a two-level run with a bottom prior (the default preset trains none; README's "
+                             "runs/whole_bf16 has one)")
     parser.add_argument("--split", default="validate", choices=["validate", "test"],
                         help="the held-out split (default: validate, the one with two subjects of the shared volumes "
                              "once OAS1_0198 is excluded; the classifier's control needs two)")
@@ -72,7 +74,7 @@ def main():
     parser.add_argument("--figure", type=Path, default=None,
                         help="also write a PNG: each set's slices at the real slices nearest a few levels")
     args = parser.parse_args()
-    loaded = two_level_run_and_held_out_slices(parser, args, "scores against")
+    loaded = two_level_run_and_held_out_slices(parser, args, "scores against", bottom_prior=True)
     if loaded is None:
         return
     run, real = loaded

@@ -1,6 +1,6 @@
 """Where the mottled tissue of generated slices comes from: the top codes or the bottom grid.
 
-    python bench/top_codes.py [--run pretrained] [--split validate] [--num 256] [--seed 0] [--figure PATH]
+    python bench/top_codes.py --run RUN [--split validate] [--num 256] [--seed 0] [--figure PATH]
 
 On --num real slices of a held-out split of the shared MNI volumes (drawn as predict.py draws them; skipped with a
 message when ../shared is absent):
@@ -22,7 +22,7 @@ its top codes; the fourth shows what is left once the part of them the prior can
 import argparse
 from pathlib import Path
 
-from common import ROOT, machine, print_table, save_rows_figure, two_level_run_and_held_out_slices
+from common import machine, print_table, save_rows_figure, two_level_run_and_held_out_slices
 
 import keras
 import numpy as np
@@ -52,7 +52,9 @@ def top_bits_by_region(run, codes: dict, levels: np.ndarray, tissue: np.ndarray,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=ROOT / "pretrained", help="a two-level run (default: pretrained/)")
+    parser.add_argument("--run", type=Path, required=True,
+                        help="a two-level run with a bottom prior (the default preset trains none; README's "
+                             "runs/whole_bf16 has one)")
     parser.add_argument("--split", default="validate", choices=["validate", "test"],
                         help="the held-out split whose slices are encoded and whose levels are sampled at")
     parser.add_argument("--num", type=int, default=256, help="slices (default: 256)")
@@ -64,7 +66,7 @@ def main():
     args = parser.parse_args()
     if not 0 < args.top_decoding_temperature < float("inf"):
         parser.error("--top-decoding-temperature must be a positive number")
-    loaded = two_level_run_and_held_out_slices(parser, args, "encodes")
+    loaded = two_level_run_and_held_out_slices(parser, args, "encodes", bottom_prior=True)
     if loaded is None:
         return
     run, real = loaded

@@ -146,8 +146,10 @@ def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, siz
 SEED_FLAGS = ["--preset", "seed", "--epochs", "2", "--prior-epochs", "2", "--set", "batch_size=8",
               "--set", "prior_batch_size=8"]
 # The default (two-level) preset at 32x32 with a few filters, its VQ-VAE in bfloat16 (two_level_run checks that it
-# says so), and no refiner (tests that train one add --refiner-epochs N and TINY_REFINER).
-TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1", "--refiner-epochs", "0",
+# says so), a bottom prior (the default has none; test_train.py derives a run without one) and no refiner (tests
+# that train one add --refiner-epochs N and TINY_REFINER).
+TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1", "--set", "prior_epochs=1",
+                  "--refiner-epochs", "0",
                   "--set", "image_size=32", "--set", "batch_size=8", "--set", "prior_batch_size=8",
                   "--set", "prior_filters=8", "--set", "top_prior_filters=8", "--set", "prior_condition_filters=8",
                   "--set", "residual_filters=16", "--set", "prior_precision=float32",

@@ -106,7 +106,7 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_deformati
             with pytest.raises(ValueError, match=f"{key} must be in"):
                 make_config("default", [f"{key}={bad}"])
     with pytest.raises(ValueError, match="bottom_code_dropout needs a top grid"):
-        make_config("default", ["top_strides=", "top_filters=", "bottom_code_dropout=0.2"])
+        make_config("default", ["top_strides=", "top_filters=", "bottom_code_dropout=0.2", "prior_epochs=3"])
     for bad in ("0", "-1", "nan"):
         with pytest.raises(ValueError, match="top_temperature_scale must be a positive number"):
             make_config("default", [f"top_temperature_scale={bad}"])
@@ -166,7 +166,7 @@ def hand_made_quantizer(codebook="loss"):
 def test_code_noise_gives_the_decoder_random_codes_in_training_only():
     """A share bottom_code_noise of the bottom positions carry another codebook vector while training (seeded, no
     gradient through them); evaluation and encoding read the clean codes."""
-    config = make_config("default", ["bottom_code_noise=0.3", "bottom_code_dropout=0"])
+    config = make_config("default", ["bottom_code_noise=0.3", "bottom_code_dropout=0", "prior_epochs=3"])
     model = VQVAE(config.to_dict())
     model.build()
     images = np.random.default_rng(0).random((4, 128, 128, 1)).astype("float32")
@@ -226,7 +226,8 @@ def test_neighbour_agreement_counts_equal_adjacent_codes_within_a_mask():
 def test_top_code_smoothness_adds_the_top_features_roughness_to_the_loss():
     """The weighted roughness of the top encoder's outputs joins the loss (and only there); the top codes'
     neighbour agreement is reported."""
-    config = make_config("default", ["top_code_smoothness=0", "bottom_code_noise=0", "bottom_code_dropout=0"])
+    config = make_config("default", ["top_code_smoothness=0", "bottom_code_noise=0", "bottom_code_dropout=0",
+                                     "prior_epochs=3"])
     model = VQVAE(config.to_dict())
     model.build()
     images = np.random.default_rng(0).random((4, 128, 128, 1)).astype("float32")

@@ -17,13 +17,13 @@ def test_pretrained_run_is_small_weights_only_and_the_default_preset():
     from rundir import load_run
 
     files = {path.name: path.stat().st_size for path in PRETRAINED.rglob("*") if path.is_file()}
-    assert {"config.json", "vqvae.keras", "pixelcnn_top.keras", "pixelcnn.keras", "refiner.keras",
-            "summary.json"} <= set(files)
+    assert {"config.json", "vqvae.keras", "pixelcnn_top.keras", "refiner.keras", "summary.json"} <= set(files)
+    assert "pixelcnn.keras" not in files  # no bottom prior: its bottom codes are drawn at random
     assert sum(files.values()) < 20 * 2 ** 20, files
     assert not (PRETRAINED / "checkpoints").exists()
     run = load_run(PRETRAINED)
     assert run.config == Config.from_dict(make_config("default").to_dict())
-    assert set(run.priors) == {"top", "bottom"} and run.level_conditioned and run.refiner is not None
+    assert set(run.priors) == {"top"} and run.level_conditioned and run.refiner is not None
     summary = json.loads((PRETRAINED / "summary.json").read_text())
     assert summary["vqvae"]["val_ssim"] >= 0.95
 
@@ -41,7 +41,7 @@ def test_predict_on_a_fresh_clone_writes_brain_shaped_slices(tmp_path):
     generation = json.loads((out / "generation.json").read_text())
     assert generation["num"] == 32 and generation["generation_seconds"] > 0
     assert generation["top_temperature_scale"] == 0.9 and generation["top_decoding_temperature"] == 0.25  # the run's
-    assert generation["refined"] is True
+    assert generation["refined"] is True and generation["bottom_codes"] == "random"
     assert generation["brain_shaped_fraction_generated"] >= 0.5
 
 

@@ -222,6 +222,55 @@ def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_l
     assert all(refined != plain for refined, plain in zip(samples["refined"], samples["plain"]))
 
 
+def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom_codes(two_level_run, tmp_path):
+    """prior_epochs=0 (the default's): --vqvae-from RUN --keep-top-prior trains no bottom prior and the run holds
+    none; predict.py, in fresh processes, draws the same slices from the same seed, other slices from another, the
+    same as RUN itself draws with --random-bottom, and scores bits per code of the top grid only; --top-p (a bottom
+    prior's nucleus) and --keep-bottom-prior are refused in one line."""
+    data, source = two_level_run
+    run = tmp_path / "top_only"
+    result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
+                        *TINY_TWO_LEVEL, "--set", "prior_epochs=0", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-grid PixelCNN prior: all 1 epochs" in result.stdout and "\nPixelCNN prior" not in result.stdout
+    assert not (run / "pixelcnn.keras").exists() and not (run / "history_prior.csv").exists()
+    assert list(json.loads((run / "summary.json").read_text())["priors"]) == ["top"]
+    samples = {}
+    for name, flags in (("first", [run, "--seed", "1"]), ("again", [run, "--seed", "1"]),
+                        ("other", [run, "--seed", "2"]), ("source", [source, "--seed", "1", "--random-bottom"])):
+        out = tmp_path / name
+        result = run_script("predict.py", "--run", *flags, "--num", "3", "--out", out, "--no-progress")
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
+        report = json.loads((out / "generation.json").read_text())
+        assert report["bottom_codes"] == "random" and list(report["prior_bits_per_code"]) == ["top"]
+    assert len(samples["first"]) == 3 and samples["first"] == samples["again"] == samples["source"] != samples["other"]
+    nucleus = run_script("predict.py", "--run", run, "--top-p", "0.9", "--out", tmp_path / "nucleus")
+    assert_clean_usage_error(nucleus, "--top-p", "no bottom prior")
+    kept = run_script("train.py", "--data", data, "--out", tmp_path / "kept", "--vqvae-from", source,
+                      "--keep-bottom-prior", *TINY_TWO_LEVEL, "--set", "prior_epochs=0")
+    assert_clean_usage_error(kept, "--keep-bottom-prior", "prior_epochs=0")
+    assert not (tmp_path / "nucleus").exists() and not (tmp_path / "kept").exists()
+
+
+def test_prior_epochs_flag_sets_each_prior_the_config_trains():
+    """--prior-epochs N sets the top prior's epochs, and the bottom prior's only where the config trains one: it
+    does not turn on the bottom prior that the default leaves out."""
+    from cli import UserError
+    from train import build_parser, resolve_config
+
+    def resolved(*flags):
+        return resolve_config(build_parser().parse_args(list(flags)))
+
+    default = resolved("--prior-epochs", "3")
+    assert (default.top_prior_epochs, default.prior_epochs, default.prior_grids) == (3, 0, ("top",))
+    both = resolved("--prior-epochs", "3", "--set", "prior_epochs=1")
+    assert (both.top_prior_epochs, both.prior_epochs, both.prior_grids) == (3, 3, ("top", "bottom"))
+    assert resolved("--preset", "seed", "--prior-epochs", "3").prior_epochs == 3
+    with pytest.raises(UserError, match="prior_epochs=0 .no bottom prior. needs a top grid"):
+        resolved("--preset", "seed", "--set", "prior_epochs=0")
+
+
 def test_a_folder_a_failed_run_left_without_a_finished_epoch_is_started_over(trained):
     """The `trained` run went into a folder that held a failed attempt's config.json, state.json (no epoch) and an
     uncommitted checkpoint: the run started over there instead of asking for --resume."""

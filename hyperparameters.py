@@ -199,7 +199,9 @@ class Config:
     # U-Net whose output is added to its input) learns the missing detail from pairs, as pix2pix does: its input is
     # a training slice's own top codes decoded as predict.py decodes a sampled grid (under random bottom codes,
     # refiner_draws draws of them per slice), its target the slice, against a patch critic (hinge loss) with feature
-    # matching, an L1 of 4x4-pixel means that holds the layout (refiner_layout_weight) and a term against drawn sulci
+    # matching, an L1 of the means of every 4x4-pixel window that holds the layout (refiner_layout_weight; of a
+    # sliding window, so that no fixed block grid leaves the refiner free to draw any pattern inside a block that
+    # keeps the block's mean, EXPERIMENTS.md, The refiner's blocky texture) and a term against drawn sulci
     # cutting the brain's outline (refiner_outline_weight: how far the refined slice falls below tissue_intensity
     # where the real one is above it). 0 epochs: no refiner, predict.py shows the decoder's slices.
     refiner_epochs: int = 27  # of refiner_draws * training slices / refiner_batch_size steps: 27 = about 4,000
@@ -221,6 +223,10 @@ class Config:
     # 0.793) and the classifier 0.591 / 0.560 / 0.564, against 0.730 / 0.734 / 0.727 and 0.614 / 0.625 / 0.617 at
     # 100 (EXPERIMENTS.md)
     refiner_outline_weight: float = 1000.0
+    # how the refiner's U-Net doubles its features' size on the way up: "bilinear" or "nearest". Nearest copies drew
+    # a blocky, cross-hatched texture of short straight lines where gyri should be; bilinear draws smooth white
+    # matter with grey-matter folds (EXPERIMENTS.md, The refiner's blocky texture)
+    refiner_upsampling: str = "bilinear"
 
     @property
     def code_grid(self) -> int:
@@ -305,6 +311,8 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("refiner_epochs", 0)
     # and before refiner_critic_filters existed, trained it against a 64-filter critic
     values.setdefault("refiner_critic_filters", 64)
+    # and before refiner_upsampling existed, upsampled by nearest copies
+    values.setdefault("refiner_upsampling", "nearest")
     # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
     # their flips only (took the condition map in their gates as it was)
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
@@ -489,6 +497,8 @@ def _validate_choices(config: Config) -> None:
     for key in ("vqvae_precision", "prior_precision"):
         if getattr(config, key) not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"{key} must be auto, float32 or bfloat16, not {getattr(config, key)!r}")
+    if config.refiner_upsampling not in ("bilinear", "nearest"):
+        raise ValueError(f"refiner_upsampling must be bilinear or nearest, not {config.refiner_upsampling!r}")
     if config.prior_layout not in ("gated", "seed"):
         raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):

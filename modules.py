@@ -1236,8 +1236,8 @@ def refiner_inputs(vqvae: VQVAE, top_prior: keras.Model, config: Config, images:
 class Refiner(keras.Model):
     """(b, size, size, 1) smooth slices -> (b, size, size, 1) slices with detail: the input plus a small U-Net's
     residual (two stride-2 levels down, three dilated residual blocks at a quarter of the size whose view spans a
-    quarter of the slice, nearest upsampling back with skips, so no checkerboard; refiner_filters wide at full size).
-    Trained by AdversarialRefiner; predict.py runs it on every decoded sample (`refiner.keras`)."""
+    quarter of the slice, refiner_upsampling (bilinear) back with skips, so no checkerboard; refiner_filters wide at
+    full size). Trained by AdversarialRefiner; predict.py runs it on every decoded sample (`refiner.keras`)."""
 
     def __init__(self, config: dict, **kwargs):
         super().__init__(**kwargs)
@@ -1253,7 +1253,9 @@ class Refiner(keras.Model):
         self.down = [conv(2 * width, 4, 2), conv(4 * width, 4, 2)]
         self.branches = [conv(4 * width, dilation=dilation) for dilation in (1, 2, 4)]
         self.merges = [conv(4 * width, activation=None) for _ in self.branches]
-        self.upsample = layers.UpSampling2D()
+        # in float32 under a bfloat16 policy too: resizing in bfloat16 made a training step about a fifth slower than
+        # nearest copies, in float32 about a tenth (an AdversarialRefiner step at batch 16, alternated in one process)
+        self.upsample = layers.UpSampling2D(interpolation=cfg.refiner_upsampling, dtype="float32")
         self.up = [conv(filters) for filters in (2 * width, 2 * width, width, width)]
         self.outlet = layers.Conv2D(1, 3, padding="same", dtype="float32")
 
@@ -1274,6 +1276,13 @@ class Refiner(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "config": self.config_dict}
+
+
+def layout_error(refined, real):
+    """The mean absolute difference between the means of every 4x4-pixel window of (b, size, size, 1) `refined` and
+    `real` (stride 1): the refiner's layout term. Over a fixed grid of 4x4 blocks instead, any pattern inside a block
+    that keeps its mean costs nothing, and the refiner drew block-aligned straight lines (EXPERIMENTS.md)."""
+    return ops.mean(ops.abs(ops.average_pool(refined, 4, 1) - ops.average_pool(real, 4, 1)))
 
 
 def patch_critic(size: int, filters: int) -> keras.Model:
@@ -1299,9 +1308,9 @@ class AdversarialRefiner(keras.Model):
     `fit` takes (b, size, size, 2) pairs: [smooth input (refiner_inputs), real slice], left-right flipped together.
     The critic minimises the hinge loss relu(1 - D(x, real)) + relu(1 + D(x, refined)); the refiner minimises
     -D(x, refined) + refiner_feature_weight * the L1 between the critic's features of the refined and of the real
-    pair + refiner_layout_weight * the L1 of their 4x4-pixel means (the layout stays the input's) +
-    refiner_outline_weight * mean(relu(tissue_intensity - refined) where real > tissue_intensity) (drawn sulci
-    must not cut the brain's outline). Both networks step together under one Adam (its state is per weight, so one
+    pair + refiner_layout_weight * layout_error (the layout stays the input's) + refiner_outline_weight *
+    mean(relu(tissue_intensity - refined) where real > tissue_intensity) (drawn sulci must not cut the brain's
+    outline). Both networks step together under one Adam (its state is per weight, so one
     optimizer is two with the same settings). Reports both losses, the feature matching and the layout and outline
     errors. `call` is the refiner's; its `refiner` is what a run ships (rundir.weights_only_copy)."""
 
@@ -1329,7 +1338,7 @@ class AdversarialRefiner(keras.Model):
         fake_score, *fake_features = self.critic(ops.concatenate([smooth, refined], axis=-1), training=training)
         matching = sum(ops.mean(ops.abs(fake - ops.stop_gradient(true)))
                        for fake, true in zip(fake_features, real_features))
-        layout = ops.mean(ops.abs(ops.average_pool(refined, 4, 4) - ops.average_pool(real, 4, 4)))
+        layout = layout_error(refined, real)
         outline = ops.mean(ops.relu(cfg.tissue_intensity - refined) * ops.cast(real > cfg.tissue_intensity, "float32"))
         return {"critic_loss": ops.mean(ops.relu(1 - real_score)) + ops.mean(ops.relu(1 + fake_score)),
                 "refiner_loss": (-ops.mean(fake_score) + cfg.refiner_feature_weight * matching

@@ -613,6 +613,33 @@ def test_adversarial_refiner_steps_both_networks_and_resumes_from_its_checkpoint
     np.testing.assert_array_equal(np.asarray(shipped(slices)), slices)
 
 
+def test_the_refiners_layout_term_sees_patterns_inside_a_block_and_its_upsampling_is_the_configs():
+    """layout_error compares the means of every 4x4 window, not of a fixed grid of blocks: a pattern that keeps each
+    block's mean (what the refiner drew as straight lines when that was free) costs as much as any other detail. The
+    Refiner upsamples as refiner_upsampling says, and the same weights give other slices under the other mode."""
+    real = np.random.default_rng(0).uniform(0.2, 0.8, (2, 16, 16, 1)).astype("float32")
+    # bright-dark line pairs, each 4-pixel block's pair in its own order: every block keeps its mean
+    rows = np.concatenate([sign * np.array([1, 1, -1, -1], "float32") for sign in (1, -1, -1, 1)])
+    refined = real + 0.1 * np.broadcast_to(rows[:, None, None], (16, 16, 1))
+    block_means = lambda images: keras.ops.average_pool(images, 4, 4)
+    assert float(keras.ops.mean(keras.ops.abs(block_means(refined) - block_means(real)))) < 1e-6
+    assert float(modules.layout_error(refined, real)) > 0.02
+    assert float(modules.layout_error(real, real)) == 0.0
+
+    slices = np.random.default_rng(1).uniform(0, 1, (1, 32, 32, 1)).astype("float32")
+    outputs = {}
+    for mode in ("bilinear", "nearest"):
+        refiner = modules.Refiner(make_config("default", ["image_size=32", "refiner_filters=4",
+                                                          f"refiner_upsampling={mode}"]).to_dict())
+        refiner.build()
+        if outputs:
+            refiner.set_weights(weights)
+        weights = refiner.get_weights()
+        assert refiner.upsample.interpolation == mode
+        outputs[mode] = np.asarray(refiner(slices))
+    assert np.abs(outputs["bilinear"] - outputs["nearest"]).max() > 1e-4
+
+
 def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
     from hyperparameters import REFINER_KEYS, Config, refiner_differences
 
@@ -620,8 +647,9 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
     for key in REFINER_KEYS:
         values.pop(key)
     older = Config.from_dict(values)
-    assert (older.refiner_epochs, older.refiner_critic_filters) == (0, 64)
+    assert (older.refiner_epochs, older.refiner_critic_filters, older.refiner_upsampling) == (0, 64, "nearest")
     assert make_config("default").refiner_epochs == 27 and make_config("seed").refiner_epochs == 0
+    assert make_config("default").refiner_upsampling == "bilinear"
     base = make_config("default").to_dict()
     assert refiner_differences(base, make_config("default", ["prior_filters=12", "temperature=0.5"]).to_dict()) == []
     for fixed in ("refiner_filters=8", "top_prior_filters=12", "epochs=3"):
@@ -632,6 +660,7 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
                                (["refiner_filters=0"], "refiner_filters must be at least 1"),
                                (["refiner_critic_filters=0"], "refiner_critic_filters must be at least 1"),
                                (["refiner_learning_rate=0"], "refiner_learning_rate must be a positive number"),
+                               (["refiner_upsampling=cubic"], "refiner_upsampling must be bilinear or nearest"),
                                (["image_size=36", "encoder_strides=2", "top_strides=2"], "divisible by 8")):
         with pytest.raises(ValueError, match=message):
             make_config("default", overrides)

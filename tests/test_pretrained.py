@@ -31,7 +31,7 @@ def test_pretrained_run_is_small_weights_only_and_the_default_preset():
 def test_predict_on_a_fresh_clone_writes_brain_shaped_slices(tmp_path):
     """With no --data, predict.py generates from pretrained/; most samples have an intact brain outline (the masked
     prior that shipped two versions ago scored 0.19 on this check, real slices about 0.9). 32 samples, one sampling
-    chunk as 8 would be: of 8, one slice moves the share by 0.125 (README: 0.72-0.77 of 256 at the validate split's
+    chunk as 8 would be: of 8, one slice moves the share by 0.125 (README: 0.70-0.76 of 256 at the validate split's
     seeds 0-2)."""
     out = tmp_path / "out"
     result = run_script("predict.py", "--num", "32", "--out", out, "--cache", tmp_path / "cache", "--no-progress",

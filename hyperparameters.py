@@ -225,7 +225,7 @@ class Config:
     refiner_outline_weight: float = 1000.0
     # how the refiner's U-Net doubles its features' size on the way up: "bilinear" or "nearest". Nearest copies drew
     # a blocky, cross-hatched texture of short straight lines where gyri should be; bilinear draws smooth white
-    # matter with grey-matter folds (EXPERIMENTS.md, The refiner's blocky texture)
+    # matter without them (EXPERIMENTS.md, The refiner's blocky texture)
     refiner_upsampling: str = "bilinear"
 
     @property

@@ -1310,9 +1310,9 @@ class AdversarialRefiner(keras.Model):
     -D(x, refined) + refiner_feature_weight * the L1 between the critic's features of the refined and of the real
     pair + refiner_layout_weight * layout_error (the layout stays the input's) + refiner_outline_weight *
     mean(relu(tissue_intensity - refined) where real > tissue_intensity) (drawn sulci must not cut the brain's
-    outline). Both networks step together under one Adam (its state is per weight, so one
-    optimizer is two with the same settings). Reports both losses, the feature matching and the layout and outline
-    errors. `call` is the refiner's; its `refiner` is what a run ships (rundir.weights_only_copy)."""
+    outline). Both networks step together under one Adam (its state is per weight, so one optimizer is two with the
+    same settings). Reports both losses, the feature matching and the layout and outline errors. `call` is the
+    refiner's; its `refiner` is what a run ships (rundir.weights_only_copy)."""
 
     def __init__(self, config: dict, **kwargs):
         super().__init__(**kwargs)

@@ -1219,6 +1219,14 @@ def decode_with_top_weights(vqvae: VQVAE, top, weights, bottom, batch_size: int 
         for part in (slice(start, start + batch_size) for start in range(0, len(top), batch_size))])
 
 
+def uniform_codes(config: Config, grid: str, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, side, side) int32 codes of code grid `grid`, each drawn uniformly from the codebook: the bottom grid of
+    a two-level run without a bottom prior, alike where SliceGenerator decodes new slices and where refiner_inputs
+    makes what the refiner trains on."""
+    side = config.grid_side(grid)
+    return rng.integers(0, config.num_codes, (count, side, side)).astype(np.int32)
+
+
 def refiner_inputs(vqvae: VQVAE, top_prior: keras.Model, config: Config, images: np.ndarray, levels,
                    rng: np.random.Generator, draws: int = 1) -> np.ndarray:
     """(draws * n, size, size) what the refiner learns to refine for (n, size, size) slices: their top codes decoded
@@ -1228,7 +1236,7 @@ def refiner_inputs(vqvae: VQVAE, top_prior: keras.Model, config: Config, images:
     codes = encode_all(vqvae, images)
     weights = expected_top_weights(top_prior, codes, levels, config.top_decoding_temperature)
     return np.concatenate([decode_with_top_weights(
-        vqvae, codes["top"], weights, rng.integers(0, config.num_codes, codes["bottom"].shape).astype(np.int32))
+        vqvae, codes["top"], weights, uniform_codes(config, "bottom", len(images), rng))
         for _ in range(draws)])
 
 
@@ -1426,9 +1434,7 @@ class SliceGenerator:
             if grid in codes:
                 continue
             if grid not in self.samplers:  # the bottom grid of a run without a bottom prior
-                side = config.grid_side(grid)
-                codes[grid] = np.random.default_rng(seed + offset).integers(
-                    0, config.num_codes, (len(levels), side, side)).astype(np.int32)
+                codes[grid] = uniform_codes(config, grid, len(levels), np.random.default_rng(seed + offset))
                 continue
             grid_temperature = temperature * (top_temperature_scale if grid == "top" else 1.0)
             codes[grid], logits = self.samplers[grid].sample(

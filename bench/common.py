@@ -68,8 +68,9 @@ def training_step_seconds(model, batch, steps: int = 5) -> list[float]:
 def random_code_grids(config, batch: int, rng) -> dict:
     """{grid: (batch, side, side) int32 random codes} for each code grid of `config`: what a prior trains on, for
     timings that do not depend on the codes' values."""
-    return {grid: rng.integers(0, config.num_codes, (batch, config.grid_side(grid), config.grid_side(grid)))
-            .astype("int32") for grid in config.code_grids}
+    from modules import uniform_codes
+
+    return {grid: uniform_codes(config, grid, batch, rng) for grid in config.code_grids}
 
 
 def nearest_levels(levels, targets) -> list[int]:

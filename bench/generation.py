@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from hyperparameters import make_config
-from modules import VQVAE, Refiner, SliceGenerator, build_prior, prior_inputs
+from modules import VQVAE, Refiner, SliceGenerator, build_prior, prior_inputs, uniform_codes
 from rundir import Run, RunDir, load_run
 
 
@@ -39,7 +39,7 @@ def baseline_seconds(run, levels, seed, positions):
     for grid in run.config.code_grids:
         side = run.config.grid_side(grid)
         if grid not in run.priors:  # a grid without a prior is drawn at random, as SliceGenerator draws it
-            codes[grid] = rng.integers(0, run.config.num_codes, (len(levels), side, side), np.int32)
+            codes[grid] = uniform_codes(run.config, grid, len(levels), rng)
             continue
         prior = run.priors[grid]
         codes[grid] = np.zeros((len(levels), side, side), np.int32)

@@ -39,7 +39,7 @@ from common import report_rows, two_level_run_and_held_out_slices
 import numpy as np
 
 from measures import reconstruct
-from modules import SliceGenerator, encode_all, expected_top_decoding
+from modules import SliceGenerator, encode_all, expected_top_decoding, uniform_codes
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 BLUR_SIGMA = 0.8  # pixels: real slices this soft have the samples' edge strength
@@ -81,8 +81,7 @@ def main():
     generator = SliceGenerator(run)
     codes = encode_all(run.vqvae, real.slices)
     top = codes["top"]
-    side = run.config.code_grid
-    random_bottom = np.random.default_rng(args.seed).integers(0, run.config.num_codes, (len(top), side, side))
+    random_bottom = uniform_codes(run.config, "bottom", len(top), np.random.default_rng(args.seed))
     rows = {
         f"real {args.split} slices (control)": (real.slices, real.subjects),
         f"real, blurred (Gaussian, sigma {BLUR_SIGMA:g} px)": (blurred(real.slices), real.subjects),

@@ -28,7 +28,8 @@ import keras
 import numpy as np
 
 from measures import brain_shaped_fraction, classifier_auc, edge_strength
-from modules import SliceGenerator, encode_all, neighbour_agreement, teacher_forced_logits, top_decoding_weights
+from modules import (SliceGenerator, encode_all, neighbour_agreement, teacher_forced_logits, top_decoding_weights,
+                     uniform_codes)
 
 FIGURE_LEVELS = (0.2, 0.35, 0.45, 0.55, 0.65, 0.75)
 
@@ -78,13 +79,12 @@ def main():
     temperature = run.config.temperature
     top, top_logits = generator.samplers["top"].sample(len(real.levels), temperature * run.config.top_temperature_scale,
                                                        args.seed, levels=real.levels, return_logits=True)
-    bottom_sampler, bottom_side = generator.samplers["bottom"], run.config.code_grid
+    bottom_sampler = generator.samplers["bottom"]
     bottoms = {"sampled bottom grid": bottom_sampler.sample(len(top), temperature, args.seed + 1, levels=real.levels,
                                                             top=top),
                "bottom grid at temperature 0.3": bottom_sampler.sample(len(top), 0.3, args.seed + 1,
                                                                        levels=real.levels, top=top),
-               "random bottom codes": np.random.default_rng(args.seed).integers(0, run.config.num_codes,
-                                                                                (len(top), bottom_side, bottom_side))}
+               "random bottom codes": uniform_codes(run.config, "bottom", len(top), np.random.default_rng(args.seed))}
     decoded = {name: generator.render({"top": top, "bottom": bottom}) for name, bottom in bottoms.items()}
     expected = top_decoding_weights(top, top_logits, args.top_decoding_temperature)
     decoded[f"sampled bottom grid, top decoded at {args.top_decoding_temperature:g}"] = generator.render(

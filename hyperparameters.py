@@ -227,10 +227,6 @@ class Config:
     # a blocky, cross-hatched texture of short straight lines where gyri should be; bilinear draws smooth white
     # matter without them (EXPERIMENTS.md, The refiner's blocky texture)
     refiner_upsampling: str = "bilinear"
-    # the refiner a run ships: the exponential moving average of its weights over the training steps at this decay
-    # (a half-life of about 700 steps at 0.999, of about 4,000), as GANs' generators are averaged (Karras et al.,
-    # 2018; Yazici et al., 2019) to damp the step-to-step swings of the adversarial game; 0 ships the last weights
-    refiner_average_decay: float = 0.999
 
     @property
     def code_grid(self) -> int:
@@ -317,8 +313,6 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("refiner_critic_filters", 64)
     # and before refiner_upsampling existed, upsampled by nearest copies
     values.setdefault("refiner_upsampling", "nearest")
-    # and before refiner_average_decay existed, shipped the refiner's last weights
-    values.setdefault("refiner_average_decay", 0.0)
     # and before prior_deformed_copies (prior_condition_layers) existed, their priors trained on the slices and
     # their flips only (took the condition map in their gates as it was)
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",
@@ -525,7 +519,7 @@ def _validate_choices(config: Config) -> None:
 def _validate_ranges(config: Config) -> None:
     """Shares, counts, sizes and temperatures within their ranges."""
     for key in ("prior_dropout", "prior_level_dropout", "prior_context_corruption", "top_prior_context_corruption",
-                "bottom_code_noise", "bottom_code_dropout", "refiner_average_decay"):
+                "bottom_code_noise", "bottom_code_dropout"):
         if not 0 <= getattr(config, key) < 1:
             raise ValueError(f"{key} must be in [0, 1)")
     for key in ("prior_deformed_copies", "top_prior_deformed_copies", "prior_condition_layers",

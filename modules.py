@@ -1319,10 +1319,8 @@ class AdversarialRefiner(keras.Model):
     pair + refiner_layout_weight * layout_error (the layout stays the input's) + refiner_outline_weight *
     mean(relu(tissue_intensity - refined) where real > tissue_intensity) (drawn sulci must not cut the brain's
     outline). Both networks step together under one Adam (its state is per weight, so one optimizer is two with the
-    same settings); after each step the refiner's weight average moves toward its weights, a <- d * a + (1 - d) * w
-    at d = refiner_average_decay, starting from the first weights. Reports both losses, the feature matching and the
-    layout and outline errors, of the refiner being trained. `call` is that refiner's; what a run ships
-    (rundir.weights_only_copy) is its `refiner` with shipped_weights(): the average, or at d = 0 the last weights."""
+    same settings). Reports both losses, the feature matching and the layout and outline errors. `call` is the
+    refiner's; its `refiner` is what a run ships (rundir.weights_only_copy)."""
 
     def __init__(self, config: dict, **kwargs):
         super().__init__(**kwargs)
@@ -1332,7 +1330,6 @@ class AdversarialRefiner(keras.Model):
         self.critic = patch_critic(self.cfg.image_size, self.cfg.refiner_critic_filters)
         names = ["critic_loss", "refiner_loss", "feature_matching", "layout_error", "outline_error"]
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
-        self.averages = []  # one per refiner weight, made by build
 
     @property
     def metrics(self):
@@ -1368,15 +1365,7 @@ class AdversarialRefiner(keras.Model):
         gradients = tape.gradient(values["refiner_loss"], refiner) + tape.gradient(values["critic_loss"], critic)
         del tape
         self.optimizer.apply_gradients(zip(gradients, refiner + critic))
-        decay = self.cfg.refiner_average_decay
-        for average, weight in zip(self.averages, self.refiner.weights):
-            average.assign(decay * average + (1 - decay) * weight)
         return self._report(values)
-
-    def shipped_weights(self) -> list[np.ndarray]:
-        """The weights of the refiner a run ships, in the order of its `refiner`'s: their average over the training
-        steps, or the last ones when refiner_average_decay is 0."""
-        return [np.asarray(average) for average in self.averages] or self.refiner.get_weights()
 
     def test_step(self, pairs):
         return self._report(self.loss_terms(pairs, training=False))
@@ -1386,12 +1375,6 @@ class AdversarialRefiner(keras.Model):
         self.refiner.build()
         if not self.critic.built:
             self.critic.build((None, size, size, 2))
-        if self.cfg.refiner_average_decay and not self.averages:
-            # every replica takes replica 0's update, as the codebook's averages do (VectorQuantizer)
-            self.averages = [self.add_weight(weight.shape, "zeros", trainable=False, aggregation="only_first_replica",
-                                             name=f"average_{index}") for index, weight in enumerate(self.refiner.weights)]
-            for average, weight in zip(self.averages, self.refiner.weights):
-                average.assign(weight)
         self.built = True
 
     def get_config(self):

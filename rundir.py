@@ -109,13 +109,11 @@ def is_temporary(path: Path) -> bool:
 
 def weights_only_copy(model):
     """A fresh, uncompiled copy of a VQVAE or prior with the same weights (no optimizer state to ship); of an
-    AdversarialRefiner, of its refiner alone with the weights it ships (what predict.py runs: the critic only trains
-    it)."""
-    weights = model.shipped_weights() if hasattr(model, "shipped_weights") else model.get_weights()
+    AdversarialRefiner, of its refiner alone (what predict.py runs: the critic only trains it)."""
     model = getattr(model, "refiner", model)
     copy = type(model).from_config(model.get_config())
     copy.build()
-    copy.set_weights(weights)
+    copy.set_weights(model.get_weights())
     return copy
 
 

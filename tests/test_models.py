@@ -586,47 +586,31 @@ def test_the_refiner_trains_on_what_the_generator_decodes_and_the_generator_refi
 
 
 def test_adversarial_refiner_steps_both_networks_and_resumes_from_its_checkpoint(tmp_path):
-    """One fit steps the refiner and the critic under one optimizer and reports every loss, and moves the refiner's
-    weight average by refiner_average_decay; the checkpoint reloads with that optimizer's state and the average; the
-    shipped copy is the refiner alone with the averaged weights (the last ones at decay 0), and the refiner is its
-    input plus a residual."""
-    config = make_config("default", ["image_size=32", "refiner_filters=4", "refiner_batch_size=4",
-                                     "refiner_average_decay=0.25"])
+    """One fit steps the refiner and the critic under one optimizer and reports every loss; the checkpoint reloads
+    with that optimizer's state; the shipped copy is the refiner alone, computing what it computed, and the refiner
+    is its input plus a residual."""
+    config = make_config("default", ["image_size=32", "refiner_filters=4", "refiner_batch_size=4"])
     model = modules.AdversarialRefiner(config.to_dict())
     model.build()
     model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5))
     before = [weights.get_weights() for weights in (model.refiner, model.critic)]
     pairs = np.random.default_rng(0).random((8, 32, 32, 2)).astype("float32")
-    logs = model.fit(pairs, batch_size=8, epochs=1, verbose=0).history  # one step
+    logs = model.fit(pairs, batch_size=4, epochs=1, verbose=0).history
     assert set(logs) == {"critic_loss", "refiner_loss", "feature_matching", "layout_error", "outline_error"}
     assert all(np.isfinite(values[0]) for values in logs.values())
     for network, weights in zip((model.refiner, model.critic), before):
         assert any(np.abs(new - old).max() > 0 for new, old in zip(network.get_weights(), weights)), network.name
-    for average, first, last in zip(model.shipped_weights(), before[0], model.refiner.get_weights()):
-        np.testing.assert_allclose(average, 0.25 * first + 0.75 * last, rtol=1e-6, atol=1e-7)
     save_model(model, tmp_path / "checkpoint.keras")
     loaded = keras.saving.load_model(tmp_path / "checkpoint.keras", safe_mode=True)
     assert len(loaded.optimizer.variables) == len(model.optimizer.variables) > 2
     for new, old in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
-    for new, old in zip(loaded.shipped_weights(), model.shipped_weights()):
-        np.testing.assert_array_equal(new, old)
     shipped = rundir.weights_only_copy(model)
     assert isinstance(shipped, modules.Refiner) and not shipped.compiled
     slices = pairs[:2, ..., :1]
-    averaged = modules.Refiner(config.to_dict())
-    averaged.build()
-    averaged.set_weights(model.shipped_weights())
-    np.testing.assert_array_equal(np.asarray(shipped(slices)), np.asarray(averaged(slices)))
-    assert np.abs(np.asarray(shipped(slices)) - np.asarray(model.refiner(slices))).max() > 1e-6
+    np.testing.assert_array_equal(np.asarray(shipped(slices)), np.asarray(model.refiner(slices)))
     shipped.outlet.set_weights([np.zeros_like(weights) for weights in shipped.outlet.get_weights()])
     np.testing.assert_array_equal(np.asarray(shipped(slices)), slices)
-
-    last = modules.AdversarialRefiner(make_config("default", ["image_size=32", "refiner_filters=4",
-                                                              "refiner_average_decay=0"]).to_dict())
-    last.build()
-    assert not last.averages
-    np.testing.assert_array_equal(np.asarray(rundir.weights_only_copy(last)(slices)), np.asarray(last(slices)))
 
 
 def test_the_refiners_layout_term_sees_patterns_inside_a_block_and_its_upsampling_is_the_configs():
@@ -663,11 +647,9 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
     for key in REFINER_KEYS:
         values.pop(key)
     older = Config.from_dict(values)
-    assert (older.refiner_epochs, older.refiner_critic_filters, older.refiner_upsampling,
-            older.refiner_average_decay) == (0, 64, "nearest", 0.0)
+    assert (older.refiner_epochs, older.refiner_critic_filters, older.refiner_upsampling) == (0, 64, "nearest")
     assert make_config("default").refiner_epochs == 27 and make_config("seed").refiner_epochs == 0
-    assert (make_config("default").refiner_upsampling, make_config("default").refiner_average_decay) == \
-        ("bilinear", 0.999)
+    assert make_config("default").refiner_upsampling == "bilinear"
     base = make_config("default").to_dict()
     assert refiner_differences(base, make_config("default", ["prior_filters=12", "temperature=0.5"]).to_dict()) == []
     for fixed in ("refiner_filters=8", "top_prior_filters=12", "epochs=3"):
@@ -679,7 +661,6 @@ def test_refiner_fields_default_to_none_for_older_runs_and_are_checked():
                                (["refiner_critic_filters=0"], "refiner_critic_filters must be at least 1"),
                                (["refiner_learning_rate=0"], "refiner_learning_rate must be a positive number"),
                                (["refiner_upsampling=cubic"], "refiner_upsampling must be bilinear or nearest"),
-                               (["refiner_average_decay=1"], "refiner_average_decay must be in"),
                                (["image_size=36", "encoder_strides=2", "top_strides=2"], "divisible by 8")):
         with pytest.raises(ValueError, match=message):
             make_config("default", overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -161,6 +162,21 @@ def onednn_on() -> bool:
     return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
 
 
+@functools.cache
+def cpu_has(*flags: str) -> bool:
+    """Whether the CPU has any of these feature flags, as /proc/cpuinfo names them (none where it cannot be read)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return any(re.search(rf"\b{flag}\b", text) for flag in flags)
+
+
+def onednn_computes(dtype: str) -> bool:
+    """Whether TensorFlow's oneDNN CPU kernels compute `dtype` ("float32" or "bfloat16"): with oneDNN on, float32
+    always, and bfloat16 only on a CPU with AVX-512 or AVX-NE-CONVERT. Elsewhere TensorFlow falls back to its other
+    kernels for bfloat16 (it logs "oneDNN supports DT_BFLOAT16 only on platforms with AVX-512")."""
+    return onednn_on() and (dtype != "bfloat16" or cpu_has("avx512f", "avx_ne_convert"))
+
+
 def resolved_precision(setting: str) -> str:
     """The prior_precision a training run uses: "float32" or "bfloat16" as set, and for "auto" bfloat16 where
     TensorFlow computes it natively: on GPUs of compute capability 8 or more (Ampere on), or, without a GPU, on a
@@ -175,10 +191,7 @@ def resolved_precision(setting: str) -> str:
         native = all(tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) >= (8, 0)
                      for gpu in gpus)
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-        native = (onednn_on()
-                  and re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) is not None)
+        native = onednn_on() and cpu_has("amx_bf16", "avx512_bf16")
     return "bfloat16" if native else "float32"
 
 

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from cli import onednn_on
+from cli import onednn_computes
 from hyperparameters import Config
 from measures import bits_per_code, ssim
 # a loaded run: generate() takes one; load_run and save_model stay importable from here (the models' front door)
@@ -825,7 +825,7 @@ class CausalConv2D(layers.Layer):
             inputs = inputs[:, row_first:height - row_last, col_first:width - col_last]
         (pad_top, pad_bottom), (pad_left, pad_right) = self._padding()
         padded = ops.pad(inputs, [[0, 0], [pad_top, pad_bottom], [pad_left, pad_right], [0, 0]])
-        if self.dilation > 1 and native_dilation():
+        if self.dilation > 1 and native_dilation(keras.backend.standardize_dtype(padded.dtype)):
             # TensorFlow's own dilated kernels, where keras.ops.conv wraps a dilated convolution in
             # SpaceToBatch / BatchToSpace (6% of a bottom-prior training step; README, Performance): the same sums
             kernel = ops.cast(self.kernel, padded.dtype)
@@ -846,10 +846,11 @@ class CausalConv2D(layers.Layer):
                 "origin": list(self.origin), "dilation": self.dilation}
 
 
-def native_dilation() -> bool:
-    """Whether CausalConv2D may call TensorFlow's dilated convolution: with oneDNN on. TensorFlow's other CPU kernels
-    compute no gradient of a dilated convolution; without oneDNN it takes keras.ops.conv's path, the same sums."""
-    return onednn_on()
+def native_dilation(dtype: str = "float32") -> bool:
+    """Whether CausalConv2D may call TensorFlow's dilated convolution in `dtype`: where oneDNN computes it
+    (cli.onednn_computes: bfloat16 only on CPUs with AVX-512). TensorFlow's other CPU kernels compute no gradient of a
+    dilated convolution; elsewhere it takes keras.ops.conv's path, the same sums."""
+    return onednn_computes(dtype)
 
 
 def gate(features):

@@ -52,7 +52,7 @@ def undone(names):
     import modules
 
     patches = {"input crop": (modules.CausalConv2D, "call", crops_its_output),
-               "TF dilation": (modules, "native_dilation", lambda: False),
+               "TF dilation": (modules, "native_dilation", lambda dtype="float32": False),
                "one condition product": (modules.GatedPixelCNN, "condition_terms", per_block_condition_terms)}
     stack = contextlib.ExitStack()
     for name in names:

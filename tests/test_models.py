@@ -343,39 +343,45 @@ def test_prior_logits_depend_only_on_earlier_positions(kind):
 
 
 DILATION_PATHS = """
-import os, sys
 from unittest import mock
 import numpy as np, tensorflow as tf
 import modules
-assert modules.native_dilation()
 inputs = tf.constant(np.random.default_rng(0).normal(size=(2, 16, 16, 5)).astype("float32"))
+compared = []
 for precision in ("float32", "bfloat16"):
     with modules.compute_precision(precision):
         layer = modules.CausalConv2D(6, (2, 3), (-1, -1), dilation=4)
         layer.build((None, 16, 16, 5))
     results = []
-    for native in (True, False):
-        with mock.patch.object(modules, "native_dilation", lambda: native), tf.GradientTape() as tape:
+    for native in (True, False) if modules.native_dilation(precision) else (False,):
+        with mock.patch.object(modules, "native_dilation", lambda dtype="float32": native), tf.GradientTape() as tape:
             tape.watch(inputs)
             outputs = tf.cast(layer(inputs), "float32")
             loss = tf.reduce_sum(outputs * tf.sin(outputs))
         results.append([np.asarray(value, np.float32) for value in (outputs, *tape.gradient(loss, [inputs, layer.kernel]))])
-    tolerance = 1e-5 if precision == "float32" else 0.05
-    for native, wrapped in zip(*results):
-        np.testing.assert_allclose(native, wrapped, rtol=tolerance, atol=tolerance * np.abs(wrapped).max())
-print("same")
+    assert all(np.isfinite(value).all() for value in results[-1])
+    if len(results) == 2:
+        tolerance = 1e-5 if precision == "float32" else 0.05
+        for native, wrapped in zip(*results):
+            np.testing.assert_allclose(native, wrapped, rtol=tolerance, atol=tolerance * np.abs(wrapped).max())
+        compared.append(precision)
+print("same in", " ".join(compared))
 """
 
 
 def test_dilated_causal_convolutions_take_tensorflows_kernels_with_the_same_sums():
     """With oneDNN on (train.py on one device), a dilated CausalConv2D calls tf.nn.conv2d's dilated kernels where
-    keras.ops.conv would wrap it in SpaceToBatch / BatchToSpace: the same outputs and gradients, in float32 and
-    bfloat16. Without oneDNN (this process), whose CPU kernels have no dilated gradients, it takes keras.ops.conv's
-    path, and trains."""
+    keras.ops.conv would wrap it in SpaceToBatch / BatchToSpace: the same outputs and gradients, in float32, and in
+    bfloat16 where oneDNN computes it (a CPU with AVX-512); on other CPUs TensorFlow's fallback kernels have no
+    dilated gradients, so bfloat16 takes keras.ops.conv's path there, and trains. Without oneDNN (this process) it
+    takes that path in float32 too."""
+    from cli import cpu_has
+
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "1"}
     result = subprocess.run([sys.executable, "-c", DILATION_PATHS], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "same", result.stderr[-3000:]
+    compared = "float32 bfloat16" if cpu_has("avx512f", "avx_ne_convert") else "float32"
+    assert result.returncode == 0 and result.stdout.strip() == f"same in {compared}", result.stderr[-3000:]
     assert not modules.native_dilation()
     layer = modules.CausalConv2D(6, (2, 3), (-1, -1), dilation=4)
     layer.build((None, 16, 16, 5))
@@ -384,6 +390,20 @@ def test_dilated_causal_convolutions_take_tensorflows_kernels_with_the_same_sums
         tape.watch(inputs)
         loss = tf.reduce_sum(layer(inputs) ** 2)
     assert all(np.all(np.isfinite(np.asarray(gradient))) for gradient in tape.gradient(loss, [inputs, layer.kernel]))
+
+
+def test_onednn_computes_bfloat16_only_on_cpus_with_avx512(monkeypatch):
+    """What native_dilation and so CausalConv2D's path follow: oneDNN on computes float32 anywhere, bfloat16 only
+    where the CPU has AVX-512 (or AVX-NE-CONVERT); oneDNN off computes neither."""
+    import cli
+
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    for flags, bfloat16 in (({"avx2", "fma"}, False), ({"avx2", "avx512f"}, True), ({"avx_ne_convert"}, True)):
+        monkeypatch.setattr(cli, "cpu_has", lambda *names, flags=flags: any(name in flags for name in names))
+        assert cli.onednn_computes("float32") and cli.onednn_computes("bfloat16") == bfloat16
+        assert modules.native_dilation("bfloat16") == bfloat16
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert not cli.onednn_computes("float32") and not modules.native_dilation()
 
 
 def test_gated_prior_has_no_blind_spot_where_the_masked_one_has():

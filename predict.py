@@ -17,7 +17,9 @@ reason under "skipped"):
 - nearest-training-slice SSIM of generated and of real held-out slices (samples as close to real anatomy as unseen
   real brains are, and not copies of training slices when clearly below 1);
 - diversity: mean pairwise SSIM among generated and among real slices (lower is more varied);
-- brain-shaped fraction: slices whose tissue is one piece with an intact outline (measures.brain_shaped);
+- brain-shaped fraction: slices whose tissue is one piece with an intact outline (measures.brain_shaped), of
+  generated, of real held-out and of real training slices (those the classifier compares with, at the training
+  levels that unconditional samples draw from: how intact the outlines are that the run learned from);
 - edge strength: mean gradient magnitude inside the tissue of generated and of real slices (lower: blurrier;
   measures.edge_strength);
 - the prior's bits per code on the codes of the real slices compared (held-out ones with the default --split test),
@@ -247,6 +249,7 @@ NEEDS = {"classifier_auc_generated_vs_train": ("data", "train", "groups"),
          "nearest_train_ssim_real_heldout": ("data", "train", "held-out"),
          "diversity_pairwise_ssim_generated": ("pairs",), "diversity_pairwise_ssim_real": ("data", "real pairs"),
          "brain_shaped_fraction_generated": (), "brain_shaped_fraction_real": ("data",),
+         "brain_shaped_fraction_train": ("data", "train"),
          "edge_strength_generated": (), "edge_strength_real": ("data",),
          "prior_bits_per_code": ("data",), "reconstruction_ssim_mean": ("data",)}
 
@@ -324,6 +327,8 @@ class Scorer:
         self.figures["brain_shaped_fraction_generated"] = rounded(brain_shaped_fraction(self.generated, tissue))
         if self.wanted("brain_shaped_fraction_real"):
             self.figures["brain_shaped_fraction_real"] = rounded(brain_shaped_fraction(self.real.slices, tissue))
+        if self.wanted("brain_shaped_fraction_train"):
+            self.figures["brain_shaped_fraction_train"] = rounded(brain_shaped_fraction(self.real.reference, tissue))
 
     def edges(self) -> None:
         from measures import edge_strength
@@ -441,7 +446,7 @@ PRINTED = [("classifier two-sample AUC against training slices (0.5: indistingui
            ("pairwise SSIM, mean (lower: more varied)", ("generated", "diversity_pairwise_ssim_generated"),
             ("real", "diversity_pairwise_ssim_real")),
            ("brain-shaped fraction", ("generated", "brain_shaped_fraction_generated"),
-            ("real", "brain_shaped_fraction_real")),
+            ("real", "brain_shaped_fraction_real"), ("real training", "brain_shaped_fraction_train")),
            ("edge strength, mean gradient inside the tissue (lower: blurrier)",
             ("generated", "edge_strength_generated"), ("real", "edge_strength_real"))]
 

@@ -16,8 +16,8 @@ from test_reliability import run_in_process
 FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train", "level_mae_generated",
            "level_mae_real_heldout", "nearest_train_ssim_generated", "nearest_train_ssim_real_heldout",
            "diversity_pairwise_ssim_generated", "diversity_pairwise_ssim_real", "brain_shaped_fraction_generated",
-           "brain_shaped_fraction_real", "edge_strength_generated", "edge_strength_real", "prior_bits_per_code",
-           "reconstruction_ssim_mean"]
+           "brain_shaped_fraction_real", "brain_shaped_fraction_train", "edge_strength_generated",
+           "edge_strength_real", "prior_bits_per_code", "reconstruction_ssim_mean"]
 SETTINGS = ["run", "data", "data_found_automatically", "split", "level_conditioned", "num", "real_slices",
             "temperature", "top_temperature_scale", "top_decoding_temperature", "top_p", "guidance", "seed", "levels",
             "generation_seconds", "scoring_seconds", "classifier_folds"]
@@ -56,6 +56,7 @@ def test_generation_json_has_every_figure_or_why_it_is_skipped(two_calls):
     for key in FIGURES:
         assert (report[key] is None) == (key in report["skipped"]), key
     assert report["nearest_train_ssim_generated"] is not None and report["brain_shaped_fraction_real"] is not None
+    assert report["brain_shaped_fraction_train"] is not None
     assert "not level-conditioned" in report["skipped"]["level_mae_generated"]
     assert set(report["prior_bits_per_code"]) == {"bottom"} and report["top_temperature_scale"] is None  # one grid
     assert report["top_decoding_temperature"] is None

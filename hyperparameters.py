@@ -218,7 +218,6 @@ class Config:
     refiner_learning_rate: float = 2e-4  # Adam with beta_1 0.5, both networks, as in pix2pix
     refiner_feature_weight: float = 10.0
     refiner_layout_weight: float = 50.0
-    refiner_layout_window: int = 4  # the layout term's window, in pixels: the means of every window this wide
     # drawn sulci cut the outline into pieces (brain-shaped fraction of the samples 0.715 without the term, real's
     # 0.777); with 32 filters at 1000, validate seeds 0-2: brain-shaped 0.754 / 0.742 / 0.723 (real 0.777 / 0.793 /
     # 0.793) and the classifier 0.591 / 0.560 / 0.564, against 0.730 / 0.734 / 0.727 and 0.614 / 0.625 / 0.617 at
@@ -531,8 +530,7 @@ def _validate_ranges(config: Config) -> None:
                 "refiner_outline_weight"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ValueError(f"{key} must be 0 or more")
-    for key in ("refiner_filters", "refiner_critic_filters", "refiner_draws", "refiner_batch_size",
-                "refiner_layout_window"):
+    for key in ("refiner_filters", "refiner_critic_filters", "refiner_draws", "refiner_batch_size"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be at least 1")
     if not 0 < config.refiner_learning_rate < float("inf"):

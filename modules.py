@@ -1287,12 +1287,11 @@ class Refiner(keras.Model):
         return {**super().get_config(), "config": self.config_dict}
 
 
-def layout_error(refined, real, window: int = 4):
-    """The mean absolute difference between the means of every `window` x `window`-pixel window of (b, size, size, 1)
-    `refined` and `real` (stride 1): the refiner's layout term. Over a fixed grid of blocks instead, any pattern
-    inside a block that keeps its mean costs nothing, and the refiner drew block-aligned straight lines
-    (EXPERIMENTS.md)."""
-    return ops.mean(ops.abs(ops.average_pool(refined, window, 1) - ops.average_pool(real, window, 1)))
+def layout_error(refined, real):
+    """The mean absolute difference between the means of every 4x4-pixel window of (b, size, size, 1) `refined` and
+    `real` (stride 1): the refiner's layout term. Over a fixed grid of 4x4 blocks instead, any pattern inside a block
+    that keeps its mean costs nothing, and the refiner drew block-aligned straight lines (EXPERIMENTS.md)."""
+    return ops.mean(ops.abs(ops.average_pool(refined, 4, 1) - ops.average_pool(real, 4, 1)))
 
 
 def patch_critic(size: int, filters: int) -> keras.Model:
@@ -1348,7 +1347,7 @@ class AdversarialRefiner(keras.Model):
         fake_score, *fake_features = self.critic(ops.concatenate([smooth, refined], axis=-1), training=training)
         matching = sum(ops.mean(ops.abs(fake - ops.stop_gradient(true)))
                        for fake, true in zip(fake_features, real_features))
-        layout = layout_error(refined, real, cfg.refiner_layout_window)
+        layout = layout_error(refined, real)
         outline = ops.mean(ops.relu(cfg.tissue_intensity - refined) * ops.cast(real > cfg.tissue_intensity, "float32"))
         return {"critic_loss": ops.mean(ops.relu(1 - real_score)) + ops.mean(ops.relu(1 + fake_score)),
                 "refiner_loss": (-ops.mean(fake_score) + cfg.refiner_feature_weight * matching

@@ -433,15 +433,17 @@ REFINER_KEYS = tuple(item.name for item in dataclasses.fields(Config) if item.na
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any], free) -> list[str]:
+    # the seed draws a training's randomness, not the model it makes: a model reused by another run (train.py
+    # --vqvae-from) serves it whatever seed that run trains its own models with
     keys = set(first) | set(second)
-    return sorted(key for key in keys if not free(key) and key not in REFINER_KEYS
+    return sorted(key for key in keys if not free(key) and key not in REFINER_KEYS and key != "seed"
                   and first.get(key) != second.get(key))
 
 
 def vqvae_differences(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     """The keys of two config dicts that differ, ignoring the priors' (prior_*, top_prior_*), the refiner's
-    (REFINER_KEYS) and sampling's (SAMPLING_KEYS): two configs without differences describe the same VQ-VAE trained
-    the same way on the same data."""
+    (REFINER_KEYS), sampling's (SAMPLING_KEYS) and the seed: two configs without differences describe the same
+    VQ-VAE trained the same way on the same data."""
     return _differences(first, second, lambda key: key.startswith(("prior_", "top_prior_")) or key in SAMPLING_KEYS)
 
 

@@ -62,18 +62,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--vqvae-from", type=Path, default=None, metavar="RUN_DIR",
                         help="reuse the finished VQ-VAE of RUN_DIR (a train.py run, or a copy without checkpoints/ such "
                              "as pretrained/) and train only new PixelCNN priors and refiner; RUN_DIR must have the "
-                             "same hyperparameters except prior_*, refiner_*, temperature and top_p, and the same "
-                             "--data")
+                             "same hyperparameters except prior_*, refiner_*, temperature, top_p and --seed (which "
+                             "draws only the new models' randomness), and the same --data")
     parser.add_argument("--keep-top-prior", action="store_true",
                         help="with --vqvae-from: also reuse RUN_DIR's finished top prior and train only a new bottom "
                              "prior (to compare bottom priors under one top prior); RUN_DIR's hyperparameters must "
-                             "then differ only in the bottom prior's fields (hyperparameters.BOTTOM_PRIOR_KEYS)")
+                             "then differ only in the bottom prior's fields (hyperparameters.BOTTOM_PRIOR_KEYS) and "
+                             "--seed")
     parser.add_argument("--keep-bottom-prior", action="store_true",
                         help="with --vqvae-from: also reuse RUN_DIR's finished bottom prior and train only a new top "
                              "prior (to compare top priors under one bottom prior, which trains on real top codes and "
                              "so does not depend on the top prior); RUN_DIR's hyperparameters must then differ only "
-                             "in the top prior's fields (hyperparameters.TOP_PRIOR_KEYS). With --keep-top-prior too: "
-                             "reuse both priors and train only a refiner (refiner_epochs above 0)")
+                             "in the top prior's fields (hyperparameters.TOP_PRIOR_KEYS) and --seed. With "
+                             "--keep-top-prior too: reuse both priors and train only a refiner (refiner_epochs above 0)")
     parser.add_argument("--strategy", default="auto", choices=["auto", "one", "mirrored", "multiworker"],
                         help="tf.distribute strategy: auto (mirrored when several GPUs are visible), one device, "
                              "mirrored (all local GPUs), multiworker (machines listed in TF_CONFIG)")
@@ -224,7 +225,8 @@ def check_vqvae_source(path: Path, config: Config, kept: tuple[str, ...] = ("vqv
     differ = vqvae_differences(saved.to_dict(), config.to_dict())
     if differ:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE was trained with other hyperparameters "
-                        f"({', '.join(differ)}); give the same --preset and --set values except prior_* and refiner_*")
+                        f"({', '.join(differ)}); give the same --preset and --set values except prior_* and refiner_* "
+                        f"(--seed may differ)")
     if state.epochs_done("vqvae") < config.epochs:
         raise UserError(f"--vqvae-from {source}: its VQ-VAE finished {state.epochs_done('vqvae')} of {config.epochs} "
                         f"epochs; finish it first with python train.py --resume --out {source}")

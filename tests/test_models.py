@@ -125,19 +125,20 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_deformati
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
     """train.py --vqvae-from compares configs with vqvae_differences: the top prior's fields, like the bottom
-    prior's, are free; a VQ-VAE field is not."""
+    prior's, are free, and so is the seed (a second refiner or prior trained with another seed); a VQ-VAE field is
+    not."""
     from hyperparameters import vqvae_differences
 
     base = make_config("default").to_dict()
     priors = make_config("default", ["top_prior_epochs=5", "top_prior_filters=32", "prior_epochs=3",
-                                     "temperature=0.9"]).to_dict()
+                                     "temperature=0.9", "seed=7"]).to_dict()
     assert vqvae_differences(base, priors) == []
     assert vqvae_differences(base, make_config("default", ["epochs=3"]).to_dict()) == ["epochs"]
 
 
 @pytest.mark.parametrize("kept, free, fixed", [
     ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9",
-             "refiner_epochs=3"],
+             "refiner_epochs=3", "seed=7"],
      ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
     ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
                 "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8"],

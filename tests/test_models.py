@@ -141,7 +141,7 @@ def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
              "refiner_epochs=3", "seed=7"],
      ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
     ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
-                "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8"],
+                "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8", "seed=7"],
      ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"]),
 ])
 def test_a_kept_prior_allows_only_the_other_priors_and_sampling_fields_to_change(kept, free, fixed):

@@ -145,6 +145,12 @@ class Config:
     # the classifier two-sample test less at every seed (EXPERIMENTS.md, Generation)
     prior_condition_layers: int = 0
     top_prior_condition_layers: int = 2
+    # the mirror context: the first gated block also reads the codes mirrored about the grid's middle column (the
+    # brain's midline in atlas space), the rows above through a second vertical window on the flipped grid and, on
+    # the right half, the code already drawn at the mirror position of the row; so a right ventricle or hemisphere
+    # is drawn facing its left twin rather than from where the dilated stacks happen to reach it
+    prior_mirror: bool = False
+    top_prior_mirror: bool = False
     prior_condition_on_level: bool = True
     # regularization: seven training subjects are few, and an unregularized prior overfits within a few epochs
     prior_dropout: float = 0.1  # on each gated block's residual branch
@@ -421,11 +427,11 @@ SAMPLING_KEYS = ("temperature", "top_temperature_scale", "top_p", "top_decoding_
 # the fields that only the bottom prior of a two-level model reads (the top prior reads the other prior_* fields)
 BOTTOM_PRIOR_KEYS = ("prior_filters", "prior_residual_blocks", "prior_dilations", "prior_epochs",
                      "prior_condition_filters", "prior_context_corruption", "prior_deformed_copies",
-                     "prior_condition_layers")
+                     "prior_condition_layers", "prior_mirror")
 # the fields that only the top prior reads
 TOP_PRIOR_KEYS = ("top_prior_filters", "top_prior_residual_blocks", "top_prior_dilations", "top_prior_epochs",
                   "top_prior_context_corruption", "top_prior_deformed_copies",
-                  "top_prior_condition_layers")
+                  "top_prior_condition_layers", "top_prior_mirror")
 
 
 # the refiner's fields: no other model reads them (its own reads every field but the bottom prior's)
@@ -503,6 +509,9 @@ def _validate_choices(config: Config) -> None:
         raise ValueError(f"refiner_upsampling must be bilinear or nearest, not {config.refiner_upsampling!r}")
     if config.prior_layout not in ("gated", "seed"):
         raise ValueError(f"prior_layout must be gated or seed, not {config.prior_layout!r}")
+    if config.prior_layout == "seed" and (config.prior_mirror or config.top_prior_mirror):
+        raise ValueError("prior_mirror and top_prior_mirror need prior_layout gated: the mirror context enters the "
+                         "gated prior's first block")
     if config.prior_layout == "seed" and (config.top_strides or config.prior_condition_on_level):
         raise ValueError("prior_layout seed (the report's masked PixelCNN) takes no condition: it needs "
                          "top_strides= (one code grid) and prior_condition_on_level=false")

@@ -996,6 +996,14 @@ class GatedPixelCNN(keras.Model):
         ], name="top_stack") if self.takes_top else None
         self.blocks = [GatedBlock(self.filters, cfg.prior_first_kernel, first=True, dropout=cfg.prior_dropout,
                                   name="gated_first")]
+        self.mirrored = cfg.prior_field("prior_mirror", grid)
+        if self.mirrored:
+            first = self.blocks[0].vertical_conv
+            self.mirror_vertical = CausalConv2D(2 * self.filters, first.kernel_shape, first.origin,
+                                                name="mirror_vertical")
+            self.mirror_horizontal = layers.Dense(2 * self.filters, use_bias=False, name="mirror_horizontal")
+            # the positions whose mirror image lies left of them in their row, so is drawn before them
+            self.drawn_mirror = (np.arange(self.side) > self.side - 1 - np.arange(self.side)).astype(np.float32)
         for index in range(blocks):
             self.blocks.append(GatedBlock(self.filters, 3, dilations[index % len(dilations)],
                                           dropout=cfg.prior_dropout, name=f"gated_{index}"))
@@ -1039,6 +1047,10 @@ class GatedPixelCNN(keras.Model):
         """Logits for (b, side, side, num_codes) one-hot (or soft) code grids under the conditions in `inputs`;
         differentiable in both (the causality tests take gradients here)."""
         terms = self.condition_terms(self.condition_map(inputs))
+        if self.mirrored:
+            flipped = ops.flip(one_hot, axis=2)
+            terms[0] = self.with_mirror(terms[0], self.mirror_vertical(flipped),
+                                        flipped * ops.convert_to_tensor(self.drawn_mirror)[:, None])
         vertical = horizontal = one_hot
         for block, block_terms in zip(self.blocks, terms):
             vertical, horizontal = block(vertical, horizontal, block_terms, training=training)
@@ -1055,6 +1067,17 @@ class GatedPixelCNN(keras.Model):
         terms = ops.split(ops.matmul(ops.cast(condition, dtype), ops.concatenate(kernels, axis=1)), len(kernels), -1)
         return list(zip(terms[0::2], terms[1::2]))
 
+    def with_mirror(self, first_terms, mirror_vertical_pre, drawn_mirror=None):
+        """The first block's condition terms (P_v s, P_h s) plus the mirror context (prior_mirror): the vertical
+        window applied to the left-right flipped grid, which reads the rows above around the mirror column, joins
+        its vertical stack; the one-hot code at the mirror position of the current row (zero where it is not yet
+        drawn), through a dense layer, joins its horizontal stack (None: the sampler adds it column by column)."""
+        vertical_term, horizontal_term = first_terms
+        vertical_term = vertical_term + ops.cast(mirror_vertical_pre, vertical_term.dtype)
+        if drawn_mirror is not None:
+            horizontal_term = horizontal_term + ops.cast(self.mirror_horizontal(drawn_mirror), horizontal_term.dtype)
+        return vertical_term, horizontal_term
+
     def output_logits(self, horizontal):
         return self.head(self.hidden(ops.relu(horizontal)))
 
@@ -1065,6 +1088,9 @@ class GatedPixelCNN(keras.Model):
         if self.condition_mixer is not None:
             self.condition_mixer.build((None, self.side, self.side, self.linear_condition_channels))
         channels = self.cfg.num_codes
+        if self.mirrored:
+            self.mirror_vertical.build((None, None, None, channels))
+            self.mirror_horizontal.build((None, channels))
         for block in self.blocks:
             block.build((channels, self.condition_channels))
             channels = self.filters
@@ -1099,8 +1125,11 @@ class GatedPixelCNNSampler(Sampler):
         for index, block in enumerate(self.model.blocks):
             if index:  # later blocks see their input's current row, computed just now
                 vertical_rows[index] = vertical_rows[index].write(row, vertical)
-            rows = vertical_rows[index].gather(row_tables[index][row])  # (kh, batch, g, in)
-            pre = block.vertical_conv.call_on_rows(tf.transpose(rows, (1, 0, 2, 3)))
+            rows = tf.transpose(vertical_rows[index].gather(row_tables[index][row]), (1, 0, 2, 3))  # (batch, kh, g, in)
+            pre = block.vertical_conv.call_on_rows(rows)
+            if index == 0 and self.model.mirrored:  # the row's own mirror codes join column by column
+                terms[0] = self.model.with_mirror(terms[0], self.model.mirror_vertical.call_on_rows(
+                    tf.reverse(rows, axis=[2])))
             vertical, contribution = block.vertical(pre, terms[index])
             from_vertical.append(contribution)
         return from_vertical
@@ -1118,7 +1147,12 @@ class GatedPixelCNNSampler(Sampler):
                 taps = horizontal_cols[index].gather(col_tables[index][col])  # (kw, batch, in)
                 flat = tf.reshape(tf.transpose(taps, (1, 0, 2)), (batch, -1))
                 pre = tf.matmul(flat, kernels[index]) + block.horizontal_conv.bias
-                horizontal = block.horizontal(horizontal, pre, from_vertical[index][:, col])
+                column_vertical = from_vertical[index][:, col]
+                if index == 0 and self.model.mirrored:  # the row's code at the mirror column, once drawn
+                    mirror = self.grid - 1 - col
+                    drawn = horizontal_cols[0].read(tf.where(mirror < col, mirror, self.grid))
+                    column_vertical += self.model.mirror_horizontal(drawn)
+                horizontal = block.horizontal(horizontal, pre, column_vertical)
             logits = self.model.output_logits(horizontal)
             chosen = draw(logits, row * self.grid + col)
             horizontal_cols[0] = horizontal_cols[0].write(col, tf.one_hot(chosen, self.num_codes))

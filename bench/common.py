@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables, medians, the slices nearest given levels, and the
+description, training-step timing on random code grids, tables, medians, a predict.py folder's samples and their
+levels, the slices nearest given levels, and the
 realism rows' scores and figure (bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
 
+import json
 import os
 import platform
 import statistics
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,6 +74,18 @@ def random_code_grids(config, batch: int, rng) -> dict:
     from modules import uniform_codes
 
     return {grid: uniform_codes(config, grid, batch, rng) for grid in config.code_grids}
+
+
+def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, levels) of a predict.py --out folder, in sample order: its generated/sample_NNN.png files and the
+    level of each in its generation.json (`levels.of_each`)."""
+    levels = json.loads((folder / "generation.json").read_text())["levels"].get("of_each")
+    if levels is None:
+        raise SystemExit(f"{folder}/generation.json has no per-sample levels (an older predict.py wrote it); "
+                         "run predict.py into it again")
+    files = sorted((folder / "generated").glob("sample_*.png"))
+    images = np.stack([np.asarray(Image.open(path), np.float32) / 255 for path in files])
+    return images, np.array([np.nan if level is None else level for level in levels], np.float32)
 
 
 def nearest_levels(levels, targets) -> list[int]:

@@ -15,13 +15,11 @@ with whether it passes, to see why they fail.
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, nearest_levels, print_table
+from common import ROOT, SHARED_VOLUMES, generated_slices, nearest_levels, print_table
 
 import numpy as np
-from PIL import Image
 
 from cli import DEFAULT_CACHE
 from dataset import load_slices
@@ -31,17 +29,6 @@ from rundir import load_run
 
 BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
 FIGURE_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 0.8, 0.85, 0.9)
-
-
-def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images, levels) of a predict.py --out folder, in sample order."""
-    levels = json.loads((folder / "generation.json").read_text())["levels"].get("of_each")
-    if levels is None:
-        raise SystemExit(f"{folder}/generation.json has no per-sample levels (an older predict.py wrote it); "
-                         "run predict.py into it again")
-    files = sorted((folder / "generated").glob("sample_*.png"))
-    images = np.stack([np.asarray(Image.open(path), np.float32) / 255 for path in files])
-    return images, np.array([np.nan if level is None else level for level in levels], np.float32)
 
 
 def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from measures import (classifier_auc, edge_strength, grouped_folds, level_mae, mean_off_diagonal,  # noqa: E402
-                      nearest_ssim, pairwise_ssim, roc_auc, ssim)
+                      mirror_asymmetry, nearest_ssim, pairwise_ssim, roc_auc, ssim)
 
 SIZE = 32
 
@@ -60,6 +60,20 @@ def test_edge_strength_is_the_mean_gradient_inside_the_tissue_and_falls_with_blu
     sharp[:, ::4] *= 0.5  # stripes: edges inside the tissue
     blurred = np.stack([ndimage.gaussian_filter(image, 1.5) for image in sharp])
     assert (edge_strength(blurred, 0.1) < 0.6 * edge_strength(sharp, 0.1)).all()
+
+
+def test_mirror_asymmetry_sees_a_lopsided_cavity_not_a_head_off_the_midline():
+    rows, cols = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+    head = (np.hypot((rows - 15.5) / 13, (cols - 15.5) / 11) < 1) * 0.8
+    paired, lopsided = head.copy(), head.copy()
+    for cols_of_cavity in (slice(11, 13), slice(19, 21)):  # mirror images about the midline (columns 15 | 16)
+        paired[12:20, cols_of_cavity] = 0.05
+    lopsided[12:20, 9:13] = 0.05  # as large and dark, one side only
+    images = np.stack([head, np.roll(head, 1, axis=1), paired, lopsided]).astype(np.float32)
+    asymmetry = mirror_asymmetry(images, tissue=0.1)
+    assert asymmetry[0] < 1e-4 and asymmetry[1] < 1e-4  # symmetric, and symmetric about a shifted midline
+    assert asymmetry[2] < 1e-4 < 0.05 < asymmetry[3]
+    assert np.isnan(mirror_asymmetry(np.zeros((1, SIZE, SIZE), np.float32), tissue=0.1)[0])
 
 
 def test_roc_auc_is_the_rank_statistic():

@@ -121,6 +121,9 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_deformati
     for bad in ("0", "32"):
         with pytest.raises(ValueError, match="prior_deformation must be a positive number of pixels"):
             make_config("default", [f"prior_deformation={bad}"])
+    for key in ("prior_mirror", "top_prior_mirror"):
+        with pytest.raises(ValueError, match="^prior_mirror and top_prior_mirror need prior_layout gated"):
+            make_config("seed", [f"{key}=true"])
 
 
 def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
@@ -138,11 +141,13 @@ def test_new_priors_may_change_every_prior_field_of_a_vqvae_run():
 
 @pytest.mark.parametrize("kept, free, fixed", [
     ("top", ["prior_filters=64", "prior_epochs=3", "prior_context_corruption=0.3", "temperature=0.9", "top_p=0.9",
-             "refiner_epochs=3", "seed=7"],
-     ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3"]),
+             "refiner_epochs=3", "seed=7", "prior_mirror=true"],
+     ["top_prior_filters=32", "top_prior_context_corruption=0.1", "prior_dropout=0.2", "prior_learning_rate=0.01", "epochs=3",
+      "top_prior_mirror=true"]),
     ("bottom", ["top_prior_filters=96", "top_prior_epochs=3", "top_prior_dilations=1,2", "top_prior_residual_blocks=2",
-                "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8", "seed=7"],
-     ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3"]),
+                "top_prior_context_corruption=0.1", "temperature=0.9", "refiner_filters=8", "seed=7",
+                "top_prior_mirror=true"],
+     ["prior_filters=32", "prior_context_corruption=0.3", "prior_dropout=0.2", "epochs=3", "prior_mirror=true"]),
 ])
 def test_a_kept_prior_allows_only_the_other_priors_and_sampling_fields_to_change(kept, free, fixed):
     """train.py --keep-top-prior (--keep-bottom-prior) and load_run compare configs with top_prior_differences
@@ -296,6 +301,7 @@ SMALL_TWO_LEVEL = ["image_size=32", "prior_filters=16", "top_prior_filters=16", 
 PRIORS = {"seed": ("seed", ["image_size=256", "prior_filters=16"], "bottom"),
           "gated_top": ("default", SMALL_TWO_LEVEL, "top"),
           "gated_top_linear": ("default", [*SMALL_TWO_LEVEL, "top_prior_condition_layers=0"], "top"),
+          "gated_top_mirror": ("default", [*SMALL_TWO_LEVEL, "top_prior_mirror=true"], "top"),
           "gated_bottom": ("default", SMALL_TWO_LEVEL, "bottom")}
 
 
@@ -430,6 +436,23 @@ def test_gated_priors_read_the_level_and_the_bottom_one_the_top_codes():
     assert np.abs(logits(other_level) - reference)[0].max() > 1e-4
     other_top = {**base, "top": (base["top"] + 1) % 16}
     assert np.abs(logits(other_top) - reference).max() > 1e-4
+
+
+def test_mirror_context_reads_the_mirror_column_of_the_row_and_of_the_rows_above():
+    """With top_prior_mirror the logits at a right-half position take the code drawn at its mirror position of the
+    row, and the rows above around the mirror column, through the mirror layers (causality: the test above)."""
+    _, prior = random_prior("gated_top_mirror")
+    side = prior.side
+    row, col = side // 2, side - 2
+    with_mirror = influence_on(prior, row, col).reshape(side, side)
+    for layer in (prior.mirror_vertical, prior.mirror_horizontal):
+        for weight in layer.weights:
+            weight.assign(np.zeros(weight.shape))
+    without = influence_on(prior, row, col).reshape(side, side)
+    mirror = side - 1 - col
+    assert abs(with_mirror[row, mirror] - without[row, mirror]) > 1e-6
+    assert abs(with_mirror[row - 1, mirror] - without[row - 1, mirror]) > 1e-6
+    np.testing.assert_array_equal(with_mirror[row, col:], 0)
 
 
 @pytest.mark.parametrize("kind", PRIORS)

@@ -961,6 +961,8 @@ class GatedPixelCNN(keras.Model):
     - the slice's axial level (`prior_condition_on_level`; NaN = unknown), through a small dense layer;
     - for the bottom grid of a two-level model, the top codes: a 3x3 conv stack on their one-hot maps, upsampled to
       the bottom grid (nearest) and refined by one more 3x3 conv, so each bottom code knows the layout around it.
+    With prior_mirror (top_prior_mirror) the first block also reads the grid mirrored about its middle column
+    (`with_mirror`): the rows above around the mirror column, and the code drawn at the mirror position of the row.
 
     Input: prior_inputs(codes, levels, top) with codes (b, side, side) int, levels (b,) float, top (b, t, t) int.
     Output: (b, side, side, num_codes) logits, where the logits at a position depend only on the codes before it

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables, medians, a predict.py folder's samples and their
+description, training-step timing on random code grids, tables and their by-level cells, medians, a predict.py folder's samples and their
 levels, the slices nearest given levels, and the
 realism rows' scores and figure (bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
 
@@ -86,6 +86,16 @@ def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     files = sorted((folder / "generated").glob("sample_*.png"))
     images = np.stack([np.asarray(Image.open(path), np.float32) / 255 for path in files])
     return images, np.array([np.nan if level is None else level for level in levels], np.float32)
+
+
+def band_cells(values: np.ndarray, levels: np.ndarray, bands, digits: int, all_digits: int | None = None) -> list[str]:
+    """Table cells of a per-slice figure: its mean over all slices, then over each (low, high) band of levels (the
+    last band closed at 1.0), each with its slice count in brackets, "-" for an empty band; NaNs left out."""
+    cells = [f"{np.nanmean(values):.{digits if all_digits is None else all_digits}f} ({len(values)})"]
+    for low, high in bands:
+        inside = (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))
+        cells.append(f"{np.nanmean(values[inside]):.{digits}f} ({inside.sum()})" if inside.any() else "-")
+    return cells
 
 
 def nearest_levels(levels, targets) -> list[int]:

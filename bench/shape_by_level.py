@@ -17,7 +17,7 @@ with whether it passes, to see why they fail.
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, generated_slices, nearest_levels, print_table
+from common import ROOT, SHARED_VOLUMES, band_cells, generated_slices, nearest_levels, print_table
 
 import numpy as np
 
@@ -33,11 +33,7 @@ FIGURE_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 0.8, 0.85, 0.9)
 
 def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> list[str]:
     shaped = np.array([brain_shaped(image, tissue) for image in images])
-    cells = [name, f"{shaped.mean():.3f} ({len(images)})"]
-    for low, high in BANDS:
-        inside = (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))
-        cells.append(f"{shaped[inside].mean():.2f} ({inside.sum()})" if inside.any() else "-")
-    return cells
+    return [name, *band_cells(shaped, levels, BANDS, 2, all_digits=3)]
 
 
 def strip(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> tuple[str, list]:

@@ -13,7 +13,7 @@ lopsided cavity scores above the real slices of its level. Levels 0.3-0.55 hold 
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, generated_slices, print_table
+from common import ROOT, SHARED_VOLUMES, band_cells, generated_slices, print_table
 
 import numpy as np
 
@@ -26,12 +26,7 @@ BANDS = [(0.0, 0.3), (0.3, 0.55), (0.55, 0.8), (0.8, 1.0)]
 
 
 def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> list[str]:
-    asymmetry = mirror_asymmetry(images, tissue)
-    cells = [name, f"{np.nanmean(asymmetry):.4f} ({len(images)})"]
-    for low, high in BANDS:
-        inside = (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))
-        cells.append(f"{np.nanmean(asymmetry[inside]):.4f} ({inside.sum()})" if inside.any() else "-")
-    return cells
+    return [name, *band_cells(mirror_asymmetry(images, tissue), levels, BANDS, 4)]
 
 
 def main():
@@ -45,8 +40,10 @@ def main():
     config = load_run(ROOT / "pretrained", need_prior=False).config
     everything = load_slices(str(SHARED_VOLUMES), config, DEFAULT_CACHE, progress=False)
     tissue = config.tissue_intensity
-    rows = [row(f"real {split} slices", everything.select(split).images, everything.select(split).levels, tissue)
-            for split in ("train", "validate", "test")]
+    rows = []
+    for split in ("train", "validate", "test"):
+        real = everything.select(split)
+        rows.append(row(f"real {split} slices", real.images, real.levels, tissue))
     rows += [row(f"generated: {folder}", *generated_slices(folder), tissue) for folder in args.generated]
     print(f"mirror asymmetry of the layout (slice count) by axial level, tissue threshold {tissue}, blur 2 pixels, "
           "mirror shifts up to 3 pixels")

@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: project imports and TensorFlow settings (the scripts' own), the machine's
-description, training-step timing on random code grids, tables and their by-level cells, medians, a predict.py folder's samples and their
-levels, the slices nearest given levels, and the
-realism rows' scores and figure (bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
+description, training-step timing on random code grids, tables and their by-level cells, medians, a predict.py
+folder's samples and their levels, the slices nearest given levels, and the realism rows' scores and figure
+(bench/realism_by_grid.py, bench/refiner.py; the figure also bench/top_codes.py)."""
 
 import json
 import os

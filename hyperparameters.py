@@ -149,8 +149,8 @@ class Config:
     # brain's midline in atlas space), the rows above through a second vertical window on the flipped grid and, on
     # the right half, the code already drawn at the mirror position of the row; so a right ventricle or hemisphere
     # is drawn facing its left twin rather than from where the dilated stacks happen to reach it (top: layouts as
-    # symmetric as the training slices' and outlines 0.01-0.02 more often whole, unrefined; with one refiner the
-    # brain-shaped band met at every validate seed but the classifier further from chance; EXPERIMENTS.md)
+    # symmetric as the training slices' and outlines 0.01-0.02 more often whole, unrefined; refined, two refiner
+    # trainings drew outlines no more often whole than four without it: off in the default; EXPERIMENTS.md)
     prior_mirror: bool = False
     top_prior_mirror: bool = False
     prior_condition_on_level: bool = True

@@ -158,13 +158,15 @@ def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, siz
 # The `seed` preset (the founding report's architecture) at small batches: about 20 s for 2 + 2 epochs on 2 cores.
 SEED_FLAGS = ["--preset", "seed", "--epochs", "2", "--prior-epochs", "2", "--set", "batch_size=8",
               "--set", "prior_batch_size=8"]
-# The default (two-level) preset at 32x32 with a few filters, its VQ-VAE in bfloat16 (two_level_run checks that it
-# says so), a bottom prior (the default has none; test_train.py derives a run without one) and no refiner (tests
-# that train one add --refiner-epochs N and TINY_REFINER).
+# The default (two-level) preset at 32x32 with a few filters and prior blocks (one dilated block in the top prior:
+# tracing each block's training step costs seconds, and test_models.py checks every dilation), its VQ-VAE in
+# bfloat16 (two_level_run checks that it says so), a bottom prior (the default has none; test_train.py derives a run
+# without one) and no refiner (tests that train one add --refiner-epochs N and TINY_REFINER).
 TINY_TWO_LEVEL = ["--preset", "default", "--epochs", "1", "--prior-epochs", "1", "--set", "prior_epochs=1",
                   "--refiner-epochs", "0",
                   "--set", "image_size=32", "--set", "batch_size=8", "--set", "prior_batch_size=8",
                   "--set", "prior_filters=8", "--set", "top_prior_filters=8", "--set", "prior_condition_filters=8",
+                  "--set", "prior_residual_blocks=1", "--set", "top_prior_residual_blocks=2",
                   "--set", "residual_filters=16", "--set", "prior_precision=float32",
                   "--set", "vqvae_precision=bfloat16"]
 TINY_REFINER = ["--set", "refiner_filters=8", "--set", "refiner_batch_size=8"]

@@ -636,7 +636,8 @@ def test_adversarial_refiner_steps_both_networks_and_resumes_from_its_checkpoint
     config = make_config("default", ["image_size=32", "refiner_filters=4", "refiner_batch_size=4"])
     model = modules.AdversarialRefiner(config.to_dict())
     model.build()
-    model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5))
+    # eagerly: the step's arithmetic is what is tested here; train.py's traced step is tested in test_train.py
+    model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5), run_eagerly=True)
     before = [weights.get_weights() for weights in (model.refiner, model.critic)]
     pairs = np.random.default_rng(0).random((8, 32, 32, 2)).astype("float32")
     logs = model.fit(pairs, batch_size=4, epochs=1, verbose=0).history
@@ -739,7 +740,7 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
         config = make_config(preset, overrides)
         vqvae = VQVAE(config.to_dict(), name="vqvae")
         vqvae.build()
-        vqvae.compile(optimizer="adam")
+        vqvae.compile(optimizer="adam", run_eagerly=True)  # tracing a step would only slow the test
         vqvae.fit(images, epochs=1, batch_size=3, verbose=0)  # EMA statistics and codebook are no longer initial
         save_model(vqvae, tmp_path / f"{preset}_vqvae.keras")
         codes = {grid: np.asarray(value) for grid, value in vqvae.encode(images).items()}
@@ -754,7 +755,7 @@ def test_saved_models_reload_in_a_fresh_process_with_identical_outputs(tmp_path)
         if preset == "default":
             adversarial = modules.AdversarialRefiner({**config.to_dict(), "refiner_filters": 4})
             adversarial.build()
-            adversarial.compile(optimizer="adam")
+            adversarial.compile(optimizer="adam", run_eagerly=True)
             adversarial.fit(np.concatenate([images, images], axis=-1), epochs=1, batch_size=3, verbose=0)
             save_model(rundir.weights_only_copy(adversarial), tmp_path / "default_refiner.keras")
             expected["default_refiner"] = np.asarray(adversarial.refiner(images))
@@ -808,7 +809,8 @@ def test_a_prior_trained_in_bfloat16_is_saved_and_sampled_in_float32(kind, tmp_p
     inputs = {**conditions(prior, 2), "codes": np.random.default_rng(1).integers(0, 16, (2, side, side))}
     mixed, exact = np.asarray(prior(inputs)), np.asarray(float_prior(inputs))
     assert mixed.dtype == np.float32 and 0 < np.abs(mixed - exact).max() < 0.1 * np.abs(exact).max()
-    prior.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    prior.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=True)  # a traced step (train.py's, in bfloat16) is tested in test_train.py
     assert np.isfinite(prior.train_on_batch(inputs, inputs["codes"]))
     save_model(prior, tmp_path / "checkpoint.keras")
     with modules.compute_precision("bfloat16"):
@@ -837,7 +839,7 @@ def test_a_vqvae_trained_in_bfloat16_keeps_its_quantizers_and_image_in_float32(t
     assert all(weight.dtype == "float32" for weight in model.weights)
     images = np.random.default_rng(0).random((8, 32, 32, 1)).astype("float32")
     assert np.asarray(model(images)).dtype == np.float32
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # traced: test_train.py's two_level_run
     history = model.fit(images, epochs=2, batch_size=4, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     save_model(model, tmp_path / "vqvae.keras")

@@ -199,7 +199,7 @@ def test_sigkill_in_refiner_phase_resumes_the_refiner_alone(two_level_run, tmp_p
     """A refiner phase SIGKILLed after its first committed epoch resumes from its checkpoint (optimizer and critic
     included): every epoch once, none of the earlier phases retrained, and a refiner.keras that loads."""
     data, source = two_level_run
-    out, epochs = tmp_path / "refined", 30
+    out, epochs = tmp_path / "refined", 10  # the kill, after the first committed epoch, lands inside the phase
     flags = ["train.py", "--data", data, "--out", out, "--vqvae-from", source, "--keep-top-prior",
              "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
     process = start_script(*flags, log=tmp_path / "killed")

@@ -33,13 +33,18 @@ def show(axis, image, title: str = "", cmap: str = "gray", low: float = 0.0, hig
     axis.axis("off")
 
 
+def title_lines(title: str, width_inches: float) -> list[str]:
+    """`title` wrapped for a figure `width_inches` wide: about 11 characters of a 10-point title per inch, so that a
+    long title (every sampling setting) wraps instead of running off the figure."""
+    return textwrap.wrap(title, width=max(30, int(11 * width_inches)))
+
+
 def save_grid(path: Path, images: np.ndarray, title: str) -> None:
     """A square-ish grid of slices under one title (predict.py's generated.png)."""
     plt = pyplot()
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / columns))
-    # about 11 characters of a 10-point title per inch of width; a long title (every sampling setting) wraps
-    lines = textwrap.wrap(title, width=max(30, int(11 * 1.6 * columns)))
+    lines = title_lines(title, 1.6 * columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.2 + 0.2 * len(lines)),
                                 squeeze=False)
     for axis in axes.flat:
@@ -100,8 +105,9 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
     sweep.png)."""
     plt = pyplot()
     columns = max(len(row) for row in real) + max(len(row) for row in generated)
-    figure, axes = plt.subplots(len(levels), columns, figsize=(1.6 * columns, 1.7 * len(levels) + 0.4),
-                                squeeze=False)
+    lines = title_lines(title, 1.6 * columns)
+    height = 1.7 * len(levels) + 0.2 + 0.2 * len(lines)
+    figure, axes = plt.subplots(len(levels), columns, figsize=(1.6 * columns, height), squeeze=False)
     for row, level in enumerate(levels):
         for axis in axes[row]:
             axis.axis("off")
@@ -109,7 +115,7 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
             show(axes[row, column], image, f"real, level {own_level:.2f}")
         for column, image in enumerate(generated[row], start=columns - len(generated[row])):
             show(axes[row, column], image, f"generated, {level:.2f}")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle("\n".join(lines), fontsize=10)
     figure.tight_layout()
     save_figure(figure, path, 90)
 

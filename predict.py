@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from dataset import RealSlices
 
 SHOWN = 16  # slices in reconstructions.png
-SWEEP_COLUMNS = 4  # real and generated slices per level in sweep.png
+SWEEP_COLUMNS = 4  # generated slices per level in sweep.png, and real ones at most (one per subject)
 FOLDS = 5  # of the classifier two-sample test, fewer when a side has fewer subjects
 SWEEP_STREAM = 2 ** 31 - 1  # the sweep's seed stream, one no generation chunk uses
 
@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "training split's levels, or unknown when the data has none")
     parser.add_argument("--sweep", type=int, default=None, metavar="N",
                         help=f"also write sweep.png: N levels evenly from the lowest to the highest level of the "
-                             f"split's real slices, one row each, {SWEEP_COLUMNS} real held-out slices of the "
-                             f"nearest levels beside {SWEEP_COLUMNS} generated at that level")
+                             f"split's real slices, one row each: each held-out subject's slice nearest that level (up "
+                             f"to {SWEEP_COLUMNS} subjects) beside {SWEEP_COLUMNS} generated at it")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the sampler and the realism figures: which real slices are compared and "
                              "shown, the levels drawn, the classifiers' training (default: 0)")
@@ -413,18 +413,26 @@ def sweep_levels(real: RealSlices | None, args) -> np.ndarray:
     return np.linspace(known.min(), known.max(), args.sweep).astype(np.float32)
 
 
+def sweep_rows(split_levels: np.ndarray, subjects: np.ndarray, levels: np.ndarray, columns: int) -> list[list[int]]:
+    """Per level of `levels`, the indices of the real slices sweep.png shows: each subject's slice nearest that level,
+    the nearest subjects first, up to `columns`. One slice per head: neighbouring slices of one volume look alike,
+    so a split of two subjects shows two slices, not each twice."""
+    known = np.flatnonzero(np.isfinite(split_levels))
+    rows = []
+    for level in levels:
+        by_distance = known[np.argsort(np.abs(split_levels[known] - level), kind="stable")]
+        _, first_of_each = np.unique(subjects[by_distance], return_index=True)
+        rows.append([int(index) for index in by_distance[np.sort(first_of_each)][:columns]])
+    return rows
+
+
 def save_sweep_figure(generator, real: RealSlices, levels: np.ndarray, temperature: float, args, progress: str) -> None:
-    """sweep.png: per level, the split's SWEEP_COLUMNS slices of the nearest levels, and as many generated at it."""
+    """sweep.png: per level, real slices of the split near it (sweep_rows), and SWEEP_COLUMNS generated at it."""
     from figures import save_sweep
     from modules import sub_seed
 
-    known = np.flatnonzero(np.isfinite(real.split.levels))
-    own = real.split.levels[known]
-    rows = []
-    for level in levels:
-        nearest = known[np.argsort(np.abs(own - level), kind="stable")[:SWEEP_COLUMNS]]
-        rows.append([(real.split.images[index], real.split.levels[index])
-                     for index in sorted(nearest, key=lambda index: real.split.levels[index])])
+    rows = [[(real.split.images[index], real.split.levels[index]) for index in row]
+            for row in sweep_rows(real.split.levels, real.split.subjects, levels, SWEEP_COLUMNS)]
     generated = generator.many(np.repeat(levels, SWEEP_COLUMNS), temperature, sub_seed(args.seed, SWEEP_STREAM),
                                progress=progress, guidance=args.guidance, top_p=args.top_p,
                                top_temperature_scale=args.top_temperature_scale,

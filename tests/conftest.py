@@ -131,9 +131,12 @@ def write_jpeg(path: Path, image: np.ndarray) -> Path:
     return path
 
 
-def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, size: int = 64) -> Path:
-    """`subjects` x `per_subject` 8-bit PNG slices named OAS1_000N_MR1_slice_K.png: a bright textured ellipse
-    ("brain") with a darker inner ellipse ("ventricles") on black, different per subject and slice."""
+def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, size: int = 64,
+                      course_names: bool = False) -> Path:
+    """`subjects` x `per_subject` 8-bit PNG slices named OAS1_000N_MR1_slice_K.png (no axial level), or with
+    `course_names` case_00N_slice_S.nii.png, S = 8 + 12 K (the course's slice S of 32: level S / 31): a bright
+    textured ellipse ("brain") with a darker inner ellipse ("ventricles") on black, different per subject and
+    slice."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,9 @@ def make_brain_slices(folder: Path, subjects: int = 6, per_subject: int = 2, siz
                 0.7 + 0.15 * np.sin(5 * rows + rng.uniform(0, 6)) * np.cos(4 * cols + index))
             image[np.sqrt((rows / 0.25) ** 2 + (cols / (0.15 + 0.05 * index)) ** 2) < 1] *= 0.3
             pixels = Image.fromarray(np.round(image * 255).astype(np.uint8))
-            pixels.save(folder / f"OAS1_{subject:04d}_MR1_slice_{index}.png")
+            name = f"case_{subject:03d}_slice_{8 + 12 * index}.nii.png" if course_names else \
+                f"OAS1_{subject:04d}_MR1_slice_{index}.png"
+            pixels.save(folder / name)
     return folder
 
 
@@ -256,9 +261,10 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def two_level_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, run directory) of one TINY_TWO_LEVEL run on 32x32 slices, trained once per test session."""
+    """(data folder, run directory) of one TINY_TWO_LEVEL run on 32x32 slices with axial levels (the default's
+    priors are level-conditioned), trained once per test session."""
     base = tmp_path_factory.mktemp("two_level_run")
-    data = make_brain_slices(base / "slices", size=32)
+    data = make_brain_slices(base / "slices", size=32, course_names=True)
     run = base / "run"
     result = run_script("train.py", "--data", data, "--cache", base / "cache", "--out", run, *TINY_TWO_LEVEL,
                         "--no-progress")

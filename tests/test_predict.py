@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT, assert_clean_usage_error, run_script
@@ -135,3 +136,14 @@ def test_strip_figures_lay_out_one_row_per_set_and_leave_no_partial_file(tmp_pat
     assert [item.name for item in tmp_path.iterdir()] == ["strips.png"]
     width, height = Image.open(path).size
     assert (width, height) == (int(1.5 * 2 * 80), int((1.8 * 2 + 0.4) * 80))  # 2 columns, 2 rows at 80 dpi
+
+
+def test_the_sweep_shows_each_subjects_slice_nearest_the_level_not_neighbouring_slices_of_one():
+    """Two subjects, five slices each: a row holds one slice of each subject, the nearer subject first, never two
+    neighbouring slices of one volume (which look alike); unknown levels are never shown."""
+    from predict import sweep_rows
+
+    split_levels = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.05, 0.15, 0.25, 0.35, np.nan], np.float32)
+    subjects = np.array(["a"] * 5 + ["b"] * 5)
+    assert sweep_rows(split_levels, subjects, np.array([0.0, 0.32, 1.0]), 4) == [[0, 5], [3, 8], [4, 8]]
+    assert sweep_rows(split_levels, subjects, np.array([0.32]), 1) == [[3]]

@@ -196,7 +196,7 @@ def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_r
 def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_level_run, tmp_path):
     """--keep-top-prior --keep-bottom-prior with refiner epochs trains only the refiner on the source run's models;
     predict.py, in fresh processes, refines its samples (the same from the same seed) and --no-refine shows the
-    decoder's slices."""
+    decoder's slices, each at the --level asked."""
     data, source = two_level_run
     run = tmp_path / "refined"
     result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
@@ -213,10 +213,11 @@ def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_l
     samples = {}
     for name, flags in (("refined", []), ("again", []), ("plain", ["--no-refine"])):
         out = tmp_path / name
-        result = run_script("predict.py", "--run", run, "--num", "3", "--seed", "1", "--out", out, "--no-progress",
-                            *flags)
+        result = run_script("predict.py", "--run", run, "--num", "3", "--seed", "1", "--level", "0.5", "--out", out,
+                            "--no-progress", *flags)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads((out / "generation.json").read_text())["refined"] is (name != "plain")
+        report = json.loads((out / "generation.json").read_text())
+        assert report["refined"] is (name != "plain") and report["levels"]["of_each"] == [0.5] * 3
         samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
     assert samples["refined"] == samples["again"]
     assert all(refined != plain for refined, plain in zip(samples["refined"], samples["plain"]))
@@ -226,7 +227,8 @@ def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom
     """prior_epochs=0 (the default's): --vqvae-from RUN --keep-top-prior trains no bottom prior and the run holds
     none; predict.py, in fresh processes, draws from the same seed the same slices as RUN itself draws with
     --random-bottom (so a seed reproduces them), other slices from another seed, and scores bits per code of the top
-    grid only; --top-p (a bottom prior's nucleus) and --keep-bottom-prior are refused in one line."""
+    grid only; the levels are drawn from the training slices', and --sweep draws sweep.png beside other slices;
+    --top-p (a bottom prior's nucleus) and --keep-bottom-prior are refused in one line."""
     data, source = two_level_run
     run = tmp_path / "top_only"
     result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
@@ -236,7 +238,7 @@ def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom
     assert not (run / "pixelcnn.keras").exists() and not (run / "history_prior.csv").exists()
     assert list(json.loads((run / "summary.json").read_text())["priors"]) == ["top"]
     samples = {}
-    for name, flags in (("first", [run, "--seed", "1"]), ("other", [run, "--seed", "2"]),
+    for name, flags in (("first", [run, "--seed", "1"]), ("other", [run, "--seed", "2", "--sweep", "2"]),
                         ("source", [source, "--seed", "1", "--random-bottom"])):
         out = tmp_path / name
         result = run_script("predict.py", "--run", *flags, "--num", "3", "--out", out, "--no-progress")
@@ -244,6 +246,8 @@ def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom
         samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
         report = json.loads((out / "generation.json").read_text())
         assert report["bottom_codes"] == "random" and list(report["prior_bits_per_code"]) == ["top"]
+        assert {round(level * 31) for level in report["levels"]["of_each"]} <= {8, 20}  # conftest's course slices
+        assert (out / "sweep.png").is_file() is (name == "other")
     assert len(samples["first"]) == 3 and samples["first"] == samples["source"] != samples["other"]
     nucleus = run_script("predict.py", "--run", run, "--top-p", "0.9", "--out", tmp_path / "nucleus")
     assert_clean_usage_error(nucleus, "--top-p", "no bottom prior")

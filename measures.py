@@ -120,19 +120,36 @@ def _shifted_sum(maps, axis: int):
     return tf.add_n([weight * window(tap) for tap, weight in enumerate(_TAPS)])
 
 
+def _compiled_per_size(function):
+    """`function` compiled by XLA once for each size of its first argument's maps: batches of any length reuse that
+    size's trace (reduce_retracing), but images of another size get their own, because _shifted_sum slices by the
+    maps' static size, which a trace relaxed over two sizes leaves unknown (scoring 64x64 and then 32x32 slices in
+    one process failed so)."""
+    traces = {}
+
+    @functools.wraps(function)
+    def call(*args):
+        size = tuple(args[0].shape[1:])
+        if size not in traces:
+            traces[size] = tf.function(function, jit_compile=True, reduce_retracing=True)
+        return traces[size](*args)
+
+    return call
+
+
 # Rows and columns are filtered in separate compiled calls: fused into one, XLA recomputes the 11 row taps for
 # each of the 11 column taps.
-@tf.function(jit_compile=True, reduce_retracing=True)
+@_compiled_per_size
 def _filtered_rows(first, second):
     return _shifted_sum(first * second, axis=1)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@_compiled_per_size
 def _filtered_columns(maps):
     return _shifted_sum(maps, axis=2)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@_compiled_per_size
 def _ssim_from_rows(rows, mean, luminance, contrast, others: _Moments):
     """(m,) SSIM of one image against m others, from `rows`, the row-filtered products of the image with each of
     the others (m, h - 10, w), and the moments of both: only this covariance term is computed per pair."""

@@ -196,6 +196,21 @@ def run_script(script: str, *args, timeout: float = 300, cwd: Path = PROJECT_ROO
                           env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(script: str, argv: list, monkeypatch, capfd):
+    """`python SCRIPT ARGV` inside this process, through the same cli.run_main as `__main__`: a UserError becomes
+    exit 2 with one stderr line, anything else escapes as an exception (and fails the test). It spares a test the
+    seconds a fresh process takes to import TensorFlow where what it checks is not the process itself."""
+    import importlib
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_main(module.main)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, exit_info.value.code, out, err)
+
+
 def start_script(script: str, *args, log: Path) -> subprocess.Popen:
     """Starts `python SCRIPT ARGS` in the background, stdout and stderr into `log`.out / `log`.err."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:  # the child keeps its own copies

@@ -40,6 +40,10 @@ def test_pairwise_ssim_is_the_plain_ssim_of_every_pair():
     np.testing.assert_allclose(nearest_ssim(first, second), slow.max(axis=1), atol=1e-5)
     assert nearest_ssim(first[:1], second)[0] == pytest.approx(1.0, abs=1e-5)  # its own copy is in `second`
     assert 0.1 < slow[:, :6].mean() < 0.95  # the pairs differ: a real check, not only copies
+    # slices of another size in the same process (predict.py scoring two runs' slices, a bench comparing them)
+    first, second = first[:, 4:28, 6:26], second[:, 4:28, 6:26]
+    slow = np.array([[float(ssim(a[None, ..., None], b[None, ..., None])[0]) for b in second] for a in first])
+    np.testing.assert_allclose(pairwise_ssim(first, second, chunk=4), slow, atol=1e-5)
 
 
 def test_mean_off_diagonal_leaves_out_each_slice_against_itself():

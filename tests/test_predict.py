@@ -10,8 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, assert_clean_usage_error, run_script
-from test_reliability import run_in_process
+from conftest import PROJECT_ROOT, assert_clean_usage_error, run_in_process, run_script
 
 # Every figure of generation.json: a value, or null with the reason under "skipped".
 FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train", "level_mae_generated",

@@ -24,7 +24,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from conftest import (RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,  # noqa: E402
-                      make_brain_slices, read_history, run_script, start_script, state_of)
+                      make_brain_slices, read_history, run_in_process, run_script, start_script, state_of)
 
 EPOCHS, PRIOR_EPOCHS = 8, 5  # enough that a kill after the first epoch of a phase lands inside it
 SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--set", "encoder_filters=8,8,16,16",
@@ -396,21 +396,6 @@ def build_bad_run(case: str, seed_dir: Path, base: Path) -> tuple[Path, list[str
 BAD_RUNS = ["missing directory", "missing config.json", "config.json not JSON", "other config_version",
             "missing vqvae.keras", "truncated vqvae.keras", "vqvae.keras of another preset",
             "Lambda layer (safe mode)", "predict: missing pixelcnn.keras", "predict: truncated pixelcnn.keras"]
-
-
-def run_in_process(script: str, argv: list, monkeypatch, capfd):
-    """`python SCRIPT ARGV` inside this process, through the same cli.run_main as `__main__`: a UserError becomes
-    exit 2 with one stderr line, anything else escapes as an exception (and fails the test)."""
-    import importlib
-    import subprocess
-
-    module = importlib.import_module(script.removesuffix(".py"))
-    monkeypatch.setattr("sys.argv", [script, *map(str, argv)])
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        module.run_main(module.main)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, exit_info.value.code, out, err)
 
 
 def bad_run_command(case: str, run: Path, data: Path, base: Path) -> tuple[str, list]:

@@ -123,8 +123,7 @@ def _shifted_sum(maps, axis: int):
 def _compiled_per_size(function):
     """`function` compiled by XLA once for each size of its first argument's maps: batches of any length reuse that
     size's trace (reduce_retracing), but images of another size get their own, because _shifted_sum slices by the
-    maps' static size, which a trace relaxed over two sizes leaves unknown (scoring 64x64 and then 32x32 slices in
-    one process failed so)."""
+    maps' static size, which one trace relaxed over two sizes would leave unknown (a TypeError)."""
     traces = {}
 
     @functools.wraps(function)

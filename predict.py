@@ -334,9 +334,12 @@ class Scorer:
         from measures import edge_strength
 
         tissue = self.run.config.tissue_intensity
-        self.figures["edge_strength_generated"] = rounded(np.nanmean(edge_strength(self.generated, tissue)))
-        if self.wanted("edge_strength_real"):
-            self.figures["edge_strength_real"] = rounded(np.nanmean(edge_strength(self.real.slices, tissue)))
+        for key, slices in (("edge_strength_generated", self.generated), ("edge_strength_real", self.real.slices)):
+            strengths = edge_strength(slices, tissue) if self.wanted(key) else None
+            if strengths is not None and np.isfinite(strengths).any():
+                self.figures[key] = rounded(np.nanmean(strengths))
+            elif strengths is not None:  # a mean of nothing: NaN, which is not JSON
+                self.skipped[key] = f"no slice has pixels above the tissue intensity {tissue}"
 
     def bits(self) -> None:
         from modules import prior_bits_per_code

@@ -240,6 +240,15 @@ def read_history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def read_strict_json(path: Path) -> dict:
+    """A JSON file, refusing NaN and Infinity: Python's json writes them, but they are not JSON, and other readers
+    (JavaScript, jq) reject the file."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
 def state_of(run: Path) -> dict:
     """A run's checkpoints/state.json."""
     return json.loads((run / "checkpoints" / "state.json").read_text())

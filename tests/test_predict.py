@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, assert_clean_usage_error, run_in_process, run_script
+from conftest import PROJECT_ROOT, assert_clean_usage_error, read_strict_json, run_in_process, run_script
 
 # Every figure of generation.json: a value, or null with the reason under "skipped".
 FIGURES = ["classifier_auc_generated_vs_train", "classifier_auc_heldout_vs_train", "level_mae_generated",
@@ -36,7 +36,7 @@ def two_calls(trained, tmp_path_factory):
     first_sample = (out / "generated" / "sample_000.png").read_bytes()
     second = run_script("predict.py", *common, "--num", "2", "--seed", "2", "--top-p", "0.9")
     assert second.returncode == 0, second.stderr[-3000:]
-    return out, first_sample, second, json.loads((out / "generation.json").read_text())
+    return out, first_sample, second, read_strict_json(out / "generation.json")
 
 
 def test_a_second_call_leaves_none_of_the_first_calls_samples(two_calls):

@@ -334,11 +334,13 @@ class Scorer:
         from measures import edge_strength
 
         tissue = self.run.config.tissue_intensity
-        for key, slices in (("edge_strength_generated", self.generated), ("edge_strength_real", self.real.slices)):
-            strengths = edge_strength(slices, tissue) if self.wanted(key) else None
-            if strengths is not None and np.isfinite(strengths).any():
+        for key in ("edge_strength_generated", "edge_strength_real"):
+            if not self.wanted(key):  # no real slices without data
+                continue
+            strengths = edge_strength(self.generated if key.endswith("generated") else self.real.slices, tissue)
+            if np.isfinite(strengths).any():
                 self.figures[key] = rounded(np.nanmean(strengths))
-            elif strengths is not None:  # a mean of nothing: NaN, which is not JSON
+            else:  # a mean of nothing: NaN, which is not JSON
                 self.skipped[key] = f"no slice has pixels above the tissue intensity {tissue}"
 
     def bits(self) -> None:

@@ -25,8 +25,8 @@ from cli import configure_tensorflow  # noqa: E402
 configure_tensorflow()  # before any test imports TensorFlow, in process or in the scripts it starts
 
 # pytest-xdist (pytest.ini: two workers, a test file each at a time, --no-loadscope-reorder) hands out the files in
-# this order, the longest first (seconds of tests on 2 cores: train 346, reliability 218, models 178, distribute 70,
-# pretrained 69, predict 48, the rest under 16 each), and each worker starts with two: the longest and a short one,
+# this order, the longest first (train, then reliability, models and distribute, each over a minute of tests on
+# 2 cores; the rest under one), and each worker starts with two: the longest and a short one,
 # the second longest and the third, so that neither starts test_train.py when the other is nearly done (by the number
 # of tests per file, xdist's default, the suite took 9 min 48 s on an AMD EPYC host); other files follow
 FILE_ORDER = ("test_train.py", "test_reliability.py", "test_measures.py", "test_models.py", "test_distribute.py",

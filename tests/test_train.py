@@ -195,10 +195,11 @@ def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_r
     assert not other.exists()
 
 
-def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_level_run, tmp_path):
+def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_level_run, tmp_path, monkeypatch,
+                                                                           capfd):
     """--keep-top-prior --keep-bottom-prior with refiner epochs trains only the refiner on the source run's models;
-    predict.py, in fresh processes, refines its samples and --no-refine shows the decoder's slices, each at the
-    --level asked (that a seed gives the same slices in two processes: the next test)."""
+    predict.py, in a fresh process, refines its samples and --no-refine (in this one) shows the decoder's slices of
+    the same seed, each at the --level asked."""
     data, source = two_level_run
     run = tmp_path / "refined"
     result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
@@ -215,8 +216,8 @@ def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_l
     samples = {}
     for name, flags in (("refined", []), ("plain", ["--no-refine"])):
         out = tmp_path / name
-        result = run_script("predict.py", "--run", run, "--num", "3", "--seed", "1", "--level", "0.5", "--out", out,
-                            "--no-progress", *flags)
+        argv = ["--run", run, "--num", "3", "--seed", "1", "--level", "0.5", "--out", out, "--no-progress", *flags]
+        result = run_in_process("predict.py", argv, monkeypatch, capfd) if flags else run_script("predict.py", *argv)
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((out / "generation.json").read_text())
         assert report["refined"] is (name != "plain") and report["levels"]["of_each"] == [0.5] * 3
@@ -254,7 +255,8 @@ def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom
         assert {round(level * 31) for level in report["levels"]["of_each"]} <= {8, 20}  # conftest's course slices
         assert (out / "sweep.png").is_file() is (name == "other")
     assert len(samples["first"]) == 3 and samples["first"] == samples["source"] != samples["other"]
-    nucleus = run_script("predict.py", "--run", run, "--top-p", "0.9", "--out", tmp_path / "nucleus")
+    nucleus = run_in_process("predict.py", ["--run", run, "--top-p", "0.9", "--out", tmp_path / "nucleus"], monkeypatch,
+                             capfd)
     assert_clean_usage_error(nucleus, "--top-p", "no bottom prior")
     kept = run_script("train.py", "--data", data, "--out", tmp_path / "kept", "--vqvae-from", source,
                       "--keep-bottom-prior", *TINY_TWO_LEVEL, "--set", "prior_epochs=0")

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,35 @@ def read_strict_json(path: Path) -> dict:
 def state_of(run: Path) -> dict:
     """A run's checkpoints/state.json."""
     return json.loads((run / "checkpoints" / "state.json").read_text())
+
+
+def wait_for_epochs(process, run: Path, phase: str, count: int, log: Path, timeout: float = 300) -> None:
+    """Polls checkpoints/state.json until it commits `count` epochs of `phase`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"train.py exited ({process.returncode}) before {count} {phase} epoch(s):\n"
+                        + Path(f"{log}.err").read_text()[-3000:])
+        try:
+            if len(state_of(run)["history"][phase]) >= count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no {phase} epoch committed within {timeout} s")
+
+
+def epochs_of(path: Path) -> list[int]:
+    return [int(row["epoch"]) for row in read_history(path)]
+
+
+def load_keras(path: Path):
+    import keras
+
+    import modules  # noqa: F401  (registers the model classes)
+
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

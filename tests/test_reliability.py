@@ -23,8 +23,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from conftest import (RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,  # noqa: E402
-                      make_brain_slices, read_history, run_in_process, run_script, start_script, state_of)
+from conftest import (RUN_FILES, SEED_FLAGS, assert_clean_usage_error, epochs_of, load_keras,  # noqa: E402
+                      make_brain_slices, read_history, run_in_process, run_script, start_script, state_of,
+                      wait_for_epochs)
 
 EPOCHS, PRIOR_EPOCHS = 8, 5  # enough that a kill after the first epoch of a phase lands inside it
 SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--set", "encoder_filters=8,8,16,16",
@@ -35,35 +36,6 @@ SMALL_MODEL = ["--preset", "seed", "--seed", "3", "--set", "image_size=64", "--s
 def small_flags(data: Path, cache: Path, out: Path, epochs: int = EPOCHS, prior_epochs: int = PRIOR_EPOCHS):
     return ["--data", data, "--cache", cache, "--out", out, "--epochs", str(epochs),
             "--prior-epochs", str(prior_epochs), *SMALL_MODEL]
-
-
-def wait_for_epochs(process, run: Path, phase: str, count: int, log: Path, timeout: float = 300) -> None:
-    """Polls checkpoints/state.json until it commits `count` epochs of `phase`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"train.py exited ({process.returncode}) before {count} {phase} epoch(s):\n"
-                        + Path(f"{log}.err").read_text()[-3000:])
-        try:
-            if len(state_of(run)["history"][phase]) >= count:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"no {phase} epoch committed within {timeout} s")
-
-
-def epochs_of(path: Path) -> list[int]:
-    return [int(row["epoch"]) for row in read_history(path)]
-
-
-def load_keras(path: Path):
-    import keras
-
-    import modules  # noqa: F401  (registers the model classes)
-
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,28 +165,6 @@ def test_kill_in_prior_phase_resumes_the_prior_without_retraining_the_vqvae(sigi
     before = keras.saving.load_model(sigint_run["vqvae_at_kill"], compile=False).get_weights()
     after = keras.saving.load_model(out / "vqvae.keras", compile=False).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
-
-
-def test_sigkill_in_refiner_phase_resumes_the_refiner_alone(two_level_run, tmp_path):
-    """A refiner phase SIGKILLed after its first committed epoch resumes from its checkpoint (optimizer and critic
-    included): every epoch once, none of the earlier phases retrained, and a refiner.keras that loads."""
-    data, source = two_level_run
-    out, epochs = tmp_path / "refined", 10  # the kill, after the first committed epoch, lands inside the phase
-    flags = ["train.py", "--data", data, "--out", out, "--vqvae-from", source, "--keep-top-prior",
-             "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
-    process = start_script(*flags, log=tmp_path / "killed")
-    wait_for_epochs(process, out, "refiner", 1, tmp_path / "killed")
-    process.kill()
-    process.wait()
-    done = len(state_of(out)["history"]["refiner"])
-    assert 1 <= done < epochs
-    resumed = run_script(*flags, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resume: {done} of {epochs} refiner epochs done" in resumed.stdout
-    assert "PixelCNN prior: all 1 epochs already done" in resumed.stdout
-    assert epochs_of(out / "history_refiner.csv") == list(range(1, epochs + 1))
-    assert (out / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
-    assert type(load_keras(out / "refiner.keras")).__name__ == "Refiner"
 
 
 def test_same_seed_gives_identical_first_epoch_losses(sigkill_run, sigint_run):

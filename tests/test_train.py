@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import (PROJECT_ROOT, RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,
-                      make_brain_slices, read_history, read_strict_json, run_in_process, run_script, state_of)
+                      epochs_of, load_keras, make_brain_slices, read_history, read_strict_json, run_in_process,
+                      run_script, start_script, state_of, wait_for_epochs)
 
 ROOT = PROJECT_ROOT
 
@@ -224,6 +225,30 @@ def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_l
         samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
     assert len(samples["refined"]) == 3
     assert all(refined != plain for refined, plain in zip(samples["refined"], samples["plain"]))
+
+
+def test_sigkill_in_refiner_phase_resumes_the_refiner_alone(two_level_run, tmp_path):
+    """A refiner phase SIGKILLed after its first committed epoch resumes from its checkpoint (optimizer and critic
+    included): every epoch once, none of the earlier phases retrained, and a refiner.keras that loads. (The other
+    kills are in test_reliability.py; this one is here beside the other runs derived from two_level_run, which each
+    xdist worker trains once.)"""
+    data, source = two_level_run
+    out, epochs = tmp_path / "refined", 10  # the kill, after the first committed epoch, lands inside the phase
+    flags = ["train.py", "--data", data, "--out", out, "--vqvae-from", source, "--keep-top-prior",
+             "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
+    process = start_script(*flags, log=tmp_path / "killed")
+    wait_for_epochs(process, out, "refiner", 1, tmp_path / "killed")
+    process.kill()
+    process.wait()
+    done = len(state_of(out)["history"]["refiner"])
+    assert 1 <= done < epochs
+    resumed = run_script(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: {done} of {epochs} refiner epochs done" in resumed.stdout
+    assert "PixelCNN prior: all 1 epochs already done" in resumed.stdout
+    assert epochs_of(out / "history_refiner.csv") == list(range(1, epochs + 1))
+    assert (out / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
+    assert type(load_keras(out / "refiner.keras")).__name__ == "Refiner"
 
 
 def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom_codes(two_level_run, tmp_path,

@@ -334,10 +334,11 @@ class Scorer:
         from measures import edge_strength
 
         tissue = self.run.config.tissue_intensity
-        for key in ("edge_strength_generated", "edge_strength_real"):
-            if not self.wanted(key):  # no real slices without data
-                continue
-            strengths = edge_strength(self.generated if key.endswith("generated") else self.real.slices, tissue)
+        sets = {"edge_strength_generated": self.generated}
+        if self.wanted("edge_strength_real"):  # no real slices without data
+            sets["edge_strength_real"] = self.real.slices
+        for key, slices in sets.items():
+            strengths = edge_strength(slices, tissue)
             if np.isfinite(strengths).any():
                 self.figures[key] = rounded(np.nanmean(strengths))
             else:  # a mean of nothing: NaN, which is not JSON

@@ -328,12 +328,30 @@ def two_level_run(tmp_path_factory) -> tuple[Path, Path]:
     return data, run
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(data folder, run directory) of one 2 + 2 epoch seed-preset run, trained once per test session with --data
-    given relative to the project root, as users give it, and into a folder that an earlier attempt left with a
-    config.json and a state.json but no finished epoch (which must not block the run)."""
-    base = tmp_path_factory.mktemp("seed_run")
+def made_once_per_session(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name` that `make(folder)` fills once per test session, however many xdist workers ask for it (a
+    fixture of scope "session" runs once in each worker): the first to take the lock makes it, the others wait for
+    it and share it. What `make` builds must then be read, never changed, by the tests."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the session's temporary folder, which holds each worker's own
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if `make` fails
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose `make` failed left
+            make(folder)
+            done.touch()
+    return folder
+
+
+def train_seed_run(base: Path) -> None:
+    """A 2 + 2 epoch seed-preset run in `base`/run on slices in `base`/slices, with --data given relative to the
+    project root, as users give it, and into a folder that an earlier attempt left with a config.json and a
+    state.json but no finished epoch (which must not block the run)."""
     data = make_brain_slices(base / "slices")
     run = base / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -345,4 +363,11 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
                         "--out", run, *SEED_FLAGS, "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    return data, run
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, run directory) of conftest.train_seed_run, trained once per test session and shared by the
+    xdist workers (test_train.py, test_reliability.py and test_predict.py read it)."""
+    base = made_once_per_session(tmp_path_factory, "seed_run", train_seed_run)
+    return base / "slices", base / "run"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import (PROJECT_ROOT, RUN_FILES, SEED_FLAGS, TINY_REFINER, TINY_TWO_LEVEL, assert_clean_usage_error,
-                      epochs_of, load_keras, make_brain_slices, read_history, read_strict_json, run_in_process,
+                      epochs_of, make_brain_slices, read_history, read_strict_json, run_in_process,
                       run_script, start_script, state_of, wait_for_epochs)
 
 ROOT = PROJECT_ROOT
@@ -196,24 +196,37 @@ def test_keep_top_or_bottom_prior_trains_only_the_other_prior_under_the_source_r
     assert not other.exists()
 
 
-def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_level_run, tmp_path, monkeypatch,
-                                                                           capfd):
-    """--keep-top-prior --keep-bottom-prior with refiner epochs trains only the refiner on the source run's models;
-    predict.py, in a fresh process, refines its samples and --no-refine (in this one) shows the decoder's slices of
-    the same seed, each at the --level asked."""
+def test_a_refiner_trains_alone_on_kept_priors_resumes_after_sigkill_and_predict_refines_with_it(
+        two_level_run, tmp_path, monkeypatch, capfd):
+    """--keep-top-prior --keep-bottom-prior with refiner epochs trains only the refiner on the source run's models.
+    SIGKILLed after its first committed epoch, it resumes from its checkpoint (optimizer and critic included): every
+    epoch once, none of the earlier phases retrained. predict.py, in a fresh process, refines its samples and
+    --no-refine (in this one) shows the decoder's slices of the same seed, each at the --level asked. (The other kills
+    are in test_reliability.py; this one is here beside the other runs derived from two_level_run, which each xdist
+    worker trains once.)"""
     data, source = two_level_run
-    run = tmp_path / "refined"
-    result = run_script("train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
-                        "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", "2", *TINY_REFINER, "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "PixelCNN prior: all 1 epochs" in result.stdout and "refiner: 2 epochs" in result.stdout
+    run, epochs = tmp_path / "refined", 10  # the kill, after the first committed epoch, lands inside the phase
+    flags = ["train.py", "--data", data, "--out", run, "--vqvae-from", source, "--keep-top-prior",
+             "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
+    process = start_script(*flags, log=tmp_path / "killed")
+    wait_for_epochs(process, run, "refiner", 1, tmp_path / "killed")
+    process.kill()
+    process.wait()
+    first = (tmp_path / "killed.out").read_text()
+    assert "PixelCNN prior: all 1 epochs" in first and f"refiner: {epochs} epochs" in first
+    done = len(state_of(run)["history"]["refiner"])
+    assert 1 <= done < epochs
+    resumed = run_script(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: {done} of {epochs} refiner epochs done" in resumed.stdout
+    assert "PixelCNN prior: all 1 epochs already done" in resumed.stdout
     for name in ("vqvae.keras", "pixelcnn_top.keras", "pixelcnn.keras"):
         assert (run / name).read_bytes() == (source / name).read_bytes(), name
-    assert [row["epoch"] for row in read_history(run / "history_refiner.csv")] == ["1", "2"]
+    assert epochs_of(run / "history_refiner.csv") == list(range(1, epochs + 1))
     assert (run / "refiner_curves.png").is_file()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["refiner"]["epochs"] == 2 and np.isfinite(summary["refiner"]["refiner_loss"])
-    assert json.loads((run / "config.json").read_text())["refiner_epochs"] == 2
+    assert summary["refiner"]["epochs"] == epochs and np.isfinite(summary["refiner"]["refiner_loss"])
+    assert json.loads((run / "config.json").read_text())["refiner_epochs"] == epochs
     samples = {}
     for name, flags in (("refined", []), ("plain", ["--no-refine"])):
         out = tmp_path / name
@@ -225,30 +238,6 @@ def test_a_refiner_trains_alone_on_kept_priors_and_predict_refines_with_it(two_l
         samples[name] = [path.read_bytes() for path in sorted((out / "generated").glob("sample_*.png"))]
     assert len(samples["refined"]) == 3
     assert all(refined != plain for refined, plain in zip(samples["refined"], samples["plain"]))
-
-
-def test_sigkill_in_refiner_phase_resumes_the_refiner_alone(two_level_run, tmp_path):
-    """A refiner phase SIGKILLed after its first committed epoch resumes from its checkpoint (optimizer and critic
-    included): every epoch once, none of the earlier phases retrained, and a refiner.keras that loads. (The other
-    kills are in test_reliability.py; this one is here beside the other runs derived from two_level_run, which each
-    xdist worker trains once.)"""
-    data, source = two_level_run
-    out, epochs = tmp_path / "refined", 10  # the kill, after the first committed epoch, lands inside the phase
-    flags = ["train.py", "--data", data, "--out", out, "--vqvae-from", source, "--keep-top-prior",
-             "--keep-bottom-prior", *TINY_TWO_LEVEL, "--refiner-epochs", str(epochs), *TINY_REFINER, "--no-progress"]
-    process = start_script(*flags, log=tmp_path / "killed")
-    wait_for_epochs(process, out, "refiner", 1, tmp_path / "killed")
-    process.kill()
-    process.wait()
-    done = len(state_of(out)["history"]["refiner"])
-    assert 1 <= done < epochs
-    resumed = run_script(*flags, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resume: {done} of {epochs} refiner epochs done" in resumed.stdout
-    assert "PixelCNN prior: all 1 epochs already done" in resumed.stdout
-    assert epochs_of(out / "history_refiner.csv") == list(range(1, epochs + 1))
-    assert (out / "vqvae.keras").read_bytes() == (source / "vqvae.keras").read_bytes()
-    assert type(load_keras(out / "refiner.keras")).__name__ == "Refiner"
 
 
 def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom_codes(two_level_run, tmp_path,

@@ -5,7 +5,8 @@
 TF_ENABLE_ONEDNN_OPTS is read when TensorFlow starts, so each setting runs in its own fresh process, and a round
 runs both, in an order that alternates from round to round. Each child times, on random data of the real shapes
 and with random weights (the speed does not depend on them): a VQ-VAE training step (batch_size images), a
-training step of each prior (prior_batch_size code grids), and a steady-state SliceGenerator call for 64 slices
+training step of each prior (prior_batch_size code grids), a training step of the refiner and its critic
+(refiner_batch_size pairs, when the preset trains one), and a steady-state SliceGenerator call for 64 slices
 (after the call that traces the loops). Figures are medians over steps and rounds. cli.configure_tensorflow turns
 oneDNN on for train.py on one device and off everywhere else, from these figures.
 """
@@ -19,7 +20,7 @@ import sys
 from common import machine, median, print_table, random_code_grids, training_step_seconds
 
 TASKS = {"vqvae": "VQ-VAE training step", "prior_top": "top prior training step",
-         "prior": "bottom prior training step", "generate": "generate 64 slices"}
+         "prior": "bottom prior training step", "refiner": "refiner training step", "generate": "generate 64 slices"}
 
 
 def child(preset: str) -> dict:
@@ -30,7 +31,7 @@ def child(preset: str) -> dict:
     import numpy as np
 
     from hyperparameters import make_config
-    from modules import VQVAE, SliceGenerator, build_prior, grid_inputs
+    from modules import VQVAE, AdversarialRefiner, SliceGenerator, build_prior, grid_inputs
     from rundir import Run
 
     config = make_config(preset)
@@ -51,6 +52,13 @@ def child(preset: str) -> dict:
         inputs = grid_inputs(grid, codes, rng.random(batch).astype("float32"))
         task = "prior" if grid == "bottom" else "prior_top"
         seconds[task] = training_step_seconds(priors[grid], (inputs, inputs["codes"]))
+    if config.refiner_epochs:
+        refiner = AdversarialRefiner(config.to_dict())
+        refiner.build()
+        refiner.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5), jit_compile=False)
+        size = config.image_size
+        pairs = rng.random((config.refiner_batch_size, size, size, 2)).astype("float32")
+        seconds["refiner"] = training_step_seconds(refiner, pairs)
     generate = SliceGenerator(Run(config, vqvae, priors))
     levels = np.linspace(0.2, 0.8, 64).astype("float32")
     generate(levels, 1.0, 0)

@@ -45,14 +45,14 @@ def save_grid(path: Path, images: np.ndarray, title: str) -> None:
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / columns))
     lines = title_lines(title, 1.6 * columns)
+    # constrained layout leaves the title its room; tight_layout laid the first row over it from about 8 rows on
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.2 + 0.2 * len(lines)),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
     for axis, image in zip(axes.flat, images):
         show(axis, image)
     figure.suptitle("\n".join(lines), fontsize=10)
-    figure.tight_layout()
     save_figure(figure, path, 100)
 
 
@@ -107,7 +107,8 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
     columns = max(len(row) for row in real) + max(len(row) for row in generated)
     lines = title_lines(title, 1.6 * columns)
     height = 1.7 * len(levels) + 0.2 + 0.2 * len(lines)
-    figure, axes = plt.subplots(len(levels), columns, figsize=(1.6 * columns, height), squeeze=False)
+    figure, axes = plt.subplots(len(levels), columns, figsize=(1.6 * columns, height), squeeze=False,
+                                layout="constrained")
     for row, level in enumerate(levels):
         for axis in axes[row]:
             axis.axis("off")
@@ -116,7 +117,6 @@ def save_sweep(path: Path, levels, real: list, generated: list, title: str) -> N
         for column, image in enumerate(generated[row], start=columns - len(generated[row])):
             show(axes[row, column], image, f"generated, {level:.2f}")
     figure.suptitle("\n".join(lines), fontsize=10)
-    figure.tight_layout()
     save_figure(figure, path, 90)
 
 

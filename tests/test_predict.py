@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,31 @@ def test_strip_figures_lay_out_one_row_per_set_and_leave_no_partial_file(tmp_pat
     assert [item.name for item in tmp_path.iterdir()] == ["strips.png"]
     width, height = Image.open(path).size
     assert (width, height) == (int(1.5 * 2 * 80), int((1.8 * 2 + 0.4) * 80))  # 2 columns, 2 rows at 80 dpi
+
+
+@pytest.mark.parametrize("count", [3, 100])
+def test_figure_titles_sit_above_the_first_row_of_slices(count, monkeypatch):
+    """generated.png and sweep.png: the (wrapped) title stays clear of the slices below it, for 3 slices as for 100
+    (predict.py --num 256 in README; under tight_layout its title lay over the first row)."""
+    from matplotlib.text import Text
+
+    import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path, dpi: drawn.append(figure))
+    title = "generated slices, every sampling setting " * 10
+    slices = np.random.default_rng(0).random((count, 16, 16)).astype(np.float32)
+    figures.save_grid(Path("unused.png"), slices, title)
+    rows = max(1, count // 64)
+    figures.save_sweep(Path("unused.png"), np.linspace(0, 1, rows), [[(slices[0], 0.5)]] * rows,
+                       [slices[:3]] * rows, title)
+    for figure in drawn:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        heading = next(text for text in figure.findobj(Text) if text.get_text().startswith("generated slices"))
+        assert "\n" in heading.get_text()  # wrapped
+        top_of_slices = max(axis.get_tightbbox(renderer).y1 for axis in figure.axes)  # with its caption
+        assert heading.get_window_extent(renderer).y0 >= top_of_slices
 
 
 def test_the_sweep_shows_each_subjects_slice_nearest_the_level_not_neighbouring_slices_of_one():

@@ -368,9 +368,12 @@ def phase_monitor(phase: str, validated: bool) -> tuple[str, str]:
 
 
 def announce_phase(config: Config, state: RunState, phase: str, precision: str = "float32") -> None:
-    """One line before a phase: its name, its epochs, what is already done, and its precision."""
+    """One line before a phase: its name, its epochs, what is already done, and its precision (with why, when
+    "auto" chose float32: such a machine trains several times longer than one with bfloat16 units)."""
     total, done = phase_epochs(config, phase), state.epochs_done(phase)
-    mixed = f" in {precision} mixed precision" if precision != "float32" else ""
+    setting = config.vqvae_precision if phase == "vqvae" else config.prior_precision
+    mixed = (f" in {precision} mixed precision" if precision != "float32" else
+             " in float32, as bfloat16 would be emulated here and slower" if setting == "auto" else "")
     if done >= total:
         print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
     elif done:

@@ -332,6 +332,23 @@ def test_no_progress_gives_one_line_per_epoch_and_verbose_stays_its_alias(flags,
     assert train.keras_verbosity(train.build_parser().parse_args(flags)) == verbose
 
 
+@pytest.mark.parametrize("setting, precision, said", [
+    ("auto", "bfloat16", "VQ-VAE: 30 epochs in bfloat16 mixed precision (the first step"),
+    ("auto", "float32", "VQ-VAE: 30 epochs in float32, as bfloat16 would be emulated here and slower (the first step"),
+    ("float32", "float32", "VQ-VAE: 30 epochs (the first step")])
+def test_each_phase_says_its_precision_and_why_auto_chose_float32(setting, precision, said, capsys):
+    """A run left at vqvae_precision (prior_precision) "auto" on a machine without bfloat16 units trains in float32,
+    several times longer than with them: its phase lines say why; float32 set by hand needs no word."""
+    from types import SimpleNamespace
+
+    import train
+    from hyperparameters import make_config
+
+    config = make_config("default", [f"vqvae_precision={setting}"])
+    train.announce_phase(config, SimpleNamespace(epochs_done=lambda phase: 0), "vqvae", precision)
+    assert capsys.readouterr().out.startswith(said)
+
+
 def test_training_on_one_device_turns_onednn_on_and_keeps_its_notice_off_stderr():
     """TensorFlow prints a notice about its oneDNN kernels on stderr at import, whatever TF_CPP_MIN_LOG_LEVEL says;
     train.py (one device) turns them on for their speed, and nothing of that reaches the user's stderr."""

@@ -45,7 +45,7 @@ def save_grid(path: Path, images: np.ndarray, title: str) -> None:
     columns = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / columns))
     lines = title_lines(title, 1.6 * columns)
-    # constrained layout leaves the title its room; tight_layout laid the first row over it from about 8 rows on
+    # constrained layout keeps the title clear of the slices; tight_layout lets a tall grid's first row cover it
     figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.2 + 0.2 * len(lines)),
                                 squeeze=False, layout="constrained")
     for axis in axes.flat:

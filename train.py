@@ -372,15 +372,15 @@ def announce_phase(config: Config, state: RunState, phase: str, precision: str =
     "auto" chose float32: such a machine trains several times longer than one with bfloat16 units)."""
     total, done = phase_epochs(config, phase), state.epochs_done(phase)
     setting = config.vqvae_precision if phase == "vqvae" else config.prior_precision
-    mixed = (f" in {precision} mixed precision" if precision != "float32" else
-             " in float32, as bfloat16 would be emulated here and slower" if setting == "auto" else "")
+    said = (f" in {precision} mixed precision" if precision != "float32" else
+            " in float32, as bfloat16 would be emulated here and slower" if setting == "auto" else "")
     if done >= total:
         print(f"{PHASE_NAMES[phase]}: all {total} epochs already done", flush=True)
     elif done:
-        print(f"resume: {done} of {total} {PHASE_NAMES[phase]} epochs done, continuing with epoch {done + 1}{mixed} "
+        print(f"resume: {done} of {total} {PHASE_NAMES[phase]} epochs done, continuing with epoch {done + 1}{said} "
               f"(its first step traces the model and is slow)", flush=True)
     else:
-        print(f"{PHASE_NAMES[phase]}: {total} epochs{mixed} (the first step of a phase traces the model and is "
+        print(f"{PHASE_NAMES[phase]}: {total} epochs{said} (the first step of a phase traces the model and is "
               f"slow)", flush=True)
 
 

@@ -4,7 +4,6 @@ and impossible --level values stop with one line and exit code 2."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -228,10 +228,10 @@ def test_a_refiner_trains_alone_on_kept_priors_resumes_after_sigkill_and_predict
     assert summary["refiner"]["epochs"] == epochs and np.isfinite(summary["refiner"]["refiner_loss"])
     assert json.loads((run / "config.json").read_text())["refiner_epochs"] == epochs
     samples = {}
-    for name, flags in (("refined", []), ("plain", ["--no-refine"])):
+    for name, extra in (("refined", []), ("plain", ["--no-refine"])):
         out = tmp_path / name
-        argv = ["--run", run, "--num", "3", "--seed", "1", "--level", "0.5", "--out", out, "--no-progress", *flags]
-        result = run_in_process("predict.py", argv, monkeypatch, capfd) if flags else run_script("predict.py", *argv)
+        argv = ["--run", run, "--num", "3", "--seed", "1", "--level", "0.5", "--out", out, "--no-progress", *extra]
+        result = run_in_process("predict.py", argv, monkeypatch, capfd) if extra else run_script("predict.py", *argv)
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((out / "generation.json").read_text())
         assert report["refined"] is (name != "plain") and report["levels"]["of_each"] == [0.5] * 3

@@ -11,8 +11,8 @@ Sources (`--data`):
   `keras_png_slices_data/keras_png_slices_{train,validate,test}` whose folders are its split.
 
 Preprocessing (parameters in hyperparameters.py): volumes are reoriented to RAS and cut into axial slices shown
-with anterior at the top; each volume (or 2D image) is scaled to [0, 1] by robust percentiles; slices with too
-little tissue are dropped; each slice is padded to a square and resized to 128x128 with antialiasing.
+with anterior at the top; each volume (or 2D image) is scaled to [0, 1] by robust percentiles (and a volume's
+inferior-superior gain drift levelled, where axial_gain_max is above 1); slices with too little tissue are dropped; each slice is padded to a square and resized to 128x128 with antialiasing.
 Each slice carries its level, its height in its volume: 0 for the lowest axial slice, 1 for the highest (NaN for
 a lone 2D image, whose height is unknown).
 Subjects are assigned to train/validate/test with a seeded shuffle, so no subject is ever in two splits.
@@ -328,6 +328,27 @@ def robust_scale(values: np.ndarray, config: Config) -> np.ndarray:
     return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
+def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
+    """A [0, 1] RAS volume (x, y, z) with its slow inferior-superior intensity drift levelled: each axial slice's
+    bright head tissue (the 90th percentile of its voxels above `tissue_intensity`) is measured, the profile
+    smoothed along z by a Gaussian of `axial_gain_sigma` slices (slices with under 1% head take their neighbours'
+    value), and a slice below the profile's median is scaled up to it, by at most `axial_gain_max`; brighter
+    slices are left alone. E.g. a scan whose skull base reads 0.5 where its middle slices read 0.8 gets a gain of
+    1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's does. Returns float32."""
+    from scipy import ndimage
+
+    head = volume > config.tissue_intensity
+    enough = head.mean(axis=(0, 1)) >= 0.01
+    if config.axial_gain_max <= 1.0 or not enough.any():
+        return volume
+    measured = np.flatnonzero(enough)
+    bright = np.array([np.percentile(volume[..., z][head[..., z]], 90) for z in measured])
+    profile = np.interp(np.arange(volume.shape[2]), measured, bright)
+    profile = ndimage.gaussian_filter1d(profile, config.axial_gain_sigma, mode="nearest")
+    gain = np.clip(np.median(bright) / profile, 1.0, config.axial_gain_max).astype(np.float32)
+    return np.minimum(volume * gain, 1.0)
+
+
 def square_and_resize(slices: np.ndarray, size: int) -> np.ndarray:
     """(n, h, w) -> (n, size, size): zero-pad to a centred square, then an antialiased resize."""
     from skimage.transform import resize
@@ -377,7 +398,7 @@ def read_volume(path: Path) -> np.ndarray:
 def volume_slices(path: Path, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tissue-bearing axial slices of one volume, (n, S, S) float32 in [0, 1], their indices in the volume and
     their levels (see axial_levels)."""
-    volume = robust_scale(read_volume(path), config)
+    volume = level_axial_gain(robust_scale(read_volume(path), config), config)
     # RAS: axis 2 runs inferior->superior; rot90 puts anterior at the top and the subject's left on the left
     slices = np.rot90(volume.transpose(2, 0, 1), k=1, axes=(1, 2))
     keep = np.flatnonzero(tissue_mask(slices, config))
@@ -568,7 +589,8 @@ def _preprocess_one(item: tuple[SourceFile, Config]):
 def cache_key(files: list[SourceFile], root: Path, config: Config) -> str:
     digest = hashlib.sha1(f"format {CACHE_FORMAT}\n".encode())
     params = {key: getattr(config, key) for key in ("image_size", "tissue_intensity", "min_tissue_fraction",
-                                                    "intensity_low_percentile", "intensity_high_percentile")}
+                                                    "intensity_low_percentile", "intensity_high_percentile",
+                                                    "axial_gain_max", "axial_gain_sigma")}
     digest.update(json.dumps(params, sort_keys=True).encode())
     for item in files:
         stat = item.path.stat()

@@ -51,6 +51,12 @@ class Config:
     # per-volume robust intensity scaling: these percentiles map to 0 and 1, values outside are clipped
     intensity_low_percentile: float = 0.5
     intensity_high_percentile: float = 99.5
+    # axial gain levelling (dataset.level_axial_gain): each axial slice of a volume whose bright head tissue is
+    # dimmer than the volume's typical slice is brightened to match, by at most `axial_gain_max` (1.0: off), the
+    # gain smoothed over `axial_gain_sigma` slices; a 1D stand-in for the gain-field correction of OASIS's own
+    # processed images, for scans whose skull base fades (EXPERIMENTS.md, Levelling the axial gain)
+    axial_gain_max: float = 1.0
+    axial_gain_sigma: float = 5.0
     # subject-level split ratios (train gets the rest); split_seed is kept apart from `seed` so that changing the
     # training seed never moves a subject between splits
     validate_fraction: float = 0.15
@@ -550,6 +556,8 @@ def _validate_ranges(config: Config) -> None:
         raise ValueError("refiner_learning_rate must be a positive number")
     if config.refiner_epochs and config.image_size % 8:
         raise ValueError("the refiner needs image_size divisible by 8 (its critic halves it three times)")
+    if not 1 <= config.axial_gain_max < float("inf") or not 0 < config.axial_gain_sigma < float("inf"):
+        raise ValueError("axial_gain_max must be 1 (off) or more and axial_gain_sigma a positive number of slices")
     if config.top_code_smoothness < 0:
         raise ValueError("top_code_smoothness must be 0 or more")
     if not 0 < config.prior_deformation < config.image_size / 4:

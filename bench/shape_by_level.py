@@ -1,11 +1,12 @@
 """Where generated outlines break: the brain-shaped fraction by axial level, generated against real slices.
 
     python bench/shape_by_level.py --generated predictions/default_val [--generated predictions/other ...]
-        [--by-subject] [--figure Images/realism/shape_by_level.png]
+        [--by-subject] [--figure Images/realism/shape_by_level.png] [--run RUN_DIR]
 
 Each --generated folder is a predict.py --out folder: its generated/sample_NNN.png files, and the level of each in
 its generation.json (`levels.of_each`). Real rows: every slice of the training split and of the held-out splits of
-the shared MNI volumes (skipped with a message when ../shared is absent), preprocessed with pretrained/'s config.
+the shared MNI volumes (skipped with a message when ../shared is absent), preprocessed with the config of --run
+(default pretrained/), which should be the run the --generated folders sampled.
 Rows are the fraction of slices that pass measures.brain_shaped in each band of levels (and the slice count), so a
 sample set can be compared with the slices its prior learned from (training levels are what predict.py draws) as
 well as with the held-out slices that predict.py's brain-shaped figure compares it with. --by-subject adds a row per
@@ -51,11 +52,14 @@ def main():
     parser.add_argument("--figure", type=Path, default=None,
                         help="also write a PNG: each real subject's slices and each --generated folder's samples "
                              "nearest a few levels, marked with whether they pass")
+    parser.add_argument("--run", type=Path, default=ROOT / "pretrained",
+                        help="the run whose preprocessing (intensity scaling, axial gain levelling, tissue "
+                             "threshold) the real slices get (default: pretrained/)")
     args = parser.parse_args()
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes the real rows come from)")
         return
-    config = load_run(ROOT / "pretrained").config
+    config = load_run(args.run).config
     everything = load_slices(str(SHARED_VOLUMES), config, DEFAULT_CACHE, progress=False)
     tissue = config.tissue_intensity
     rows, strips = [], []

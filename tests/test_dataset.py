@@ -289,6 +289,45 @@ def test_tissue_threshold_drops_empty_slices(tmp_path, config, cache):
     assert only.skipped == []
 
 
+def with_fading_base(volume: np.ndarray, dimmest: float = 0.12, top: int = 20) -> np.ndarray:
+    """`volume` (RAS) dimmed from its lowest slice (times `dimmest`) up to axial slice `top` (unchanged), as a
+    scan whose skull base fades."""
+    fade = np.clip(dimmest + (1 - dimmest) * np.arange(volume.shape[2]) / top, dimmest, 1.0)
+    return (volume * fade).astype(np.float32)
+
+
+def bright_profile(volume: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    return np.array([np.percentile(volume[..., z][volume[..., z] > 0.1], 90) for z in slices])
+
+
+def test_axial_gain_levelling_brightens_a_fading_base_and_only_that(tmp_path, config):
+    original = make_volume()  # tissue in axial slices 8 to 31
+    faded = with_fading_base(original)
+    assert dataset.level_axial_gain(faded, config) is faded  # off in the default
+
+    levelled_config = make_config(overrides=["axial_gain_max=10", "axial_gain_sigma=1"])
+    scaled = dataset.robust_scale(faded, config)
+    levelled = dataset.level_axial_gain(scaled, levelled_config)
+    typical = np.median(bright_profile(scaled, range(8, 32)))  # the slices with at least 1% head
+    assert np.array_equal(levelled[..., 18:31], scaled[..., 18:31])  # slices as bright as typical: left alone
+    base = range(9, 14)
+    assert (bright_profile(scaled, base) < 0.8 * typical).all()
+    np.testing.assert_allclose(bright_profile(levelled, base), typical, rtol=0.1)
+
+    capped = dataset.level_axial_gain(scaled, make_config(overrides=["axial_gain_max=1.5"]))
+    assert (capped <= 1.5 * scaled + 1e-6).all() and (capped > scaled).any()
+
+    # volume_slices levels each volume after scaling it: the base brighter, the middle as it was
+    path = write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", faded)
+    plain, kept, _ = dataset.volume_slices(path, config)
+    brighter, kept_levelled, _ = dataset.volume_slices(path, levelled_config)
+    assert list(kept) == list(kept_levelled)
+    assert brighter[1].mean() > 1.3 * plain[1].mean()
+    assert np.array_equal(brighter[kept == 24], plain[kept == 24])
+    with pytest.raises(ValueError, match="axial_gain_max must be 1"):
+        make_config(overrides=["axial_gain_max=0.5"])
+
+
 def test_no_slice_with_tissue_is_an_error(tmp_path, config, cache):
     write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", np.zeros((20, 20, 20), np.float32))
     with pytest.raises(dataset.DataError, match="no slice with enough tissue"):
@@ -472,11 +511,11 @@ def test_cache_rebuilt_when_a_preprocessing_parameter_changes(tmp_path, config, 
     assert calls == []
 
     for override in ("tissue_intensity=0.3", "min_tissue_fraction=0.3", "intensity_high_percentile=99",
-                     "image_size=64"):
+                     "axial_gain_max=2", "image_size=64"):
         changed = load(folder, make_config(overrides=[override]), cache)
         assert len(calls) == 2, override
         calls.clear()
-    assert len(list((cache / "slices").glob("*.npz"))) == 5
+    assert len(list((cache / "slices").glob("*.npz"))) == 6
     stricter = load(folder, make_config(overrides=["min_tissue_fraction=0.3"]), cache)  # now cached as well
     assert calls == []
     assert 0 < len(stricter) < len(first)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -672,14 +671,14 @@ def test_the_refiners_layout_term_sees_patterns_inside_a_block_and_its_upsamplin
     assert float(modules.layout_error(real, real)) == 0.0
 
     slices = np.random.default_rng(1).uniform(0, 1, (1, 32, 32, 1)).astype("float32")
-    outputs = {}
-    for mode in ("bilinear", "nearest"):
-        refiner = modules.Refiner(make_config("default", ["image_size=32", "refiner_filters=4",
-                                                          f"refiner_upsampling={mode}"]).to_dict())
+    refiners = {mode: modules.Refiner(make_config("default", ["image_size=32", "refiner_filters=4",
+                                                              f"refiner_upsampling={mode}"]).to_dict())
+                for mode in ("bilinear", "nearest")}
+    for refiner in refiners.values():
         refiner.build()
-        if outputs:
-            refiner.set_weights(weights)
-        weights = refiner.get_weights()
+    refiners["nearest"].set_weights(refiners["bilinear"].get_weights())  # the same weights: only the mode differs
+    outputs = {}
+    for mode, refiner in refiners.items():
         assert refiner.upsample.interpolation == mode
         outputs[mode] = np.asarray(refiner(slices))
     assert np.abs(outputs["bilinear"] - outputs["nearest"]).max() > 1e-4

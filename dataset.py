@@ -12,7 +12,8 @@ Sources (`--data`):
 
 Preprocessing (parameters in hyperparameters.py): volumes are reoriented to RAS and cut into axial slices shown
 with anterior at the top; each volume (or 2D image) is scaled to [0, 1] by robust percentiles (and a volume's
-inferior-superior gain drift levelled, where axial_gain_max is above 1); slices with too little tissue are dropped; each slice is padded to a square and resized to 128x128 with antialiasing.
+inferior-superior gain drift levelled, where axial_gain_max is above 1); slices with too little tissue are dropped;
+each slice is padded to a square and resized to 128x128 with antialiasing.
 Each slice carries its level, its height in its volume: 0 for the lowest axial slice, 1 for the highest (NaN for
 a lone 2D image, whose height is unknown).
 Subjects are assigned to train/validate/test with a seeded shuffle, so no subject is ever in two splits.
@@ -333,7 +334,7 @@ def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
     bright head tissue (the 90th percentile of its voxels above `tissue_intensity`) is measured, the profile
     smoothed along z by a Gaussian of `axial_gain_sigma` slices (slices with under 1% head take their neighbours'
     value), and a slice below the profile's median is scaled up to it, by at most `axial_gain_max`; brighter
-    slices are left alone. E.g. a scan whose skull base reads 0.5 where its middle slices read 0.8 gets a gain of
+    slices are left alone. E.g. a scan whose skull base reads 0.5 where its median slice reads 0.8 gets a gain of
     1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's does. Returns float32."""
     from scipy import ndimage
 

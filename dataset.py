@@ -338,9 +338,11 @@ def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
     1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's does. Returns float32."""
     from scipy import ndimage
 
+    if config.axial_gain_max <= 1.0:
+        return volume
     head = volume > config.tissue_intensity
     enough = head.mean(axis=(0, 1)) >= 0.01
-    if config.axial_gain_max <= 1.0 or not enough.any():
+    if not enough.any():
         return volume
     measured = np.flatnonzero(enough)
     bright = np.array([np.percentile(volume[..., z][head[..., z]], 90) for z in measured])

@@ -626,10 +626,8 @@ def train_refiner(config, train_set, validate_set, precision, strategy, state, v
     """Trains (or resumes) the refiner (modules.AdversarialRefiner) on pairs of refiner_inputs and their slices,
     left-right flipped together, validated on the validation slices' pairs, computing in `precision`; returns its
     epoch checkpointer, or None when it had already finished."""
-    import keras
-
     from dataset import make_tf_dataset, with_pipeline_options
-    from modules import AdversarialRefiner, compute_precision
+    from modules import AdversarialRefiner, compile_refiner, compute_precision
 
     done = state.epochs_done("refiner")
     monitor, mode = phase_monitor("refiner", len(validate_set) > 0)
@@ -641,8 +639,7 @@ def train_refiner(config, train_set, validate_set, precision, strategy, state, v
         if not done:
             model = AdversarialRefiner(config.to_dict(), name="adversarial_refiner")
             model.build()
-            model.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5),
-                          jit_compile=False)
+            compile_refiner(model, config.refiner_learning_rate)
     train_pairs, validate_pairs = refiner_pairs(state.run, config, train_set, validate_set)
     fit_under_strategy(model, strategy, train_pairs[:1])
     train = make_tf_dataset(train_pairs, config.refiner_batch_size, shuffle=True, seed=config.seed)

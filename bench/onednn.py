@@ -31,7 +31,7 @@ def child(preset: str) -> dict:
     import numpy as np
 
     from hyperparameters import make_config
-    from modules import VQVAE, AdversarialRefiner, SliceGenerator, build_prior, grid_inputs
+    from modules import VQVAE, AdversarialRefiner, SliceGenerator, build_prior, compile_refiner, grid_inputs
     from rundir import Run
 
     config = make_config(preset)
@@ -55,7 +55,7 @@ def child(preset: str) -> dict:
     if config.refiner_epochs:
         refiner = AdversarialRefiner(config.to_dict())
         refiner.build()
-        refiner.compile(optimizer=keras.optimizers.Adam(config.refiner_learning_rate, beta_1=0.5), jit_compile=False)
+        compile_refiner(refiner, config.refiner_learning_rate)
         size = config.image_size
         pairs = rng.random((config.refiner_batch_size, size, size, 2)).astype("float32")
         seconds["refiner"] = training_step_seconds(refiner, pairs)

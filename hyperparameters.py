@@ -55,8 +55,8 @@ class Config:
     # dimmer than the volume's median slice is brightened to match, by at most `axial_gain_max` (1.0: off), the
     # brightness profile smoothed over `axial_gain_sigma` slices; a 1D stand-in for the gain-field correction of
     # OASIS's own processed images, for scans whose skull base fades. Off: the `default` trained whole at 2.5 drew
-    # outlines past real ones' and slices a classifier told from real more easily (EXPERIMENTS.md, Levelling the
-    # axial gain)
+    # outlines whole more often than real slices' and slices a classifier told from real more easily
+    # (EXPERIMENTS.md, Levelling the axial gain)
     axial_gain_max: float = 1.0
     axial_gain_sigma: float = 5.0
     # subject-level split ratios (train gets the rest); split_seed is kept apart from `seed` so that changing the

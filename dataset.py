@@ -56,7 +56,8 @@ COURSE_SPLIT = re.compile(r"keras_png_slices_(train|validate|test)$")
 # the course PNGs are 32 axial slices per case, `case_NNN_slice_S.nii.png` with S = 0 the lowest
 COURSE_SLICE = re.compile(r"case_\d+_slice_(\d+)\.nii\.png$")
 COURSE_DEPTH = 32
-CACHE_FORMAT = 2  # part of the cache key: an entry of another format (other columns) is rebuilt, never read
+# part of the cache key: an entry of another format (other columns, other preprocessing) is rebuilt, never read
+CACHE_FORMAT = 3
 
 OASIS1_ARCHIVE = "oasis_cross-sectional_disc{}.tar.gz"
 OASIS1_MEMBER = re.compile(r"(OAS1_\d{4}_MR\d)/PROCESSED/MPRAGE/T88_111/\1_mpr_n\d+_anon_111_t88_masked_gfc\.(hdr|img)$")
@@ -330,12 +331,15 @@ def robust_scale(values: np.ndarray, config: Config) -> np.ndarray:
 
 
 def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
-    """A [0, 1] RAS volume (x, y, z) with its slow inferior-superior intensity drift levelled: each axial slice's
-    bright head tissue (the 90th percentile of its voxels above `tissue_intensity`) is measured, the profile
-    smoothed along z by a Gaussian of `axial_gain_sigma` slices (slices with under 1% head take their neighbours'
-    value), and a slice below the profile's median is scaled up to it, by at most `axial_gain_max`; brighter
-    slices are left alone. E.g. a scan whose skull base reads 0.5 where its median slice reads 0.8 gets a gain of
-    1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's does. Returns float32."""
+    """A [0, 1] RAS volume (x, y, z) with its skull base's fade levelled: each axial slice's bright head tissue
+    (the 90th percentile of its voxels above `tissue_intensity`) is measured, the profile smoothed along z by a
+    Gaussian of `axial_gain_sigma` slices (slices with under 1% head take their neighbours' value), and a slice of
+    the head's lower half that is below the profile's median is scaled up to it, by at most `axial_gain_max`;
+    brighter slices and the upper half are left alone. E.g. a scan whose skull base reads 0.5 where its median
+    slice reads 0.8 gets a gain of 1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's
+    does. Only the lower half, because the fade is the head coil's sensitivity falling off toward the neck; a crown
+    reads dim for another reason (thin scalp in few voxels), and lifting it turns scalp rings into tissue-bearing
+    slices. Returns float32."""
     from scipy import ndimage
 
     if config.axial_gain_max <= 1.0:
@@ -349,6 +353,7 @@ def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
     profile = np.interp(np.arange(volume.shape[2]), measured, bright)
     profile = ndimage.gaussian_filter1d(profile, config.axial_gain_sigma, mode="nearest")
     gain = np.clip(np.median(bright) / profile, 1.0, config.axial_gain_max).astype(np.float32)
+    gain[(measured[0] + measured[-1]) // 2:] = 1.0
     return np.minimum(volume * gain, 1.0)
 
 

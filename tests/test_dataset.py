@@ -314,6 +314,10 @@ def test_axial_gain_levelling_brightens_a_fading_base_and_only_that(tmp_path, co
     assert (bright_profile(scaled, base) < 0.8 * typical).all()
     np.testing.assert_allclose(bright_profile(levelled, base), typical, rtol=0.1)
 
+    dim_crown = scaled.copy()
+    dim_crown[..., 27:32] *= 0.5  # dim, but in the head's upper half: a crown, not a fading base
+    assert np.array_equal(dataset.level_axial_gain(dim_crown, levelled_config)[..., 20:], dim_crown[..., 20:])
+
     capped = dataset.level_axial_gain(scaled, make_config(overrides=["axial_gain_max=1.5"]))
     assert (capped <= 1.5 * scaled + 1e-6).all() and (capped > scaled).any()
 

@@ -51,12 +51,13 @@ class Config:
     # per-volume robust intensity scaling: these percentiles map to 0 and 1, values outside are clipped
     intensity_low_percentile: float = 0.5
     intensity_high_percentile: float = 99.5
-    # axial gain levelling (dataset.level_axial_gain): each axial slice of a volume whose bright head tissue is
-    # dimmer than the volume's median slice is brightened to match, by at most `axial_gain_max` (1.0: off), the
-    # brightness profile smoothed over `axial_gain_sigma` slices; a 1D stand-in for the gain-field correction of
-    # OASIS's own processed images, for scans whose skull base fades. Off: the `default` trained whole at 2.5 drew
-    # outlines whole more often than real slices' and slices a classifier told from real more easily
-    # (EXPERIMENTS.md, Levelling the axial gain)
+    # axial gain levelling (dataset.level_axial_gain): each axial slice of a volume's lower half whose bright head
+    # tissue is dimmer than the volume's median slice is brightened to match, by at most `axial_gain_max` (1.0:
+    # off), the brightness profile smoothed over `axial_gain_sigma` slices; a 1D stand-in for the gain-field
+    # correction of OASIS's own processed images, for scans whose skull base fades. Off until a `pretrained/`
+    # trained at 2.5 ships: two trainings put the samples' outlines within 0.02 of real slices' where `pretrained/`
+    # misses by 0.05, one as near chance on the classifier as `pretrained/`, one 0.1 further (EXPERIMENTS.md, The
+    # lower half only)
     axial_gain_max: float = 1.0
     axial_gain_sigma: float = 5.0
     # subject-level split ratios (train gets the rest); split_seed is kept apart from `seed` so that changing the

@@ -334,12 +334,12 @@ def level_axial_gain(volume: np.ndarray, config: Config) -> np.ndarray:
     """A [0, 1] RAS volume (x, y, z) with its skull base's fade levelled: each axial slice's bright head tissue
     (the 90th percentile of its voxels above `tissue_intensity`) is measured, the profile smoothed along z by a
     Gaussian of `axial_gain_sigma` slices (slices with under 1% head take their neighbours' value), and a slice of
-    the head's lower half that is below the profile's median is scaled up to it, by at most `axial_gain_max`;
-    brighter slices and the upper half are left alone. E.g. a scan whose skull base reads 0.5 where its median
-    slice reads 0.8 gets a gain of 1.6 there, so the base's tissue clears the tissue threshold as a brighter scan's
-    does. Only the lower half, because the fade is the head coil's sensitivity falling off toward the neck; a crown
-    reads dim for another reason (thin scalp in few voxels), and lifting it turns scalp rings into tissue-bearing
-    slices. Returns float32."""
+    the head's lower half (below the middle of the slices with 1% head or more) that is below the profile's median
+    is scaled up to it, by at most `axial_gain_max`; brighter slices and the upper half are left alone. E.g. a scan
+    whose skull base reads 0.5 where its median slice reads 0.8 gets a gain of 1.6 there, so the base's tissue
+    clears the tissue threshold as a brighter scan's does. Only the lower half, because the fade is the head coil's
+    sensitivity falling off toward the neck; a crown reads dim for another reason (thin scalp in few voxels), and
+    lifting it turns scalp rings into tissue-bearing slices. Returns float32."""
     from scipy import ndimage
 
     if config.axial_gain_max <= 1.0:

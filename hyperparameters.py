@@ -55,9 +55,9 @@ class Config:
     # tissue is dimmer than the volume's median slice is brightened to match, by at most `axial_gain_max` (1.0:
     # off), the brightness profile smoothed over `axial_gain_sigma` slices; a 1D stand-in for the gain-field
     # correction of OASIS's own processed images, for scans whose skull base fades. Off until a `pretrained/`
-    # trained at 2.5 ships: two trainings put the samples' outlines within 0.02 of real slices' where `pretrained/`
-    # misses by 0.05, one as near chance on the classifier as `pretrained/`, one 0.1 further (EXPERIMENTS.md, The
-    # lower half only)
+    # trained at 2.5 ships: two trainings put the samples' outlines within 0.035 of real slices' at every validate
+    # seed where `pretrained/` misses by 0.05 on average, their classifier 0.03 and 0.08 further from chance than
+    # `pretrained/`'s over six seeds (EXPERIMENTS.md, The lower half only)
     axial_gain_max: float = 1.0
     axial_gain_sigma: float = 5.0
     # subject-level split ratios (train gets the rest); split_seed is kept apart from `seed` so that changing the

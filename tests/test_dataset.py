@@ -303,7 +303,7 @@ def bright_profile(volume: np.ndarray, slices: np.ndarray) -> np.ndarray:
 def test_axial_gain_levelling_brightens_a_fading_base_and_only_that(tmp_path, config):
     original = make_volume()  # tissue in axial slices 8 to 31
     faded = with_fading_base(original)
-    assert dataset.level_axial_gain(faded, config) is faded  # off in the default
+    assert dataset.level_axial_gain(faded, make_config("seed")) is faded  # off in the seed preset
 
     levelled_config = make_config(overrides=["axial_gain_max=10", "axial_gain_sigma=1"])
     scaled = dataset.robust_scale(faded, config)
@@ -323,7 +323,7 @@ def test_axial_gain_levelling_brightens_a_fading_base_and_only_that(tmp_path, co
 
     # volume_slices levels each volume after scaling it: the base brighter, the middle as it was
     path = write_nifti(tmp_path / "v" / "OAS1_0001_MR1.nii.gz", faded)
-    plain, kept, _ = dataset.volume_slices(path, config)
+    plain, kept, _ = dataset.volume_slices(path, make_config("seed"))
     brighter, kept_levelled, _ = dataset.volume_slices(path, levelled_config)
     assert list(kept) == list(kept_levelled)
     assert brighter[1].mean() > 1.3 * plain[1].mean()

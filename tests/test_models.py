@@ -84,9 +84,10 @@ def test_configs_from_before_precision_corruption_top_scale_code_noise_deformati
     for key in ("prior_precision", "prior_context_corruption", "top_prior_context_corruption", "top_temperature_scale",
                 "bottom_code_noise", "bottom_code_dropout", "top_code_smoothness", "prior_deformed_copies",
                 "top_prior_deformed_copies", "prior_condition_layers", "top_prior_condition_layers",
-                "top_decoding_temperature"):
+                "top_decoding_temperature", "axial_gain_max"):
         values.pop(key)
     config = Config.from_dict(values)
+    assert config.axial_gain_max == 1.0 and make_config("default").axial_gain_max == 2.5  # trained unlevelled
     assert config.prior_deformed_copies == config.top_prior_deformed_copies == 0
     assert config.prior_condition_layers == config.top_prior_condition_layers == 0
     assert make_config("default").top_prior_deformed_copies == 4 and make_config("default").top_prior_condition_layers

@@ -219,14 +219,17 @@ def write_samples(folder: Path, images: np.ndarray) -> None:
 
 
 def requested_levels(args, run, real, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """(levels, summary): --level for every slice; else levels drawn from the training split's known levels;
-    else NaN (unknown). The summary's "of_each" lists each slice's level (null: unknown) in the order of
-    generated/sample_NNN.png."""
+    """(levels, summary): --level for every slice; else levels drawn from the training split's known levels, read
+    from the data or, without it, from the run's summary.json; else NaN (unknown). The summary's "of_each" lists
+    each slice's level (null: unknown) in the order of generated/sample_NNN.png."""
     known = np.array([]) if real is None else real.train.levels[np.isfinite(real.train.levels)]
     if args.level is not None:
         levels, source = np.full(args.num, args.level, np.float32), "--level"
     elif len(known):
         levels, source = rng.choice(known, args.num).astype(np.float32), "drawn from the training split's levels"
+    elif run.training_levels:
+        levels = rng.choice(np.array(run.training_levels), args.num).astype(np.float32)
+        source = "drawn from the training levels recorded with the run"
     else:
         levels, source = np.full(args.num, np.nan, np.float32), "unknown (no data with levels)"
     if not run.level_conditioned:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -208,6 +209,14 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2))
+
+    def training_levels(self) -> tuple[float, ...]:
+        """The training slices' known levels that summary.json records (`level_counts`), one per slice, in
+        ascending order; () for a run without them (unfinished, or from before they were recorded)."""
+        if not self.summary_path.is_file():
+            return ()
+        counts = self.read_summary().get("training_levels") or {"levels": [], "slices": []}
+        return tuple(level for level, count in zip(counts["levels"], counts["slices"]) for _ in range(count))
 
     # --- histories and curves ---------------------------------------------------------------------------------
 
@@ -487,15 +496,25 @@ class RunState:
 # Loading a finished run
 # ---------------------------------------------------------------------------------------------------------------
 
+def level_counts(levels) -> dict:
+    """{"levels": [...], "slices": [...]}: each distinct known level (rounded to 4 decimals, NaN left out) in
+    ascending order and how many slices have it; how summary.json records the training slices' levels, so that
+    predict.py draws levels as in training without the data."""
+    counts = Counter(round(float(level), 4) for level in levels if level == level)
+    return {"levels": sorted(counts), "slices": [counts[level] for level in sorted(counts)]}
+
+
 class Run(NamedTuple):
     """A trained run, loaded: its config, its VQ-VAE, its priors by code grid ("top" for the coarse grid of a
     two-level model, "bottom" for the fine grid, the only one of a single-level model; config.prior_grids, so no
-    "bottom" for a two-level run without a bottom prior) and its refiner (None for a run without refiner_epochs); no
-    priors and no refiner when loaded with need_prior=False."""
+    "bottom" for a two-level run without a bottom prior), its refiner (None for a run without refiner_epochs) and
+    its training slices' levels (`RunDir.training_levels`); no priors and no refiner when loaded with
+    need_prior=False."""
     config: Config
     vqvae: object  # modules.VQVAE
     priors: dict
     refiner: object = None  # modules.Refiner
+    training_levels: tuple = ()
 
     @property
     def level_conditioned(self) -> bool:
@@ -539,4 +558,4 @@ def load_run(run_dir, need_prior: bool = True) -> Run:
             raise UserError(f"{path}: its hyperparameters differ from {run.config_path}; the run directory is mixed")
         models.append(model)
     priors = dict(zip(config.prior_grids, models[1:1 + len(config.prior_grids)] if need_prior else []))
-    return Run(config, models[0], priors, models[-1] if "refiner" in phases else None)
+    return Run(config, models[0], priors, models[-1] if "refiner" in phases else None, run.training_levels())

@@ -34,7 +34,7 @@ from cli import (ArgumentParser, UserError, add_config_args, add_data_args, add_
                  config_from_args, configure_tensorflow, resolved_precision, run_main)
 from hyperparameters import (BOTTOM_PRIOR_KEYS, TOP_PRIOR_KEYS, Config, bottom_prior_differences,
                              top_prior_differences, vqvae_differences)
-from rundir import PHASE_GRIDS, PHASES, PRIOR_PHASES, RunDir, RunState, is_chief
+from rundir import PHASE_GRIDS, PHASES, PRIOR_PHASES, RunDir, RunState, is_chief, level_counts
 
 PROCESS_START = time.time()
 PHASE_NAMES = {"vqvae": "VQ-VAE", "prior_top": "top-grid PixelCNN prior", "prior": "PixelCNN prior",
@@ -728,8 +728,8 @@ def plot_history(state: RunState) -> None:
 
 def summarize(args, config: Config, slices, state: RunState, strategy, session_seconds: float,
               precisions: dict) -> dict:
-    """summary.json: the data (as given), the best epoch of each phase with its figures, the phases' precisions,
-    wall times, the machine."""
+    """summary.json: the data (as given), the training slices' levels, the best epoch of each phase with its
+    figures, the phases' precisions, wall times, the machine."""
     import keras
     import tensorflow as tf
 
@@ -748,6 +748,7 @@ def summarize(args, config: Config, slices, state: RunState, strategy, session_s
         "bottom_prior_from": state.data.get("bottom_prior_from"),
         "slices": {split: len(slices.select(split)) for split in (*SPLITS, EXCLUDED)},
         "subjects": {split: sorted(set(slices.select(split).subjects)) for split in (*SPLITS, EXCLUDED)},
+        "training_levels": level_counts(slices.select("train").levels),
         "vqvae": {"epochs": state.epochs_done("vqvae"), "best_epoch": best_vq["epoch"],
                   **{key: best_vq[key] for key in best_vq if key.startswith(("val_", "ssim", "loss"))}},
         "priors": priors,

@@ -167,6 +167,20 @@ def test_read_config_names_the_file_and_the_fault(text, match, tmp_path):
         RunDir(tmp_path).read_config()
 
 
+def test_summary_records_the_training_levels_that_a_run_without_data_draws_from(tmp_path):
+    from rundir import RunDir, level_counts
+
+    run = RunDir(tmp_path)
+    assert run.training_levels() == ()  # no summary.json yet: an unfinished run
+    levels = [0.5, 0.25, float("nan"), 0.5, 0.123456]  # a lone 2D image's NaN (unknown) is left out
+    counts = level_counts(levels)
+    assert counts == {"levels": [0.1235, 0.25, 0.5], "slices": [1, 1, 2]}
+    run.write_summary({"preset": "default", "training_levels": counts})
+    assert RunDir(tmp_path).training_levels() == (0.1235, 0.25, 0.5, 0.5)  # read back in a fresh RunDir
+    run.write_summary({"preset": "default"})  # a summary from before the levels were recorded
+    assert run.training_levels() == ()
+
+
 RUN_FILE_NAME = re.compile(r"(config|summary|state)\.json|\.keras$|history_\w*\.csv|_curves\.png|_epoch\d")
 
 

@@ -50,6 +50,7 @@ def test_train_writes_a_complete_run_directory(trained):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["vqvae"]["epochs"] == 2 and summary["priors"]["bottom"]["epochs"] == 2
     assert sum(summary["slices"].values()) == 12 and summary["subjects"]["excluded"] == []
+    assert summary["training_levels"] == {"levels": [], "slices": []}  # these slices' names give no level
     # the checkpoints folder holds exactly the committed last epoch of each phase, and nothing half-written
     state = state_of(run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
@@ -254,7 +255,11 @@ def test_a_run_without_a_bottom_prior_decodes_its_top_samples_over_random_bottom
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top-grid PixelCNN prior: all 1 epochs" in result.stdout and "\nPixelCNN prior" not in result.stdout
     assert not (run / "pixelcnn.keras").exists() and not (run / "history_prior.csv").exists()
-    assert list(json.loads((run / "summary.json").read_text())["priors"]) == ["top"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["priors"]) == ["top"]
+    # the training slices' levels, which predict.py draws from where the data is absent
+    assert [round(level * 31) for level in summary["training_levels"]["levels"]] == [8, 20]
+    assert sum(summary["training_levels"]["slices"]) == summary["slices"]["train"]
     samples = {}
     for name, flags in (("first", [run, "--seed", "1"]), ("other", [run, "--seed", "2", "--sweep", "2"]),
                         ("source", [source, "--seed", "1", "--random-bottom"])):

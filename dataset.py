@@ -547,8 +547,8 @@ class SliceSet:
 class RealSlices(NamedTuple):
     """The real slices generated ones are measured against: `split`, every slice of the held-out split (the sweep's
     rows); `slices`, `levels` and `subjects`, up to `num` of them, drawn (the "real" of every realism figure);
-    `train`, the training split; `reference` and `reference_subjects`, up to `num` training slices, drawn, what
-    the classifier tests tell generated and held-out slices from."""
+    `train`, the training split; `reference`, `reference_subjects` and `reference_levels`, up to `num` training
+    slices, drawn, what the classifier tests tell generated and held-out slices from."""
     split: SliceSet
     slices: np.ndarray
     levels: np.ndarray
@@ -556,6 +556,7 @@ class RealSlices(NamedTuple):
     train: SliceSet
     reference: np.ndarray
     reference_subjects: np.ndarray
+    reference_levels: np.ndarray
 
 
 def draw_real_slices(everything: SliceSet, split: str, num: int, rng: np.random.Generator) -> RealSlices:
@@ -565,7 +566,7 @@ def draw_real_slices(everything: SliceSet, split: str, num: int, rng: np.random.
     picks = np.sort(rng.choice(len(held_out), min(num, len(held_out)), replace=False))
     reference = np.sort(rng.choice(len(train), min(num, len(train)), replace=False))
     return RealSlices(held_out, held_out.images[picks], held_out.levels[picks], held_out.subjects[picks], train,
-                      train.images[reference], train.subjects[reference])
+                      train.images[reference], train.subjects[reference], train.levels[reference])
 
 
 def assign_splits(subjects: list[str], config: Config) -> dict[str, str]:

@@ -359,9 +359,12 @@ def _trainer(image_shape: tuple[int, int], regression: bool) -> _Trainer:
 
 
 class TwoSampleTest(NamedTuple):
-    """The result of classifier_auc: the out-of-fold `auc`, and the number of `folds` it used."""
+    """The result of classifier_auc: the out-of-fold `auc`, the number of `folds` it used, and each slice's
+    out-of-fold score (a logit: higher, more like the first set), (n,) `first_scores` and (m,) `second_scores`."""
     auc: float
     folds: int
+    first_scores: np.ndarray
+    second_scores: np.ndarray
 
 
 def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, second_groups=None, folds: int = 5,
@@ -395,7 +398,7 @@ def classifier_auc(first: np.ndarray, second: np.ndarray, first_groups=None, sec
         held_out = fold_of == fold
         trainer.fit(images[~held_out], labels[~held_out], steps)
         scores[held_out] = trainer.predict(images[held_out])
-    return TwoSampleTest(roc_auc(labels, scores), int(fold_of.max() + 1))
+    return TwoSampleTest(roc_auc(labels, scores), int(fold_of.max() + 1), scores[:len(first)], scores[len(first):])
 
 
 def level_mae(images: np.ndarray, levels: np.ndarray, evaluations: dict, seed: int = 0, steps: int = 400) -> dict:

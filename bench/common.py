@@ -88,12 +88,17 @@ def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.array([np.nan if level is None else level for level in levels], np.float32)
 
 
+def in_band(levels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Which `levels` lie in the band [low, high), the band that ends at 1.0 closed; NaN in none."""
+    return (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))
+
+
 def band_cells(values: np.ndarray, levels: np.ndarray, bands, digits: int, all_digits: int | None = None) -> list[str]:
     """Table cells of a per-slice figure: its mean over all slices, then over each (low, high) band of levels (the
     last band closed at 1.0), each with its slice count in brackets, "-" for an empty band; NaNs left out."""
     cells = [f"{np.nanmean(values):.{digits if all_digits is None else all_digits}f} ({len(values)})"]
     for low, high in bands:
-        inside = (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))
+        inside = in_band(levels, low, high)
         cells.append(f"{np.nanmean(values[inside]):.{digits}f} ({inside.sum()})" if inside.any() else "-")
     return cells
 

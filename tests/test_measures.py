@@ -103,6 +103,9 @@ def test_grouped_folds_keep_groups_whole_and_labels_in_proportion():
 def test_classifier_auc_is_near_1_for_different_distributions():
     test = classifier_auc(ellipses(64, seed=3, spot=True), ellipses(64, seed=4), seed=0, steps=60)
     assert test.auc > 0.95 and test.folds == 5
+    # each slice's out-of-fold score comes back with it, and the AUC is theirs
+    assert test.first_scores.shape == (64,) and test.second_scores.shape == (64,)
+    assert test.auc == roc_auc(np.r_[np.ones(64), np.zeros(64)], np.r_[test.first_scores, test.second_scores])
 
 
 def test_classifier_auc_is_near_half_for_one_distribution():

@@ -32,6 +32,12 @@ from rundir import load_run
 BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
 
 
+def recorded_path(recorded: str) -> Path:
+    """A path generation.json records: as it is where it exists from here, else from the project's root (where
+    predict.py is usually run)."""
+    return Path(recorded) if Path(recorded).exists() else ROOT / recorded
+
+
 def band_auc(scores, levels, reference_scores, reference_levels, low: float, high: float) -> str:
     """A table cell: the AUC of the slices with a level in the band (common.in_band) against the
     reference slices in the same band, with both counts; "-" where either side is empty."""
@@ -65,11 +71,11 @@ def main() -> None:
     info = json.loads((args.generated / "generation.json").read_text())
     if info.get("data") is None:
         parser.error(f"{args.generated}: made without --data, so there are no real slices to compare with")
-    data = Path(info["data"]) if Path(info["data"]).is_dir() else ROOT / info["data"]
+    data = recorded_path(info["data"])
     if not data.is_dir():
         print(f"skipped: {info['data']} is absent (the data {args.generated} was scored against)")
         return
-    run = load_run(ROOT / info["run"] if not Path(info["run"]).is_dir() else info["run"])
+    run = load_run(recorded_path(info["run"]))
     everything = load_slices(str(data), run.config, DEFAULT_CACHE, progress=False)
     real = draw_real_slices(everything, info["split"], info["num"], np.random.default_rng(info["seed"]))
     generated, levels = generated_slices(args.generated)

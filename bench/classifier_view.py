@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, generated_slices, in_band, nearest_levels, print_table
+from common import LEVEL_FIFTHS, ROOT, generated_slices, in_band, nearest_levels, print_table
 
 import numpy as np
 
@@ -28,9 +28,6 @@ from dataset import draw_real_slices, load_slices
 from figures import save_strips
 from measures import classifier_auc, roc_auc
 from rundir import load_run
-
-BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
-
 
 def recorded_path(recorded: str) -> Path:
     """A path generation.json records: as it is where it exists from here, else from the project's root (where
@@ -46,6 +43,13 @@ def band_auc(scores, levels, reference_scores, reference_levels, low: float, hig
         return "-"
     auc = roc_auc(np.r_[np.ones(len(first)), np.zeros(len(second))], np.r_[first, second])
     return f"{auc:.3f} ({len(first)}/{len(second)})"
+
+
+def auc_row(name: str, test, levels, reference_levels, recorded) -> list[str]:
+    """A table row of a classifier test (measures.TwoSampleTest) of slices at `levels` against reference slices at
+    `reference_levels`: its AUC beside the one generation.json `recorded`, then its AUC in each band."""
+    return [name, f"{test.auc:.3f} ({recorded})", *[band_auc(test.first_scores, levels, test.second_scores,
+                                                             reference_levels, *band) for band in LEVEL_FIFTHS]]
 
 
 def figure_strips(generated, levels, scores, held_out, count: int) -> list:
@@ -83,16 +87,13 @@ def main() -> None:
     test = classifier_auc(generated, real.reference, None, real.reference_subjects, seed=seed)
     print(f"{args.generated}: run {info['run']}, split {info['split']}, seed {seed}; AUC against the training slices "
           f"of the same band (counts: the set's / the training slices')")
-    rows = [["generated", f"{test.auc:.3f} ({info['classifier_auc_generated_vs_train']})",
-             *[band_auc(test.first_scores, levels, test.second_scores, real.reference_levels, *band)
-               for band in BANDS]]]
+    rows = [auc_row("generated", test, levels, real.reference_levels, info["classifier_auc_generated_vs_train"])]
     if len(set(real.subjects)) > 1:  # the control's folds are grouped by subject, as predict.py's
         control = classifier_auc(real.slices, real.reference[:count], real.subjects, real.reference_subjects[:count],
                                  seed=seed)
-        rows.append(["real held-out (the control)", f"{control.auc:.3f} ({info['classifier_auc_heldout_vs_train']})",
-                     *[band_auc(control.first_scores, real.levels, control.second_scores,
-                                real.reference_levels[:count], *band) for band in BANDS]])
-    print_table(["slices", "all (generation.json)", *[f"{low:.1f}-{high:.1f}" for low, high in BANDS]], rows)
+        rows.append(auc_row("real held-out (the control)", control, real.levels, real.reference_levels[:count],
+                            info["classifier_auc_heldout_vs_train"]))
+    print_table(["slices", "all (generation.json)", *[f"{low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS]], rows)
     if args.figure:
         save_strips(args.figure, figure_strips(generated, levels, test.first_scores, real.split, args.count),
                     f"{info['run']}, {info['split']} seed {seed}: the classifier's out-of-fold scores")

@@ -88,6 +88,9 @@ def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.array([np.nan if level is None else level for level in levels], np.float32)
 
 
+LEVEL_FIFTHS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # the by-level tables' bands
+
+
 def in_band(levels: np.ndarray, low: float, high: float) -> np.ndarray:
     """Which `levels` lie in the band [low, high), the band that ends at 1.0 closed; NaN in none."""
     return (levels >= low) & ((levels < high) | (high == 1.0) & (levels <= high))

@@ -18,7 +18,7 @@ with whether it passes, to see why they fail.
 import argparse
 from pathlib import Path
 
-from common import ROOT, SHARED_VOLUMES, band_cells, generated_slices, nearest_levels, print_table
+from common import LEVEL_FIFTHS, ROOT, SHARED_VOLUMES, band_cells, generated_slices, nearest_levels, print_table
 
 import numpy as np
 
@@ -28,13 +28,12 @@ from figures import save_strips
 from measures import brain_shaped
 from rundir import load_run
 
-BANDS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]
 FIGURE_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.5, 0.8, 0.85, 0.9)
 
 
 def row(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> list[str]:
     shaped = np.array([brain_shaped(image, tissue) for image in images])
-    return [name, *band_cells(shaped, levels, BANDS, 2, all_digits=3)]
+    return [name, *band_cells(shaped, levels, LEVEL_FIFTHS, 2, all_digits=3)]
 
 
 def strip(name: str, images: np.ndarray, levels: np.ndarray, tissue: float) -> tuple[str, list]:
@@ -78,7 +77,7 @@ def main():
         if args.figure:
             strips.append(strip(f"generated: {folder.name}", images, levels, tissue))
     print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {tissue}")
-    print_table(["slices", "all", *(f"level {low:.1f}-{high:.1f}" for low, high in BANDS)], rows)
+    print_table(["slices", "all", *(f"level {low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS)], rows)
     if args.figure:
         save_strips(args.figure, strips, "slices nearest each level, real subjects and generated sets: "
                                                f"brain-shaped at tissue threshold {tissue} (ok) or not (fails)")

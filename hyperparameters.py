@@ -141,9 +141,10 @@ class Config:
     top_prior_filters: int = 64
     top_prior_residual_blocks: int = 6
     top_prior_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 1])  # a view of 35 rows
-    # 48: validation 1.363 bits/code and the whole training in 50 minutes; 56 reached 1.358 (an older top prior 1.369
-    # against 1.378 at 45, its samples nearer real at every validate seed), but with the training's other phases
-    # on a slow host over the hour (EXPERIMENTS.md, Training time of each recipe)
+    # 48: validation 1.336-1.339 bits/code (1.363 on unlevelled slices) and the whole training in 49 minutes (64 on a
+    # slower host); 56 reached 1.358 on unlevelled slices (an older top prior 1.369 against 1.378 at 45, its samples
+    # nearer real at every validate seed), but with the training's other phases on a slow host over the hour
+    # (EXPERIMENTS.md, Training time of each recipe)
     top_prior_epochs: int = 48
     prior_condition_filters: int = 32
     # per-position ReLU layers (as wide as their input) over the condition map (position, level, top codes),
@@ -187,7 +188,7 @@ class Config:
     prior_learning_rate: float = 3e-3
     prior_lr_schedule: str = "cosine"  # like lr_schedule, with the same lr_floor
     # the priors' (and the refiner's) training arithmetic: "bfloat16" (mixed precision: float32 weights, bfloat16
-    # products; the default priors' steps run 1.9x (top) and 1.5x (bottom) faster on this project's AMX CPU,
+    # products; the default priors' steps run 1.7x (top) and 1.6x (bottom) faster on this project's AMX CPU,
     # bench/precision.py), "float32", or "auto": bfloat16 where the hardware computes it natively (a CPU with AMX or
     # AVX-512 BF16 units under oneDNN, a GPU of compute capability 8 or more), else float32. Sampling and bits/code in
     # predict.py run in float32.

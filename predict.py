@@ -261,7 +261,7 @@ def skip_reasons(run, args, real: RealSlices | None) -> dict:
     """{need: why it is not met} for the needs of NEEDS that this call does not meet."""
     reasons = {} if args.num >= 2 else {"pairs": "pairwise SSIM needs at least 2 slices"}
     if real is None:
-        return {**reasons, "data": "no data: pass --data (the run's training data was not found on this machine)"}
+        return {**reasons, "data": "no data: pass --data"}
     if len(real.slices) < 2:
         reasons["real pairs"] = f"pairwise SSIM needs at least 2 slices; --split {args.split} has 1"
     if args.num < 2 or len(set(real.reference_subjects)) < 2:

@@ -89,12 +89,6 @@ def reconstruct(vqvae, images: np.ndarray, batch_size: int = 64, progress: bool 
     return np.clip(np.concatenate(outputs), 0.0, 1.0)
 
 
-def bits_per_code(logits, codes):
-    """Mean negative log-likelihood of `codes` under `logits`, in bits."""
-    nll = keras.losses.sparse_categorical_crossentropy(codes, logits, from_logits=True)
-    return ops.mean(nll) / np.log(2.0)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Realism of generated slices: SSIM to other slices
 # ---------------------------------------------------------------------------------------------------------------

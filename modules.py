@@ -22,7 +22,7 @@ from keras import layers, ops
 
 from cli import onednn_computes
 from hyperparameters import Config
-from measures import bits_per_code, ssim
+from measures import ssim
 # a loaded run: generate() takes one; load_run and save_model stay importable from here (the models' front door)
 from rundir import Run, load_run, save_model  # noqa: F401
 
@@ -590,13 +590,17 @@ class PixelCNN(keras.Model):
         return {**super().get_config(), "config": self.config_dict}
 
 
+def bits_per_grid(model: keras.Model, inputs: dict, batch_size: int = 256) -> np.ndarray:
+    """(n,) mean NLL in bits per code of each code grid prior_inputs(...)["codes"] (n, side, side) under the prior
+    (teacher-forced: the logits of every code given the true codes before it)."""
+    chunks = ({name: value[start:start + batch_size] for name, value in inputs.items()}
+              for start in range(0, len(inputs["codes"]), batch_size))
+    return np.concatenate([np.asarray(bits_metric(chunk["codes"], model(chunk))) for chunk in chunks])
+
+
 def mean_bits_per_code(model: keras.Model, inputs: dict, batch_size: int = 256) -> float:
     """Mean NLL in bits per code of the code grids prior_inputs(...)["codes"] (n, side, side) under the prior."""
-    total, count = 0.0, len(inputs["codes"])
-    for start in range(0, count, batch_size):
-        chunk = {name: value[start:start + batch_size] for name, value in inputs.items()}
-        total += float(bits_per_code(model(chunk), chunk["codes"])) * len(chunk["codes"])
-    return total / count
+    return float(np.mean(bits_per_grid(model, inputs, batch_size), dtype=np.float64))
 
 
 def bits_metric(codes, logits):

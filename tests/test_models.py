@@ -455,6 +455,18 @@ def test_mirror_context_reads_the_mirror_column_of_the_row_and_of_the_rows_above
     np.testing.assert_array_equal(with_mirror[row, col:], 0)
 
 
+def test_bits_per_grid_is_each_grids_cross_entropy_in_bits_in_any_batch_size():
+    _, prior = random_prior("gated_bottom")
+    inputs = {**conditions(prior, 5), "codes": np.random.default_rng(2).integers(0, 16, (5, prior.side, prior.side))}
+    logits = np.asarray(prior(inputs), np.float64)
+    log_probabilities = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    chosen = np.take_along_axis(log_probabilities, inputs["codes"][..., None], axis=-1)[..., 0]
+    expected = -chosen.mean(axis=(1, 2)) / np.log(2.0)
+    bits = modules.bits_per_grid(prior, inputs, batch_size=2)  # chunks of 2, 2 and 1 grids
+    assert bits.shape == (5,)
+    np.testing.assert_allclose(bits, expected, rtol=1e-5)
+    assert modules.mean_bits_per_code(prior, inputs) == pytest.approx(expected.mean(), rel=1e-5)
+
 @pytest.mark.parametrize("kind", PRIORS)
 def test_fast_sampler_gives_the_full_networks_logits(kind):
     config, prior = random_prior(kind)

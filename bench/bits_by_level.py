@@ -17,15 +17,15 @@ from common import LEVEL_FIFTHS, SHARED_VOLUMES, band_cells, print_table
 
 import numpy as np
 
-from cli import DEFAULT_CACHE
+from cli import DEFAULT_CACHE, UserError
 from dataset import load_slices
 from modules import bits_per_grid, encode_all, grid_inputs
 from rundir import load_run
 
 
-def run_rows(path: Path) -> list[list[str]]:
-    """The table rows of one run: each prior's bits per code on each split, given the level and not."""
-    run = load_run(path)
+def run_rows(path: Path, run) -> list[list[str]]:
+    """The table rows of the run loaded from `path`: each prior's bits per code on each split, given the level and
+    not."""
     slices = load_slices(str(SHARED_VOLUMES), run.config, DEFAULT_CACHE, progress=False)
     rows = []
     for split in ("train", "validate"):
@@ -47,10 +47,11 @@ def main() -> None:
     if not SHARED_VOLUMES.is_dir():
         print(f"skipped: {SHARED_VOLUMES} is absent (the shared MNI volumes the runs were trained on)")
         return
-    for path in args.run:
-        if not (path / "config.json").is_file():
-            parser.error(f"--run {path}: not a run directory (no config.json)")
-    rows = [row for path in args.run for row in run_rows(path)]
+    try:
+        runs = {path: load_run(path) for path in args.run}
+    except UserError as error:
+        parser.error(str(error))
+    rows = [row for path, run in runs.items() for row in run_rows(path, run)]
     print_table(["run", "grid", "split", "given", "all", *[f"{low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS]],
                 rows)
 

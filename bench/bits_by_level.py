@@ -13,7 +13,7 @@ between "level" and "unknown level" is what the level tells it.
 import argparse
 from pathlib import Path
 
-from common import LEVEL_FIFTHS, SHARED_VOLUMES, band_cells, print_table
+from common import LEVEL_FIFTH_HEADERS, LEVEL_FIFTHS, SHARED_VOLUMES, band_cells, print_table
 
 import numpy as np
 
@@ -52,8 +52,7 @@ def main() -> None:
     except UserError as error:
         parser.error(str(error))
     rows = [row for path, run in runs.items() for row in run_rows(path, run)]
-    print_table(["run", "grid", "split", "given", "all", *[f"{low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS]],
-                rows)
+    print_table(["run", "grid", "split", "given", "all", *LEVEL_FIFTH_HEADERS], rows)
 
 
 if __name__ == "__main__":

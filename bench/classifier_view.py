@@ -19,7 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import LEVEL_FIFTHS, ROOT, generated_slices, in_band, nearest_levels, print_table
+from common import (LEVEL_FIFTH_HEADERS, LEVEL_FIFTHS, ROOT, generated_slices, in_band, nearest_levels,
+                    print_table)
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from dataset import draw_real_slices, load_slices
 from figures import save_strips
 from measures import classifier_auc, roc_auc
 from rundir import load_run
+
 
 def recorded_path(recorded: str) -> Path:
     """A path generation.json records: as it is where it exists from here, else from the project's root (where
@@ -93,7 +95,7 @@ def main() -> None:
                                  seed=seed)
         rows.append(auc_row("real held-out (the control)", control, real.levels, real.reference_levels[:count],
                             info["classifier_auc_heldout_vs_train"]))
-    print_table(["slices", "all (generation.json)", *[f"{low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS]], rows)
+    print_table(["slices", "all (generation.json)", *LEVEL_FIFTH_HEADERS], rows)
     if args.figure:
         save_strips(args.figure, figure_strips(generated, levels, test.first_scores, real.split, args.count),
                     f"{info['run']}, {info['split']} seed {seed}: the classifier's out-of-fold scores")

@@ -89,6 +89,7 @@ def generated_slices(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 LEVEL_FIFTHS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # the by-level tables' bands
+LEVEL_FIFTH_HEADERS = [f"{low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS]  # their column headers
 
 
 def in_band(levels: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -18,7 +18,8 @@ with whether it passes, to see why they fail.
 import argparse
 from pathlib import Path
 
-from common import LEVEL_FIFTHS, ROOT, SHARED_VOLUMES, band_cells, generated_slices, nearest_levels, print_table
+from common import (LEVEL_FIFTH_HEADERS, LEVEL_FIFTHS, ROOT, SHARED_VOLUMES, band_cells, generated_slices,
+                    nearest_levels, print_table)
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def main():
         if args.figure:
             strips.append(strip(f"generated: {folder.name}", images, levels, tissue))
     print(f"brain-shaped fraction (slice count) by axial level, tissue threshold {tissue}")
-    print_table(["slices", "all", *(f"level {low:.1f}-{high:.1f}" for low, high in LEVEL_FIFTHS)], rows)
+    print_table(["slices", "all", *(f"level {header}" for header in LEVEL_FIFTH_HEADERS)], rows)
     if args.figure:
         save_strips(args.figure, strips, "slices nearest each level, real subjects and generated sets: "
                                                f"brain-shaped at tissue threshold {tissue} (ok) or not (fails)")

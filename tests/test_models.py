@@ -467,6 +467,7 @@ def test_bits_per_grid_is_each_grids_cross_entropy_in_bits_in_any_batch_size():
     np.testing.assert_allclose(bits, expected, rtol=1e-5)
     assert modules.mean_bits_per_code(prior, inputs) == pytest.approx(expected.mean(), rel=1e-5)
 
+
 @pytest.mark.parametrize("kind", PRIORS)
 def test_fast_sampler_gives_the_full_networks_logits(kind):
     config, prior = random_prior(kind)
